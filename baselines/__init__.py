@@ -1,0 +1,7 @@
+"""Baseline compression methods (FastV, SparseVLM, PDrop, VisionZip, ToMe), one file each.
+
+Installed as ``apet_bench.baselines`` (a top-level module named ``baselines`` is taken on PyPI).
+Each module registers its method class with :func:`apet_bench.methods.register_method`; the
+registry imports this package, so a new file here only needs to be imported below.
+None has landed yet (issue #5).
+"""
