@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""apet-bench entry point (Hydra).
+
+    python run.py                                   # experiment=demo: the embedded default
+    python run.py model=tiny_llava15 method=random budget=64 benchmark=mme data_root=../shared/benchmarks
+    python run.py -m method=none,random budget=64,128          # a sweep; finished runs are skipped
+
+Bad input (unknown group option, a model/method not available yet, a bad budget, a bad data_root)
+ends with one line on stderr and exit code 2; a failed evaluation with exit code 1. Nothing
+half-written is left under results/runs/.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from apet_bench.config import ConfigError, check_group_overrides, config_dir  # noqa: E402
+
+
+def _fail(prefix: str, exc: BaseException, code: int) -> None:
+    print(f"apet-bench: {prefix}: {exc}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
+def main(cfg: DictConfig):
+    from hydra.types import RunMode
+
+    from apet_bench.budget import BudgetError
+    from apet_bench.data import DataError
+    from apet_bench.runner import EvaluationError, RunOutcome, execute
+
+    hc = HydraConfig.get()
+    choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
+    try:
+        outcome = execute(cfg, choices=choices)
+    except (ConfigError, BudgetError, DataError) as exc:
+        _fail("error", exc, 2)
+    except EvaluationError as exc:
+        name = f"{choices.get('model')}/{choices.get('method')}/{cfg.get('budget')}/{choices.get('benchmark')}"
+        if hc.mode == RunMode.MULTIRUN:
+            print(f"apet-bench: evaluation failed ({name}): {exc}", file=sys.stderr, flush=True)
+            return RunOutcome(name, "failed", "", {}, error=str(exc))
+        _fail(f"evaluation failed ({name})", exc, 1)
+    verb = "skipped (already finished; force=true redoes it)" if outcome.status == "skipped" else "finished"
+    print(f"apet-bench: {outcome.name}: {verb} -> {outcome.run_dir}", flush=True)
+    return outcome
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if not args:
+        sys.argv.append("experiment=demo")  # the embedded default
+    try:
+        check_group_overrides([a for a in sys.argv[1:] if not a.startswith("-")])
+    except ConfigError as exc:
+        _fail("error", exc, 2)
+    main()

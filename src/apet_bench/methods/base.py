@@ -1,0 +1,402 @@
+"""Base class and registry of the visual-token compression methods.
+
+A method is a ``@dataclass`` and a context manager, in the manner of the presses of NVIDIA/kvpress
+(``kvpress/presses/base_press.py``): ``with method(adapter): ...`` attaches whatever hooks the method
+needs to the model behind a :class:`~apet_bench.models.base.ModelAdapter` and removes every one of them
+on exit, so one loaded model can run ``none``, ``random``, ``apet`` and ``fastv`` back to back.
+
+A method acts at one or two stages (architecture.md, "What flows through it"):
+
+* stage 1, ``"vision"``: after the vision encoder and projector, before the LLM. The adapter calls
+  :meth:`TokenCompressor.compress_visual` once per image and does the sequence surgery itself
+  (``apet_bench.surgery``); the method only decides which visual tokens are kept, or what the new
+  tokens are.
+* stage 2, ``"llm"``: inside the LLM during prefill (drop / merge at decoder layer K), through hooks that
+  the method registers in :meth:`TokenCompressor.attach` (transformers-hooks.md §3.3).
+* ``"both"``: the two together; ``"none"``: no compression at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from apet_bench.budget import BudgetError, budget_to_tokens, validate_budget
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from apet_bench.models.base import ModelAdapter
+
+__all__ = [
+    "STAGES",
+    "STAGE_ONE",
+    "STAGE_TWO",
+    "TokenCompressor",
+    "UnknownMethodError",
+    "VisualSelection",
+    "available_methods",
+    "build_method",
+    "get_method_class",
+    "register_method",
+]
+
+#: Stages a method may declare. ``"vision"`` = stage 1 (after the projector), ``"llm"`` = stage 2
+#: (inside the LLM during prefill), ``"both"`` = stages 1 and 2, ``"none"`` = no compression.
+STAGES: tuple[str, ...] = ("none", "vision", "llm", "both")
+#: Stages for which the adapter runs the projector-stage surgery (transformers-hooks.md §3.2).
+STAGE_ONE: frozenset[str] = frozenset({"vision", "both"})
+#: Stages for which the method registers hooks inside the LLM (transformers-hooks.md §3.3).
+STAGE_TWO: frozenset[str] = frozenset({"llm", "both"})
+
+
+@dataclass
+class VisualSelection:
+    """What a stage-1 method returns for one image.
+
+    Attributes
+    ----------
+    features : torch.Tensor
+        ``(num_kept, hidden_size)``: the visual tokens that enter the LLM for this image, in the order
+        they take in the sequence. Kept tokens, merged tokens or new tokens are all allowed.
+    kept_indices : torch.Tensor or None
+        ``(num_kept,)`` long: for each row of ``features``, its index in the image's original visual
+        tokens (``0 <= i < num_visual_tokens``), when the method keeps (or writes over) original tokens;
+        ``None`` when the rows have no single original token (e.g. pooled tokens).
+    """
+
+    features: torch.Tensor
+    kept_indices: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of visual tokens kept for this image (``features.shape[0]``)."""
+        return int(self.features.shape[0])
+
+
+@dataclass
+class TokenCompressor:
+    """Base class of every visual-token compression method (kvpress-style dataclass + context manager).
+
+    Subclasses set the class variables, add their hyper-parameters as dataclass fields, and implement
+    :meth:`compress_visual` (stage ``"vision"``), :meth:`attach` (stage ``"llm"``), or both.
+
+    Parameters
+    ----------
+    budget : int or float or None
+        Visual-token budget (``apet_bench.budget``): an ``int`` is a number of visual tokens (the paper's
+        convention: average visual tokens per LLM layer), a ``float`` in (0, 1] a retention ratio of the
+        input's visual tokens. ``None`` only for methods that need none (``none``).
+    seed : int
+        Seed of any randomness in the method; a method draws from generators seeded in :meth:`reset`,
+        which runs when the context is entered.
+
+    Raises
+    ------
+    BudgetError
+        From ``__post_init__``, for an invalid budget (see :func:`apet_bench.budget.validate_budget`).
+    ValueError
+        From ``__post_init__``, for a seed that is not an integer.
+
+    Notes
+    -----
+    Lifecycle. ``with method(adapter):`` calls :meth:`reset` then :meth:`attach` and, in ``finally``,
+    removes every hook registered through :meth:`register_hook` and calls :meth:`detach`. Entering again
+    for the same adapter while the context is open is a no-op (so ``ModelAdapter.generate``, which
+    always enters the context, keeps the state of an enclosing run-level ``with``); entering for another
+    adapter while open raises ``RuntimeError``.
+
+    Examples
+    --------
+    >>> from apet_bench.methods import build_method
+    >>> method = build_method("random", budget=64, seed=0)
+    >>> with method(adapter):                       # doctest: +SKIP
+    ...     for image, question in samples:
+    ...         out = adapter.generate([image], question, {"max_new_tokens": 16}, method)
+    """
+
+    #: Registry key (set by :func:`register_method`).
+    name: ClassVar[str] = "base"
+    #: One of :data:`STAGES`.
+    stage: ClassVar[str] = "none"
+    #: Whether the method reads attention weights (it must then compute only the rows it uses,
+    #: transformers-hooks.md §3.4, so the rest of the model stays on sdpa / FlashAttention).
+    needs_attention_weights: ClassVar[bool] = False
+
+    budget: int | float | None = None
+    seed: int = 0
+
+    _adapter: Any = field(default=None, init=False, repr=False, compare=False)
+    _hook_handles: list[RemovableHandle] = field(default_factory=list, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.budget is not None:
+            self.budget = validate_budget(self.budget)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"method {self.name!r}: seed {self.seed!r} is not an integer")
+
+    # ------------------------------------------------------------------ lifecycle
+    @contextlib.contextmanager
+    def __call__(self, adapter: ModelAdapter) -> Iterator[TokenCompressor]:
+        """Context manager that attaches the method to ``adapter`` and detaches it on exit.
+
+        Parameters
+        ----------
+        adapter : ModelAdapter
+            The loaded model the method acts on.
+
+        Yields
+        ------
+        TokenCompressor
+            ``self``.
+
+        Raises
+        ------
+        RuntimeError
+            If the method is already attached to a different adapter.
+        """
+        if self._adapter is not None:
+            if self._adapter is adapter:  # re-entrant: keep the enclosing context's state and hooks
+                yield self
+                return
+            raise RuntimeError(
+                f"method {self.name!r} is already attached to another model; exit that context first"
+            )
+        self._adapter = adapter
+        try:
+            self.reset()
+            self.attach(adapter)
+            yield self
+        finally:
+            try:
+                self.remove_hooks()
+                self.detach(adapter)
+            finally:
+                self._adapter = None
+
+    @property
+    def is_active(self) -> bool:
+        """Whether the method's context is open (``with method(adapter):``)."""
+        return self._adapter is not None
+
+    def reset(self) -> None:
+        """Reset per-run state (random generators, counters); called when the context is entered."""
+
+    def attach(self, adapter: ModelAdapter) -> None:
+        """Register the method's hooks on ``adapter`` (use :meth:`register_hook`). Base: registers none."""
+
+    def detach(self, adapter: ModelAdapter) -> None:
+        """Undo anything :meth:`attach` did besides hooks (hooks are removed by the base class)."""
+
+    def register_hook(
+        self,
+        module: nn.Module,
+        hook: Callable[..., Any],
+        *,
+        pre: bool = False,
+        with_kwargs: bool = False,
+    ) -> RemovableHandle:
+        """Register a forward (pre-)hook on ``module`` and remember its handle for removal on exit.
+
+        Parameters
+        ----------
+        module : torch.nn.Module
+            E.g. a decoder layer ``adapter.decoder_layers[k]``.
+        hook : callable
+            ``hook(module, args[, kwargs][, output])`` as for ``register_forward_(pre_)hook``.
+        pre : bool
+            ``True`` for a forward pre-hook, ``False`` for a forward hook.
+        with_kwargs : bool
+            Passed to PyTorch; pre-hooks on decoder layers need it (transformers-hooks.md §3.3).
+
+        Returns
+        -------
+        torch.utils.hooks.RemovableHandle
+        """
+        if pre:
+            handle = module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
+        else:
+            handle = module.register_forward_hook(hook, with_kwargs=with_kwargs)
+        self._hook_handles.append(handle)
+        return handle
+
+    def remove_hooks(self) -> None:
+        """Remove every hook registered through :meth:`register_hook` (idempotent)."""
+        while self._hook_handles:
+            self._hook_handles.pop().remove()
+
+    # ------------------------------------------------------------------ stage 1
+    def compress_visual(self, features: torch.Tensor, *, image_index: int) -> VisualSelection:
+        """Select (or build) the visual tokens of one image that enter the LLM (stage 1).
+
+        Called by the adapter once per image, inside ``torch.inference_mode()``, with the projector
+        output (transformers-hooks.md §3.2 step 1). The base implementation keeps every token.
+
+        Parameters
+        ----------
+        features : torch.Tensor
+            ``(num_visual_tokens, hidden_size)``: the image's visual tokens after the projector, in the
+            LLM's hidden size and the model's dtype and device (576 x 4096 for LLaVA-1.5-7B).
+        image_index : int
+            Index of the image within the sample (0 for single-image prompts).
+
+        Returns
+        -------
+        VisualSelection
+            ``features`` ``(num_kept, hidden_size)`` and, when the rows are original tokens,
+            ``kept_indices`` ``(num_kept,)``.
+        """
+        n = int(features.shape[0])
+        return VisualSelection(features, torch.arange(n, device=features.device))
+
+    # ------------------------------------------------------------------ helpers
+    def num_tokens_to_keep(self, num_visual_tokens: int) -> int:
+        """Visual tokens to keep out of ``num_visual_tokens`` under :attr:`budget`.
+
+        Raises
+        ------
+        BudgetError
+            If the method has no budget, or the budget does not fit ``num_visual_tokens``.
+        """
+        if self.budget is None:
+            raise BudgetError(f"method {self.name!r} needs a budget (an int token count or a float in (0, 1])")
+        return budget_to_tokens(self.budget, num_visual_tokens)
+
+    def config_dict(self) -> dict[str, Any]:
+        """The method's identity and hyper-parameters, for results and provenance.
+
+        Returns
+        -------
+        dict
+            ``{"name", "stage", "needs_attention_weights", <every init field>}``.
+        """
+        out: dict[str, Any] = {
+            "name": self.name,
+            "stage": self.stage,
+            "needs_attention_weights": self.needs_attention_weights,
+        }
+        for f in dataclasses.fields(self):
+            if f.init:
+                out[f.name] = getattr(self, f.name)
+        return out
+
+
+# ---------------------------------------------------------------------- registry
+_REGISTRY: dict[str, type[TokenCompressor]] = {}
+#: Packages imported (once) before the registry is read, so that their modules can register methods.
+PLUGIN_PACKAGES: list[str] = ["apet_bench.baselines"]
+_plugins_loaded = False
+
+
+class UnknownMethodError(KeyError, ValueError):
+    """An unknown method name; a ``KeyError`` and a ``ValueError`` with a one-line message."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0]) if self.args else ""
+
+
+def register_method(name: str) -> Callable[[type[TokenCompressor]], type[TokenCompressor]]:
+    """Class decorator that registers a :class:`TokenCompressor` subclass under ``name``.
+
+    Sets ``cls.name = name``. Use it above ``@dataclass``::
+
+        @register_method("random")
+        @dataclass
+        class RandomCompressor(TokenCompressor): ...
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is already registered to another class, or the class's ``stage`` is not in
+        :data:`STAGES`.
+    TypeError
+        If the decorated object is not a ``TokenCompressor`` subclass.
+    """
+
+    def decorator(cls: type[TokenCompressor]) -> type[TokenCompressor]:
+        if not (isinstance(cls, type) and issubclass(cls, TokenCompressor)):
+            raise TypeError(f"register_method({name!r}) needs a TokenCompressor subclass, got {cls!r}")
+        if cls.stage not in STAGES:
+            raise ValueError(f"method {name!r}: stage {cls.stage!r} is not one of {list(STAGES)}")
+        existing = _REGISTRY.get(name)
+        if existing is not None and existing.__qualname__ != cls.__qualname__:
+            raise ValueError(f"method name {name!r} is already registered to {existing.__qualname__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for package in PLUGIN_PACKAGES:
+        try:
+            importlib.import_module(package)
+        except ModuleNotFoundError as e:  # the package itself is absent; a broken baseline still raises
+            if e.name != package:
+                raise
+
+
+def available_methods() -> list[str]:
+    """Sorted names of the registered methods (``apet_bench.baselines`` included)."""
+    _load_plugins()
+    return sorted(_REGISTRY)
+
+
+def get_method_class(name: str) -> type[TokenCompressor]:
+    """The class registered under ``name``.
+
+    Raises
+    ------
+    UnknownMethodError
+        (a ``KeyError`` and ``ValueError``) naming ``name`` and listing the available methods.
+    """
+    _load_plugins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownMethodError(
+            f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def build_method(name: str, **params: Any) -> TokenCompressor:
+    """Instantiate the method registered under ``name`` with hyper-parameters ``params``.
+
+    Parameters
+    ----------
+    name : str
+        Registry key, e.g. ``"none"``, ``"random"``.
+    **params
+        Dataclass fields of that method (``budget``, ``seed``, method-specific ones).
+
+    Returns
+    -------
+    TokenCompressor
+
+    Raises
+    ------
+    UnknownMethodError
+        For an unknown name.
+    ValueError
+        For a parameter the method does not have (naming it and listing the accepted ones), or an
+        invalid value (``BudgetError`` is a ``ValueError``).
+    """
+    cls = get_method_class(name)
+    accepted = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"method {name!r} has no parameter(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}"
+        )
+    return cls(**params)

@@ -1,0 +1,266 @@
+"""Results store: ``results/runs/<model>__<method>__<budget>__<benchmark>/``.
+
+A run directory is written in a hidden staging directory (``runs/.tmp-<name>-<pid>-<token>/``) and
+moved into place with one ``os.replace`` after its last file (``run.json``) is written, so a
+directory under ``runs/`` that does not start with ``.`` is always complete. An interrupted run
+leaves only a staging directory, which the next run removes once its process is gone; a finished
+run is skipped on re-run unless forced. Aggregators read only directories holding ``run.json``.
+
+Layout of a finished run::
+
+    run.json            status, run name, group choices, budget, headline metrics, wall time
+    config.yaml         the resolved Hydra config
+    metrics.json        lmms-eval metrics + token accounting summary + skipped samples
+    samples.jsonl       one line per sample: answer, target, score, visual tokens entering the LLM, ms
+    provenance.json     git sha, package versions, device, dtype, attention backend, weights
+    lmms_eval/results.json   lmms-eval's own aggregated results (samples stripped)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import secrets
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from apet_bench.budget import budget_label
+
+__all__ = ["RunStore", "RunWriter", "collect_provenance", "run_name", "RUN_MARKER"]
+
+RUN_MARKER = "run.json"
+_STAGING_PREFIX = ".tmp-"
+_TRASH_PREFIX = ".trash-"
+
+
+def run_name(model: str, method: str, budget: int | float | None, benchmark: str) -> str:
+    """Directory name of a run: ``<model>__<method>__<budget>__<benchmark>``.
+
+    ``budget`` is written as given (``64``, ``0.1``); ``method=none`` uses ``full`` whatever the budget,
+    since it compresses nothing.
+    """
+    label = "full" if method == "none" else budget_label(budget)
+    for part, what in ((model, "model"), (method, "method"), (benchmark, "benchmark")):
+        if not part or "/" in part or "__" in part:
+            raise ValueError(f"{what} name {part!r} cannot be used in a run name")
+    return f"{model}__{method}__{label}__{benchmark}"
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    return repr(obj)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunWriter:
+    """Writes the files of one run into its staging directory (see :class:`RunStore`)."""
+
+    def __init__(self, staging: Path) -> None:
+        self.staging = staging
+
+    def path(self, relpath: str) -> Path:
+        p = self.staging / relpath
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def write_text(self, relpath: str, text: str) -> Path:
+        p = self.path(relpath)
+        _write_atomic(p, text)
+        return p
+
+    def write_json(self, relpath: str, obj: Any) -> Path:
+        return self.write_text(relpath, json.dumps(obj, indent=2, default=_json_default, ensure_ascii=False) + "\n")
+
+    def write_jsonl(self, relpath: str, rows: Iterable[Mapping[str, Any]]) -> Path:
+        lines = [json.dumps(r, default=_json_default, ensure_ascii=False) for r in rows]
+        return self.write_text(relpath, "\n".join(lines) + ("\n" if lines else ""))
+
+
+@dataclass
+class RunStore:
+    """The ``runs/`` directory under a results root.
+
+    Parameters
+    ----------
+    results_dir : str | Path
+        The results root (``results/`` by default); runs live in ``<results_dir>/runs/``.
+    """
+
+    results_dir: Path
+
+    def __post_init__(self) -> None:
+        self.results_dir = Path(self.results_dir)
+        self.runs_dir = self.results_dir / "runs"
+
+    def run_dir(self, name: str) -> Path:
+        return self.runs_dir / name
+
+    def is_finished(self, name: str) -> bool:
+        """True when ``runs/<name>/run.json`` exists and says ``status: complete``."""
+        marker = self.run_dir(name) / RUN_MARKER
+        if not marker.is_file():
+            return False
+        try:
+            return json.loads(marker.read_text(encoding="utf-8")).get("status") == "complete"
+        except (OSError, ValueError):
+            return False
+
+    def load(self, name: str) -> dict[str, Any]:
+        """The ``run.json`` of a finished run. Raises ``FileNotFoundError`` when it is not finished."""
+        if not self.is_finished(name):
+            raise FileNotFoundError(f"run {name!r} is not finished under {self.runs_dir}")
+        return json.loads((self.run_dir(name) / RUN_MARKER).read_text(encoding="utf-8"))
+
+    def finished_runs(self) -> list[dict[str, Any]]:
+        """``run.json`` of every finished run, sorted by name (staging directories are ignored)."""
+        if not self.runs_dir.is_dir():
+            return []
+        out = []
+        for d in sorted(self.runs_dir.iterdir()):
+            if d.name.startswith(".") or not d.is_dir():
+                continue
+            if self.is_finished(d.name):
+                out.append(self.load(d.name))
+        return out
+
+    def clean_stale(self) -> list[Path]:
+        """Remove staging/trash directories left by processes that no longer run; returns them."""
+        removed: list[Path] = []
+        if not self.runs_dir.is_dir():
+            return removed
+        for d in self.runs_dir.iterdir():
+            if not d.name.startswith((_STAGING_PREFIX, _TRASH_PREFIX)):
+                continue
+            try:
+                pid = int(d.name.rsplit("-", 2)[-2])
+            except (ValueError, IndexError):
+                pid = -1
+            if pid == os.getpid() or (pid > 0 and _pid_alive(pid)):
+                continue
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+        return removed
+
+    @contextmanager
+    def open_run(self, name: str, *, force: bool = False) -> Iterator[RunWriter]:
+        """Stage a run; it becomes visible under ``runs/<name>`` only if the block finishes.
+
+        The caller writes every file through the yielded :class:`RunWriter` and ``run.json`` last
+        (with ``"status": "complete"``). On an exception the staging directory is deleted and the
+        exception propagates; an existing finished run is replaced only when ``force`` is true.
+
+        Raises
+        ------
+        FileExistsError
+            The run is finished and ``force`` is false.
+        RuntimeError
+            The block finished without writing ``run.json``.
+        """
+        if self.is_finished(name) and not force:
+            raise FileExistsError(f"run {name!r} is already finished (use force=true to redo it)")
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.clean_stale()
+        staging = self.runs_dir / f"{_STAGING_PREFIX}{name}-{os.getpid()}-{secrets.token_hex(3)}"
+        staging.mkdir()
+        try:
+            yield RunWriter(staging)
+            if not (staging / RUN_MARKER).is_file():
+                raise RuntimeError(f"run {name!r} wrote no {RUN_MARKER}; not committing it")
+            final = self.run_dir(name)
+            trash = None
+            if final.exists():
+                trash = self.runs_dir / f"{_TRASH_PREFIX}{name}-{os.getpid()}-{secrets.token_hex(3)}"
+                os.replace(final, trash)
+            os.replace(staging, final)
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
+def _git(args: list[str], cwd: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def collect_provenance(*, repo_dir: Path | None = None, adapter: Any = None) -> dict[str, Any]:
+    """Where and how a run was produced.
+
+    Returns a dict with the git sha (and whether the tree was dirty), package versions, Python and
+    platform, the device (GPU name when on CUDA), and, when ``adapter`` is given, its dtype,
+    attention backend (as read back from the loaded model) and weights description.
+    """
+    import torch
+
+    repo_dir = Path(repo_dir or Path(__file__).resolve().parents[2])
+    sha = _git(["rev-parse", "HEAD"], repo_dir)
+    status = _git(["status", "--porcelain", "--untracked-files=no"], repo_dir)
+    prov: dict[str, Any] = {
+        "git_sha": sha,
+        "git_dirty": bool(status) if status is not None else None,
+        "packages": {
+            d: _version(d)
+            for d in ("apet-bench", "torch", "transformers", "lmms-eval", "hydra-core", "datasets", "accelerate",
+                      "flash-attn", "wandb", "pandas")
+        },
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cuda_available": torch.cuda.is_available(),
+        "torch_num_threads": torch.get_num_threads(),
+    }
+    if adapter is not None:
+        dev = getattr(adapter, "device", None)
+        dev_str = str(dev)
+        if dev is not None and getattr(dev, "type", None) == "cuda":
+            dev_str = f"{dev} ({torch.cuda.get_device_name(dev)})"
+        prov.update(
+            device=dev_str,
+            dtype=str(getattr(adapter, "dtype", None)).replace("torch.", ""),
+            attn_implementation=getattr(adapter, "attn_implementation", None),
+            weights=getattr(adapter, "weights", None),
+            random_weights=bool(getattr(adapter, "is_random_weights", False)),
+        )
+    return prov

@@ -1,0 +1,287 @@
+"""The main job: one model x method x budget x benchmark run through lmms-eval into the results store.
+
+Flow (architecture.md "What flows through it"): validate everything that can be validated without
+side effects (availability, budget, data) -> skip a finished run -> load the model adapter (cached per
+process, reused across methods) -> build the method -> lmms-eval ``simple_evaluate`` with our model
+class on the benchmark's local task -> check that the evaluation really produced every metric for
+every sample (lmms-eval's CLI can exit 0 after an exception, lmms-eval.md §0 #4) -> write the run
+directory atomically (:mod:`apet_bench.results`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from apet_bench.budget import BudgetError, budget_to_tokens, validate_budget
+from apet_bench.config import ConfigError, check_available
+from apet_bench.results import RUN_MARKER, RunStore, collect_provenance, run_name
+
+__all__ = ["EvaluationError", "RunOutcome", "execute", "prepare_run"]
+
+RANDOM_WEIGHTS_NOTE = "random-weight pipeline check: these scores are not accuracy numbers"
+
+
+class EvaluationError(RuntimeError):
+    """lmms-eval did not produce a complete, valid result; nothing is written to results/."""
+
+
+@dataclass
+class RunOutcome:
+    """What a run did: ``status`` is ``finished`` (just ran), ``skipped`` (was finished) or ``failed``."""
+
+    name: str
+    status: str
+    run_dir: str
+    summary: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass
+class PreparedRun:
+    cfg: dict[str, Any]
+    name: str
+    budget: int | float | None
+    prepared_task: Any
+    store: RunStore
+
+
+_ADAPTER_CACHE: dict[str, Any] = {}
+
+
+def _load_adapter(model_cfg: dict[str, Any]):
+    """Load (or reuse) the model adapter for ``model_cfg``; one model is kept per process."""
+    import json
+
+    from apet_bench.models import load_model
+
+    key = json.dumps(model_cfg, sort_keys=True, default=str)
+    if key not in _ADAPTER_CACHE:
+        _ADAPTER_CACHE.clear()
+        _ADAPTER_CACHE[key] = load_model(model_cfg)
+    return _ADAPTER_CACHE[key]
+
+
+def _resolve_path(p: str | None) -> str | None:
+    if p in (None, "", "null"):
+        return None
+    return str(Path(os.path.expanduser(str(p))).resolve())
+
+
+def prepare_run(cfg: DictConfig | dict[str, Any]) -> PreparedRun:
+    """Validate a composed config and prepare its benchmark data; writes nothing under results/.
+
+    Raises
+    ------
+    apet_bench.config.NotAvailableError
+        A chosen model/method/benchmark has not landed yet.
+    apet_bench.budget.BudgetError
+        Budget 0, negative, a float outside (0, 1], or above the model's visual tokens per image.
+    apet_bench.data.DataError
+        ``data_root`` missing or without the benchmark's layout; a corrupt image with ``on_corrupt_image=error``.
+    apet_bench.config.ConfigError
+        Any other bad value (``on_corrupt_image``, ``limit``).
+    """
+    from apet_bench.data import prepare_benchmark
+
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    cfg = {k: v for k, v in cfg.items() if k != "hydra"}
+    check_available(cfg)
+    budget = cfg.get("budget")
+    if budget is not None:
+        budget = validate_budget(budget, cfg["model"].get("visual_tokens"))
+    elif cfg["method"]["name"] != "none":
+        raise BudgetError(f"method {cfg['method']['name']!r} needs a budget (budget=null given)")
+    if cfg.get("on_corrupt_image") not in ("skip", "error"):
+        raise ConfigError(f"on_corrupt_image {cfg.get('on_corrupt_image')!r} is invalid (use skip or error)")
+    limit = cfg.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise ConfigError(f"limit {limit!r} is invalid (use a positive integer or null)")
+    cfg["data_root"] = _resolve_path(cfg.get("data_root"))
+    cfg["cache_dir"] = _resolve_path(cfg.get("cache_dir")) or str(Path("~/.cache/apet_bench").expanduser())
+    name = run_name(cfg["model"]["name"], cfg["method"]["name"], budget, cfg["benchmark"]["name"])
+    prepared = prepare_benchmark(
+        cfg["benchmark"], data_root=cfg["data_root"], cache_dir=cfg["cache_dir"],
+        on_corrupt_image=cfg["on_corrupt_image"],
+    )
+    return PreparedRun(cfg=cfg, name=name, budget=budget, prepared_task=prepared, store=RunStore(cfg["results_dir"]))
+
+
+def _set_verbosity(level: str) -> None:
+    try:
+        from loguru import logger
+
+        logger.remove()
+        logger.add(sys.stderr, level=str(level).upper())
+    except Exception:  # loguru is an lmms-eval dependency; logging is cosmetic
+        pass
+
+
+def _evaluate(run: PreparedRun, lmm: Any) -> dict[str, Any]:
+    """Run lmms-eval and check that every metric exists for every sample."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+    from lmms_eval.utils import get_datetime_str
+
+    cfg, task = run.cfg, run.prepared_task
+    _set_verbosity(cfg.get("verbosity", "WARNING"))
+    tm = TaskManager(str(cfg.get("verbosity", "WARNING")).upper(), include_path=task.include_path, model_name="apet_bench")
+    model_args = (f"model={cfg['model']['name']},method={cfg['method']['name']},budget={run.budget},"
+                  f"seed={cfg.get('seed', 0)}")
+    try:
+        results = simple_evaluate(
+            model=lmm, model_args=model_args, tasks=[task.task_name], task_manager=tm, batch_size=1,
+            limit=cfg.get("limit"), bootstrap_iters=0, log_samples=True, gen_kwargs=None,
+            datetime_str=get_datetime_str(), random_seed=cfg.get("seed", 0), verbosity=str(cfg.get("verbosity", "WARNING")).upper(),
+        )
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise EvaluationError(f"lmms-eval raised {type(exc).__name__}: {msg}") from exc
+    if not results or "results" not in results:
+        raise EvaluationError(f"lmms-eval returned no results for task {task.task_name!r}")
+    task_res = results["results"].get(task.task_name)
+    if task_res is None:
+        raise EvaluationError(f"lmms-eval results lack task {task.task_name!r}")
+    expected = task.num_samples if cfg.get("limit") is None else min(task.num_samples, cfg["limit"])
+    effective = results.get("n-samples", {}).get(task.task_name, {}).get("effective")
+    samples = (results.get("samples") or {}).get(task.task_name) or []
+    if effective != expected or len(samples) != expected or len(lmm.records) != expected:
+        raise EvaluationError(
+            f"task {task.task_name!r}: expected {expected} samples, lmms-eval reports {effective}, "
+            f"logged {len(samples)}, model answered {len(lmm.records)}"
+        )
+    for metric in cfg["benchmark"].get("metrics") or []:
+        value = task_res.get(f"{metric},none")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(float(value)):
+            raise EvaluationError(f"task {task.task_name!r}: metric {metric!r} missing or not a number ({value!r})")
+    return results
+
+
+def _token_summary(records: list[dict[str, Any]], budget: Any, visual_tokens: int | None) -> dict[str, Any]:
+    n = len(records)
+    llm = [r["visual_tokens_llm"] for r in records]
+    layer_avg = [sum(r["layer_visual_tokens"]) / len(r["layer_visual_tokens"]) for r in records if r["layer_visual_tokens"]]
+    out = {
+        "budget_requested": budget,
+        "budget_tokens": budget_to_tokens(budget, visual_tokens) if budget is not None and visual_tokens else None,
+        "samples": n,
+        "visual_tokens_in_mean": sum(r["visual_tokens_in"] for r in records) / n if n else None,
+        "visual_tokens_llm_mean": sum(llm) / n if n else None,
+        "visual_tokens_llm_min": min(llm) if n else None,
+        "visual_tokens_llm_max": max(llm) if n else None,
+        "layer_average_visual_tokens_mean": sum(layer_avg) / len(layer_avg) if layer_avg else None,
+        "prompt_tokens_mean": sum(r["prompt_tokens"] for r in records) / n if n else None,
+        "prefill_ms_mean": sum(r["prefill_ms"] for r in records) / n if n else None,
+        "total_ms_mean": sum(r["total_ms"] for r in records) / n if n else None,
+    }
+    return out
+
+
+def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None = None) -> RunOutcome:
+    """Run one configuration end to end, or skip it when already finished.
+
+    Parameters
+    ----------
+    cfg : DictConfig | dict
+        A composed config (``run.py`` / :func:`apet_bench.config.compose`).
+    choices : dict, optional
+        The config-group choices (Hydra's ``runtime.choices``), recorded in the run.
+
+    Returns
+    -------
+    RunOutcome
+
+    Raises
+    ------
+    ConfigError, BudgetError, DataError
+        From :func:`prepare_run`; nothing is written.
+    EvaluationError
+        lmms-eval failed or produced an incomplete result; nothing is written.
+    """
+    from apet_bench.eval.lmms_model import ApetBenchLMM
+    from apet_bench.methods import build_method
+
+    t0 = time.perf_counter()
+    run = prepare_run(cfg)
+    cfg = run.cfg
+    run_dir = run.store.run_dir(run.name)
+    if run.store.is_finished(run.name) and not cfg.get("force"):
+        summary = run.store.load(run.name)
+        return RunOutcome(run.name, "skipped", str(run_dir), summary)
+
+    adapter = _load_adapter(cfg["model"])
+    compressor = build_method(cfg["method"]["name"], budget=run.budget, seed=cfg.get("seed", 0),
+                              **(cfg["method"].get("params") or {}))
+    lmm = ApetBenchLMM(adapter=adapter, compressor=compressor)
+    t_eval = time.perf_counter()
+    results = _evaluate(run, lmm)
+    eval_s = time.perf_counter() - t_eval
+
+    task = run.prepared_task
+    records = lmm.records_as_dicts()
+    by_doc = {r["doc_id"]: r for r in records}
+    samples = []
+    for s in results.pop("samples")[task.task_name]:
+        row = {k: v for k, v in s.items() if k not in ("arguments", "doc", "doc_hash")}
+        row.update({k: v for k, v in by_doc.get(s["doc_id"], {}).items() if k not in ("task", "doc_id")})
+        samples.append(row)
+    samples.sort(key=lambda r: r["doc_id"])
+    task_res = results["results"][task.task_name]
+    metrics = {k.split(",")[0]: v for k, v in task_res.items() if k.endswith(",none") and "_stderr" not in k}
+    tokens = _token_summary(records, run.budget, cfg["model"].get("visual_tokens"))
+    provenance = collect_provenance(adapter=adapter)
+    groups = dict(choices or {})
+    for g in ("model", "method", "benchmark"):
+        groups.setdefault(g, cfg[g]["name"])
+    summary = {
+        "status": "complete",
+        "name": run.name,
+        "groups": groups,
+        "model": cfg["model"]["name"],
+        "method": cfg["method"]["name"],
+        "budget": run.budget,
+        "benchmark": cfg["benchmark"]["name"],
+        "task": task.task_name,
+        "metrics": {m: metrics.get(m) for m in (cfg["benchmark"].get("metrics") or metrics)},
+        "num_samples": len(samples),
+        "skipped_samples": sum(int(s.get("questions", 0)) for s in task.skipped),
+        "visual_tokens_llm_mean": tokens["visual_tokens_llm_mean"],
+        "weights": provenance.get("weights"),
+        "random_weights": provenance.get("random_weights"),
+        "device": provenance.get("device"),
+        "attn_implementation": provenance.get("attn_implementation"),
+        "eval_s": round(eval_s, 3),
+        "wall_s": round(time.perf_counter() - t0, 3),
+        "note": RANDOM_WEIGHTS_NOTE if provenance.get("random_weights") else None,
+    }
+    with run.store.open_run(run.name, force=bool(cfg.get("force"))) as w:
+        w.write_text("config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)))
+        w.write_json("metrics.json", {
+            "task": task.task_name,
+            "metrics": metrics,
+            "lmms_eval_metrics": task_res,
+            "n_samples": results.get("n-samples", {}).get(task.task_name),
+            "skipped": task.skipped,
+            "skipped_samples": summary["skipped_samples"],
+            "subtasks": task.subtasks,
+            "missing_subtasks": task.missing_subtasks,
+            "data_source": task.source,
+            "data_fingerprint": task.fingerprint,
+            "tokens": tokens,
+            "eval_s": summary["eval_s"],
+            "note": summary["note"],
+        })
+        w.write_jsonl("samples.jsonl", samples)
+        w.write_json("provenance.json", provenance)
+        w.write_json("lmms_eval/results.json", results)
+        summary["wall_s"] = round(time.perf_counter() - t0, 3)
+        w.write_json(RUN_MARKER, summary)
+    return RunOutcome(run.name, "finished", str(run_dir), summary)

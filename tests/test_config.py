@@ -1,0 +1,57 @@
+"""Every config file composes; group checks and availability give one-line errors."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from apet_bench.config import (
+    GROUPS,
+    ConfigError,
+    NotAvailableError,
+    check_available,
+    check_group_overrides,
+    compose,
+    group_options,
+)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_config_file_composes(group):
+    options = group_options(group)
+    assert options, f"configs/{group}/ is empty"
+    for opt in options:
+        cfg = compose([f"{group}={opt}"])
+        c = OmegaConf.to_container(cfg, resolve=True)
+        if group != "experiment":
+            assert c[group]["name"] == opt, f"configs/{group}/{opt}.yaml must have name: {opt}"
+            assert isinstance(c[group]["available"], bool)
+            if not c[group]["available"]:
+                assert isinstance(c[group]["issue"], int)
+
+
+def test_defaults():
+    c = OmegaConf.to_container(compose([]), resolve=True)
+    assert c["model"]["name"] == "tiny_llava15" and c["method"]["name"] == "none"
+    assert c["benchmark"]["name"] == "demo" and c["budget"] == 64
+
+
+def test_paper_command_parses_and_reports_not_available():
+    cfg = compose(["model=qwen25vl", "method=apet", "budget=0.1"])
+    assert cfg.budget == 0.1 and cfg.model.name == "qwen25vl" and cfg.method.name == "apet"
+    with pytest.raises(NotAvailableError) as ei:
+        check_available(OmegaConf.to_container(cfg, resolve=True))
+    msg = str(ei.value)
+    assert "\n" not in msg and "qwen25vl" in msg and "apet" in msg and "issue #" in msg
+
+
+@pytest.mark.parametrize("override,bad", [("model=foo", "foo"), ("method=none,bogus", "bogus"),
+                                          ("benchmark=nope", "nope"), ("experiment=zz", "zz")])
+def test_unknown_group_option(override, bad):
+    with pytest.raises(ConfigError) as ei:
+        check_group_overrides([override])
+    assert repr(bad) in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_demo_experiment_sweeps_none_and_random():
+    cfg = compose(["experiment=demo"])
+    assert cfg.model.name == "tiny_llava15" and cfg.benchmark.name == "demo"
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" if "hydra" in cfg else True
