@@ -2,6 +2,7 @@
 """apet-bench entry point (Hydra).
 
     python run.py                                   # experiment=demo: the embedded default
+                                                    # (used whenever no model/method/benchmark/experiment is chosen)
     python run.py model=tiny_llava15 method=random budget=64 benchmark=mme data_root=../shared/benchmarks
     python run.py -m method=none,random budget=64,128          # a sweep; finished runs are skipped
 
@@ -21,7 +22,7 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from apet_bench.config import ConfigError, check_group_overrides, config_dir  # noqa: E402
+from apet_bench.config import GROUPS, ConfigError, check_group_overrides, config_dir  # noqa: E402
 
 
 def _fail(prefix: str, exc: BaseException, code: int) -> None:
@@ -55,9 +56,9 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if not args:
-        sys.argv.append("experiment=demo")  # the embedded default
+    chosen = {a.split("=", 1)[0].lstrip("+~") for a in sys.argv[1:] if "=" in a and not a.startswith("-")}
+    if not chosen & set(GROUPS):
+        sys.argv.append("experiment=demo")  # no model/method/benchmark/experiment chosen: the embedded default
     try:
         check_group_overrides([a for a in sys.argv[1:] if not a.startswith("-")])
     except ConfigError as exc:

@@ -325,8 +325,10 @@ def register_method(name: str) -> Callable[[type[TokenCompressor]], type[TokenCo
         if cls.stage not in STAGES:
             raise ValueError(f"method {name!r}: stage {cls.stage!r} is not one of {list(STAGES)}")
         existing = _REGISTRY.get(name)
-        if existing is not None and existing.__qualname__ != cls.__qualname__:
-            raise ValueError(f"method name {name!r} is already registered to {existing.__qualname__}")
+        if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(
+                f"method name {name!r} is already registered to {existing.__module__}.{existing.__qualname__}"
+            )
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -338,13 +340,13 @@ def _load_plugins() -> None:
     global _plugins_loaded
     if _plugins_loaded:
         return
-    _plugins_loaded = True
     for package in PLUGIN_PACKAGES:
         try:
             importlib.import_module(package)
         except ModuleNotFoundError as e:  # the package itself is absent; a broken baseline still raises
             if e.name != package:
                 raise
+    _plugins_loaded = True
 
 
 def available_methods() -> list[str]:

@@ -1,0 +1,735 @@
+"""Model adapters: one loaded HF vision-language model behind the interface the methods and the evaluator use.
+
+An adapter knows one model family (where the visual tokens are, how positions work, where the decoder
+layers are); it knows nothing about methods beyond :class:`~apet_bench.methods.TokenCompressor`'s
+stage and its ``compress_visual`` / hooks (architecture.md, "Pieces"). :meth:`ModelAdapter.generate`
+is shared by every family: processor -> [stage 1: projector-output surgery] -> LLM prefill
+[stage-2 hooks] -> decode, with token accounting and wall times.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from apet_bench.methods.base import STAGE_ONE, TokenCompressor, VisualSelection
+from apet_bench.surgery import count_placeholders, select_visual_tokens, shrink_placeholder_runs
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from PIL import Image
+
+__all__ = [
+    "ATTN_IMPLEMENTATIONS",
+    "DEFAULT_MAX_NEW_TOKENS",
+    "DTYPES",
+    "GenerationOutput",
+    "ModelAdapter",
+    "ModelConfigError",
+    "ModelSpec",
+    "check_attn_implementation",
+    "get_adapter_class",
+    "hub_offline",
+    "load_pretrained",
+    "register_adapter",
+    "resolve_device",
+]
+
+#: Accepted ``dtype`` values; ``auto`` keeps the checkpoint's dtype (float32 for tiny models).
+DTYPES: dict[str, torch.dtype | None] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "auto": None,
+}
+#: Accepted ``attn_implementation`` values (transformers attention backends).
+ATTN_IMPLEMENTATIONS: tuple[str, ...] = ("eager", "sdpa", "flash_attention_2")
+#: ``max_new_tokens`` when the caller's ``generate_kwargs`` give none.
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+class ModelConfigError(ValueError):
+    """A model config that cannot be loaded; the message is one line and names the bad value."""
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` is set to a true value (read at call time)."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"}:
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A validated model config (``configs/model/*.yaml``).
+
+    Attributes
+    ----------
+    name : str
+        Config name recorded in results (``tiny_llava15``, ``llava15``).
+    family : str
+        Adapter family (``llava15``).
+    tiny : bool
+        Build a small random-weight model of the real class offline (``apet_bench.models.tiny``).
+    hf_id, revision : str or None
+        Hub checkpoint and pinned commit (``revision`` is used for hub ids only).
+    local_path : str or None
+        A local snapshot (``save_pretrained`` layout); wins over ``hf_id``.
+    dtype : str
+        One of :data:`DTYPES`.
+    attn_implementation : str
+        One of :data:`ATTN_IMPLEMENTATIONS`.
+    device : str
+        ``auto`` (cuda if available, else cpu), ``cpu``, ``cuda`` or ``cuda:N``.
+    seed : int
+        Seed of the random weights of tiny models.
+    visual_tokens : int or None
+        Visual tokens per image entering the LLM without compression (checked against the model).
+    num_layers : int or None
+        LLM decoder layers (checked against the model when given).
+    tiny_config : dict
+        Sizes of the tiny model (see ``apet_bench.models.tiny``).
+    """
+
+    name: str
+    family: str
+    tiny: bool = False
+    hf_id: str | None = None
+    revision: str | None = None
+    local_path: str | None = None
+    dtype: str = "auto"
+    attn_implementation: str = "sdpa"
+    device: str = "auto"
+    seed: int = 0
+    visual_tokens: int | None = None
+    num_layers: int | None = None
+    tiny_config: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any]) -> ModelSpec:
+        """Validate a plain mapping (or an OmegaConf ``DictConfig``) into a :class:`ModelSpec`.
+
+        Keys that are not fields are ignored (configs may carry keys for other components).
+
+        Raises
+        ------
+        ModelConfigError
+            For a missing ``family``, an unknown ``dtype`` / ``attn_implementation`` / ``device``,
+            ``flash_attention_2`` without ``flash_attn``, a ``local_path`` that does not exist, a real
+            model with neither ``hf_id`` nor ``local_path``, or a bad ``seed`` / ``visual_tokens``.
+        """
+        if not isinstance(cfg, Mapping):
+            raise ModelConfigError(f"model config must be a mapping, got {type(cfg).__name__}")
+        family = cfg.get("family")
+        if not family or not isinstance(family, str):
+            raise ModelConfigError(f"model config needs a 'family' (e.g. llava15), got {family!r}")
+        name = str(cfg.get("name") or family)
+        tiny = bool(cfg.get("tiny", False))
+        dtype = str(cfg.get("dtype") or "auto")
+        if dtype not in DTYPES:
+            raise ModelConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        attn = str(cfg.get("attn_implementation") or "sdpa")
+        check_attn_implementation(attn)
+        device = str(cfg.get("device") or "auto")
+        resolve_device(device)  # validates
+        local_path = cfg.get("local_path")
+        if local_path is not None:
+            local_path = str(local_path)
+            if tiny:
+                raise ModelConfigError(
+                    f"local_path {local_path!r} is set with tiny: true; set tiny: false to load a saved model"
+                )
+            if not Path(local_path).expanduser().exists():
+                raise ModelConfigError(f"local_path {local_path!r} does not exist")
+            local_path = str(Path(local_path).expanduser().resolve())
+        hf_id = cfg.get("hf_id")
+        if not tiny and local_path is None and not hf_id:
+            raise ModelConfigError(f"model {name!r} needs hf_id or local_path (or tiny: true)")
+        seed = cfg.get("seed", 0)
+        if seed is None:
+            seed = 0
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ModelConfigError(f"seed {seed!r} is not an integer")
+        visual_tokens = cfg.get("visual_tokens")
+        num_layers = cfg.get("num_layers")
+        for key, value in (("visual_tokens", visual_tokens), ("num_layers", num_layers)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ModelConfigError(f"{key} {value!r} is not a positive integer")
+        tiny_config = cfg.get("tiny_config") or {}
+        if not isinstance(tiny_config, Mapping):
+            raise ModelConfigError(f"tiny_config must be a mapping, got {type(tiny_config).__name__}")
+        revision = cfg.get("revision")
+        return cls(
+            name=name,
+            family=family,
+            tiny=tiny,
+            hf_id=str(hf_id) if hf_id else None,
+            revision=str(revision) if revision else None,
+            local_path=local_path,
+            dtype=dtype,
+            attn_implementation=attn,
+            device=device,
+            seed=seed,
+            visual_tokens=visual_tokens,
+            num_layers=num_layers,
+            tiny_config=dict(tiny_config),
+        )
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        """The ``torch.dtype`` of :attr:`dtype` (``None`` for ``auto``)."""
+        return DTYPES[self.dtype]
+
+    @property
+    def torch_device(self) -> torch.device:
+        """The resolved device (``auto`` -> cuda if available, else cpu)."""
+        return resolve_device(self.device)
+
+
+def check_attn_implementation(attn: str) -> str:
+    """Validate an ``attn_implementation`` value.
+
+    Raises
+    ------
+    ModelConfigError
+        For an unknown value, or ``flash_attention_2`` when ``flash_attn`` cannot be imported.
+    """
+    if attn not in ATTN_IMPLEMENTATIONS:
+        raise ModelConfigError(
+            f"unknown attn_implementation {attn!r}; use one of {', '.join(ATTN_IMPLEMENTATIONS)}"
+        )
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ModelConfigError(
+            "attn_implementation 'flash_attention_2' needs the flash_attn package: "
+            "install the `flash` extra (pip install -e '.[flash]' --no-build-isolation) on a CUDA machine"
+        )
+    return attn
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> ``cuda`` if available else ``cpu``; otherwise ``torch.device(device)``.
+
+    Raises
+    ------
+    ModelConfigError
+        For a string torch cannot parse, a device type other than cpu/cuda, or cuda without a GPU.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ModelConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ModelConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelConfigError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+@dataclass
+class GenerationOutput:
+    """One sample's answer with its token accounting and wall times.
+
+    Attributes
+    ----------
+    text : str
+        Decoded new tokens only, special tokens skipped.
+    output_ids : list of int
+        The new token ids (prompt excluded).
+    prompt_tokens : int
+        Tokens entering the LLM at prefill (text + visual tokens, after stage 1).
+    visual_tokens_in : int
+        Visual tokens produced by the vision encoder + projector, summed over the sample's images,
+        before compression.
+    visual_tokens_llm : int
+        Visual tokens entering the LLM, counted from the placeholder ids of the final ``input_ids``.
+    layer_visual_tokens : list of int
+        ``(num_layers,)``: visual tokens at the input of each decoder layer during prefill, measured
+        with pre-hooks as ``visual_tokens_llm - (prompt_tokens - layer_seq_len)`` (stage-2 methods drop
+        only visual tokens). For stage-1-only methods every entry equals ``visual_tokens_llm``.
+    kept_indices : list of list of int or None
+        Per image, indices into its original visual tokens of the kept tokens, when the method
+        reports them.
+    prefill_ms : float
+        Wall time (ms) from the processed inputs on the device to the end of the prefill forward:
+        vision encoder, projector, stage-1 compression and LLM prefill.
+    total_ms : float
+        Wall time (ms) from the same start to the end of decoding.
+    preprocess_ms : float
+        Wall time (ms) of prompt building, the processor and the host-to-device copy.
+    kv_cache_tokens : list of int or None
+        ``(num_layers,)``: tokens held in each layer's KV cache at the end of generation.
+    num_images : int
+        Images in the sample.
+    logits : tuple of torch.Tensor or None
+        Per generated token, ``(batch_size, vocab_size)`` logits, when ``output_logits=True`` was in
+        ``generate_kwargs``; left out of :meth:`to_dict`.
+    """
+
+    text: str
+    output_ids: list[int]
+    prompt_tokens: int
+    visual_tokens_in: int
+    visual_tokens_llm: int
+    layer_visual_tokens: list[int]
+    kept_indices: list[list[int]] | None
+    prefill_ms: float
+    total_ms: float
+    preprocess_ms: float = 0.0
+    kv_cache_tokens: list[int] | None = None
+    num_images: int = 1
+    logits: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
+
+    @property
+    def mean_layer_visual_tokens(self) -> float:
+        """Average visual tokens per decoder layer during prefill (the paper's budget convention)."""
+        if not self.layer_visual_tokens:
+            return float(self.visual_tokens_llm)
+        return sum(self.layer_visual_tokens) / len(self.layer_visual_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable fields (``logits`` dropped, ``mean_layer_visual_tokens`` added)."""
+        out = asdict(self)
+        out.pop("logits", None)
+        out["mean_layer_visual_tokens"] = self.mean_layer_visual_tokens
+        return out
+
+
+class _PrefillProbe:
+    """Hooks that time the prefill forward and record each decoder layer's prefill sequence length.
+
+    A forward hook on the top-level model stamps the end of its first call (the prefill; generate
+    calls ``self(...)``, transformers ``generation/utils.py::_prefill``); forward pre-hooks on every
+    decoder layer record ``hidden_states.shape[1]`` at their first call. Registered after the method's
+    own hooks, so they see the sequence after any stage-2 drop.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[nn.Module], clock: Callable[[], float]):
+        self._model = model
+        self._layers = list(layers)
+        self._clock = clock
+        self.prefill_end: float | None = None
+        self.layer_lengths: list[int | None] = [None] * len(self._layers)
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> _PrefillProbe:
+        def on_model(module, args, output):
+            if self.prefill_end is None:
+                self.prefill_end = self._clock()
+
+        self._handles.append(self._model.register_forward_hook(on_model))
+        for i, layer in enumerate(self._layers):
+            self._handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+        return self
+
+    def _layer_hook(self, i: int):
+        def hook(module, args, kwargs):
+            if self.layer_lengths[i] is None:
+                hidden = args[0] if args else kwargs.get("hidden_states")
+                if hidden is not None:
+                    self.layer_lengths[i] = int(hidden.shape[1])
+
+        return hook
+
+    def __exit__(self, *exc: object) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+
+class ModelAdapter:
+    """Base class of the model adapters (one per model family).
+
+    Subclasses implement :meth:`from_spec`, :meth:`build_prompt`, :meth:`encode_images`,
+    :attr:`decoder_layers`, :attr:`num_visual_tokens` and :attr:`visual_token_id`; :meth:`generate`,
+    the token accounting and the stage-1 surgery are shared.
+
+    Attributes
+    ----------
+    name, family : str
+        Config name and family.
+    model : transformers.PreTrainedModel
+        The HF model, in eval mode.
+    processor : transformers.ProcessorMixin
+        Its processor (tokenizer + image processor).
+    device : torch.device
+        Where the model's parameters are.
+    weights : str
+        Provenance of the weights (``hf_id@revision``, ``local:/path``, or a random-init notice).
+    is_random_weights : bool
+        True for tiny random-init models: their outputs check the pipeline, never accuracy.
+    spec : ModelSpec
+        The validated config it was loaded from.
+    """
+
+    family: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        *,
+        spec: ModelSpec,
+        model: nn.Module,
+        processor: Any,
+        weights: str,
+        is_random_weights: bool,
+    ) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.model = model.eval()
+        self.processor = processor
+        self.weights = weights
+        self.is_random_weights = is_random_weights
+        self.device = next(model.parameters()).device
+        if spec.visual_tokens is not None and spec.visual_tokens != self.num_visual_tokens:
+            raise ModelConfigError(
+                f"visual_tokens {spec.visual_tokens} does not match the model's {self.num_visual_tokens} visual tokens per image"
+            )
+        if spec.num_layers is not None and spec.num_layers != self.num_layers:
+            raise ModelConfigError(
+                f"num_layers {spec.num_layers} does not match the model's {self.num_layers} decoder layers"
+            )
+
+    # ------------------------------------------------------------------ to implement per family
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> ModelAdapter:  # pragma: no cover - abstract
+        """Load (or build, for ``tiny``) the model and processor described by ``spec``."""
+        raise NotImplementedError
+
+    def build_prompt(self, question: str, num_images: int = 1) -> str:  # pragma: no cover - abstract
+        """The model's prompt for ``question`` with ``num_images`` image placeholders."""
+        raise NotImplementedError
+
+    def encode_images(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:  # pragma: no cover - abstract
+        """Visual tokens of each image after the vision encoder and projector.
+
+        Returns
+        -------
+        list of torch.Tensor
+            One ``(num_visual_tokens_i, hidden_size)`` tensor per image.
+        """
+        raise NotImplementedError
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:  # pragma: no cover - abstract
+        """The LLM's decoder layers (where stage-2 hooks go)."""
+        raise NotImplementedError
+
+    @property
+    def num_visual_tokens(self) -> int:  # pragma: no cover - abstract
+        """Visual tokens per image entering the LLM without compression (576 for LLaVA-1.5)."""
+        raise NotImplementedError
+
+    @property
+    def visual_token_id(self) -> int:  # pragma: no cover - abstract
+        """Id of the visual placeholder token in ``input_ids``."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared properties
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the model's parameters."""
+        return next(self.model.parameters()).dtype
+
+    @property
+    def attn_implementation(self) -> str:
+        """Attention backend really in use (read back from ``model.config._attn_implementation``)."""
+        return str(self.model.config._attn_implementation)
+
+    @property
+    def num_layers(self) -> int:
+        """Number of LLM decoder layers."""
+        return len(self.decoder_layers)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The processor's tokenizer."""
+        return self.processor.tokenizer
+
+    @property
+    def pad_token_id(self) -> int:
+        """Padding id (tokenizer pad, else eos)."""
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return int(pad)
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance of the loaded model, for results files."""
+        return {
+            "name": self.name,
+            "family": self.family,
+            "weights": self.weights,
+            "is_random_weights": self.is_random_weights,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "attn_implementation": self.attn_implementation,
+            "device": str(self.device),
+            "num_visual_tokens": self.num_visual_tokens,
+            "num_layers": self.num_layers,
+        }
+
+    # ------------------------------------------------------------------ pipeline pieces
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _clock(self) -> float:
+        self._sync()
+        return time.perf_counter()
+
+    def prepare_inputs(self, images: Sequence[Image.Image], prompt: str) -> Any:
+        """Run the processor and move its outputs to the model (floating tensors cast to its dtype).
+
+        Returns
+        -------
+        transformers.BatchFeature
+            ``input_ids`` ``(1, seq_len)``, ``attention_mask`` ``(1, seq_len)``, ``pixel_values``
+            ``(num_images, 3, H, W)`` (family-specific extras possible).
+        """
+        if images:
+            inputs = self.processor(images=list(images), text=prompt, return_tensors="pt")
+        else:
+            inputs = self.processor(text=prompt, return_tensors="pt")
+        return inputs.to(self.device, dtype=self.dtype)
+
+    def apply_visual_stage(
+        self, inputs: Mapping[str, Any], method: TokenCompressor
+    ) -> tuple[dict[str, Any], list[VisualSelection]]:
+        """Stage 1: compress the projector outputs and build the matching ``generate`` inputs.
+
+        transformers-hooks.md §3.2: features from :meth:`encode_images`, the method's choice per image
+        (:func:`apet_bench.surgery.select_visual_tokens`), placeholder runs shrunk
+        (:func:`apet_bench.surgery.shrink_placeholder_runs`), and ``mm_encoder_outputs`` in place of
+        ``pixel_values``. Families with position ids tied to the layout (Qwen2.5-VL) override this.
+
+        Returns
+        -------
+        gen_inputs : dict
+            ``input_ids`` / ``attention_mask`` ``(1, new_seq_len)`` and
+            ``mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[(k_i, D), ...])}``.
+        selections : list of VisualSelection
+            One per image.
+        """
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        features = self.encode_images(inputs)
+        selections = select_visual_tokens(method, features)
+        shrunk = shrink_placeholder_runs(
+            inputs["input_ids"],
+            inputs.get("attention_mask"),
+            self.visual_token_id,
+            [int(f.shape[0]) for f in features],
+            selections,
+            self.pad_token_id,
+        )
+        gen_inputs: dict[str, Any] = {
+            k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "pixel_values", "image_sizes")
+        }
+        gen_inputs["input_ids"] = shrunk.input_ids
+        gen_inputs["attention_mask"] = shrunk.attention_mask
+        gen_inputs["mm_encoder_outputs"] = {
+            "image": BaseModelOutputWithPooling(pooler_output=[s.features for s in selections])
+        }
+        return gen_inputs, selections
+
+    def _generate_kwargs(self, generate_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "do_sample": False, "num_beams": 1}
+        kwargs.update(dict(generate_kwargs or {}))
+        kwargs["return_dict_in_generate"] = True
+        if getattr(self.model.generation_config, "pad_token_id", None) is None and "pad_token_id" not in kwargs:
+            kwargs["pad_token_id"] = self.pad_token_id
+        return kwargs
+
+    # ------------------------------------------------------------------ generate
+    def generate(
+        self,
+        images: Sequence[Image.Image],
+        question: str,
+        generate_kwargs: Mapping[str, Any] | None = None,
+        method: TokenCompressor | None = None,
+    ) -> GenerationOutput:
+        """Answer ``question`` about ``images`` (batch size 1) under compression ``method``.
+
+        Path: prompt (:meth:`build_prompt`) -> processor -> if ``method.stage`` is ``"none"`` or ``"llm"``,
+        plain ``model.generate(**inputs)`` (the ``none`` output is exactly the HF model's); if it is
+        ``"vision"`` or ``"both"``, :meth:`apply_visual_stage` then ``model.generate`` on the shrunk
+        inputs with ``mm_encoder_outputs`` (transformers-hooks.md §3.2). Everything runs inside
+        ``with method(self):`` (its hooks) and ``torch.inference_mode()``.
+
+        Parameters
+        ----------
+        images : sequence of PIL.Image.Image
+            The sample's images (one ``<image>`` placeholder each); may be empty.
+        question : str
+            The question, already formatted by the task (e.g. with "Answer the question using a single
+            word or phrase.").
+        generate_kwargs : mapping, optional
+            HF ``generate`` kwargs (``max_new_tokens``, ``do_sample``, ``num_beams``, ``temperature``,
+            ``top_p``, ``output_logits``, ...). Greedy and :data:`DEFAULT_MAX_NEW_TOKENS` by default.
+            ``return_dict_in_generate`` is always set.
+        method : TokenCompressor, optional
+            Defaults to ``none``.
+
+        Returns
+        -------
+        GenerationOutput
+
+        Raises
+        ------
+        ValueError
+            If a stage-1 method returns malformed tokens (see :func:`apet_bench.surgery.select_visual_tokens`).
+        """
+        if method is None:
+            from apet_bench.methods.none import NoCompression
+
+            method = NoCompression()
+        if not isinstance(images, Sequence):  # a single PIL image
+            images = [images]
+        t_pre = time.perf_counter()
+        prompt = self.build_prompt(question, num_images=len(images))
+        inputs = self.prepare_inputs(images, prompt)
+        kwargs = self._generate_kwargs(generate_kwargs)
+        visual_in = count_placeholders(inputs["input_ids"], self.visual_token_id, inputs.get("attention_mask"))
+        kept: list[list[int]] | None = None
+        with torch.inference_mode(), method(self):
+            t0 = self._clock()
+            preprocess_ms = (t0 - t_pre) * 1e3
+            with _PrefillProbe(self.model, self.decoder_layers, self._clock) as probe:
+                if method.stage in STAGE_ONE and len(images) > 0:
+                    gen_inputs, selections = self.apply_visual_stage(inputs, method)
+                    if all(s.kept_indices is not None for s in selections):
+                        kept = [s.kept_indices.tolist() for s in selections]  # type: ignore[union-attr]
+                else:
+                    gen_inputs = dict(inputs)
+                out = self.model.generate(**gen_inputs, **kwargs)
+                t1 = self._clock()
+        input_ids = gen_inputs["input_ids"]
+        mask = gen_inputs.get("attention_mask")
+        prompt_len = int(input_ids.shape[1])
+        row_mask = mask[0] if mask is not None else None
+        prompt_tokens = int(row_mask.sum()) if row_mask is not None else prompt_len
+        visual_llm = count_placeholders(input_ids[0], self.visual_token_id, row_mask)
+        layer_visual = [
+            visual_llm - (prompt_tokens - n) if n is not None else visual_llm for n in probe.layer_lengths
+        ]
+        new_ids = out.sequences[0, prompt_len:].tolist()
+        text = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+        kv = None
+        cache = getattr(out, "past_key_values", None)
+        if cache is not None and hasattr(cache, "layers"):
+            try:
+                kv = [int(layer.get_seq_length()) for layer in cache.layers]
+            except Exception:  # noqa: BLE001 - accounting only; caches without per-layer lengths
+                kv = None
+        prefill_end = probe.prefill_end if probe.prefill_end is not None else t1
+        return GenerationOutput(
+            text=text,
+            output_ids=new_ids,
+            prompt_tokens=prompt_tokens,
+            visual_tokens_in=visual_in,
+            visual_tokens_llm=visual_llm,
+            layer_visual_tokens=layer_visual,
+            kept_indices=kept,
+            prefill_ms=(prefill_end - t0) * 1e3,
+            total_ms=(t1 - t0) * 1e3,
+            preprocess_ms=preprocess_ms,
+            kv_cache_tokens=kv,
+            num_images=len(images),
+            logits=tuple(out.logits) if getattr(out, "logits", None) is not None else None,
+        )
+
+
+# ---------------------------------------------------------------------- adapter registry
+_ADAPTERS: dict[str, type[ModelAdapter]] = {}
+
+
+def register_adapter(family: str) -> Callable[[type[ModelAdapter]], type[ModelAdapter]]:
+    """Class decorator registering a :class:`ModelAdapter` subclass for ``family`` (sets ``cls.family``)."""
+
+    def decorator(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+        cls.family = family
+        _ADAPTERS[family] = cls
+        return cls
+
+    return decorator
+
+
+def get_adapter_class(family: str) -> type[ModelAdapter]:
+    """The adapter class for ``family``.
+
+    Raises
+    ------
+    ModelConfigError
+        For an unknown family, listing the known ones.
+    """
+    try:
+        return _ADAPTERS[family]
+    except KeyError:
+        raise ModelConfigError(f"unknown model family {family!r}; available: {', '.join(sorted(_ADAPTERS))}") from None
+
+
+
+def load_pretrained(spec: ModelSpec, model_class: type) -> tuple[nn.Module, Any, str]:
+    """Load a real checkpoint and its processor as ``spec`` says (HF cache, pinned revision).
+
+    ``model_class.from_pretrained(local_path or hf_id, revision=revision (hub ids only), dtype=...,
+    attn_implementation=..., device_map=<device>)`` and ``AutoProcessor.from_pretrained(same)``, with
+    ``local_files_only=True`` when the hub is offline (:func:`hub_offline`).
+
+    Parameters
+    ----------
+    spec : ModelSpec
+        ``tiny`` must be false.
+    model_class : type
+        E.g. ``transformers.LlavaForConditionalGeneration``.
+
+    Returns
+    -------
+    model : transformers.PreTrainedModel
+        In eval mode on ``spec.torch_device``.
+    processor : transformers.ProcessorMixin
+    weights : str
+        ``"<hf_id>@<revision>"`` or ``"local:<path>"``.
+
+    Raises
+    ------
+    ModelConfigError
+        When the checkpoint cannot be found (e.g. offline and not in the HF cache), one line.
+    """
+    from transformers import AutoProcessor
+
+    offline = hub_offline()
+    common: dict[str, Any] = {}
+    if spec.local_path is not None:
+        source = spec.local_path
+        weights = f"local:{source}"
+        common["local_files_only"] = True
+    else:
+        source = str(spec.hf_id)
+        weights = f"{source}@{spec.revision or 'main'}"
+        if spec.revision:
+            common["revision"] = spec.revision
+        if offline:
+            common["local_files_only"] = True
+    try:
+        model = model_class.from_pretrained(
+            source,
+            dtype=spec.torch_dtype if spec.torch_dtype is not None else "auto",
+            attn_implementation=spec.attn_implementation,
+            device_map=str(spec.torch_device),
+            **common,
+        )
+        processor = AutoProcessor.from_pretrained(source, **common)
+    except OSError as e:
+        where = "offline and not in the HF cache" if offline and spec.local_path is None else "not found"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelConfigError(
+            f"cannot load {weights}: {where} ({first}); download it first or set local_path"
+        ) from e
+    return model.eval(), processor, weights

@@ -1,0 +1,142 @@
+"""LLaVA-1.5 adapter (``llava-hf/llava-1.5-7b-hf`` and the tiny random-weight variant).
+
+Sequence layout (methods.md §0.1): vicuna_v1 system prompt, ``USER: <image>\\n{question} ASSISTANT:``;
+the processor expands ``<image>`` into 576 placeholder tokens, which ``LlavaModel.forward`` overwrites
+with the projector output (``masked_scatter``). Visual tokens come from CLIP ViT-L/14-336
+``hidden_states[-2]`` without CLS, through the 2-layer MLP projector (transformers-hooks.md §3.1,
+``models/llava/modeling_llava.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from apet_bench.models.base import ModelAdapter, ModelSpec, load_pretrained, register_adapter
+from apet_bench.models.tiny import build_tiny_llava15
+
+__all__ = ["VICUNA_V1_SYSTEM", "Llava15Adapter"]
+
+#: System prompt of the ``vicuna_v1`` conversation template (LLaVA ``llava/conversation.py``,
+#: ``conv_vicuna_v1``), used by the official LLaVA-1.5 evaluation scripts.
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+
+
+@register_adapter("llava15")
+class Llava15Adapter(ModelAdapter):
+    """LLaVA-1.5 (CLIP ViT-L/14-336 + MLP projector + Vicuna) on ``LlavaForConditionalGeneration``.
+
+    576 visual tokens per image ((336 / 14)² patches, CLS dropped); 32 decoder layers for the 7B
+    model (``tiny_config.text_layers`` for the tiny one). Load with :func:`apet_bench.models.load_model`.
+
+    Examples
+    --------
+    >>> from apet_bench.models import load_model
+    >>> adapter = load_model({"name": "tiny_llava15", "family": "llava15", "tiny": True})
+    >>> adapter.num_visual_tokens, adapter.num_layers
+    (576, 4)
+    """
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> Llava15Adapter:
+        """Build the tiny model (``spec.tiny``) or load the checkpoint (``local_path`` or ``hf_id@revision``).
+
+        Raises
+        ------
+        ModelConfigError
+            When the checkpoint cannot be loaded or ``visual_tokens`` does not match the model.
+        ValueError
+            For a bad ``tiny_config``.
+        """
+        if spec.tiny:
+            from transformers import LlavaForConditionalGeneration  # noqa: F401  (import cost up front)
+
+            model, processor = build_tiny_llava15(
+                spec.tiny_config, seed=spec.seed, attn_implementation=spec.attn_implementation
+            )
+            dtype = spec.torch_dtype if spec.torch_dtype is not None else torch.float32
+            model.to(device=spec.torch_device, dtype=dtype)
+            weights = (
+                f"random-init tiny LlavaForConditionalGeneration (seed {spec.seed}): "
+                "a random-weight pipeline check, not an accuracy number"
+            )
+            return cls(spec=spec, model=model, processor=processor, weights=weights, is_random_weights=True)
+        from transformers import LlavaForConditionalGeneration
+
+        model, processor, weights = load_pretrained(spec, LlavaForConditionalGeneration)
+        return cls(spec=spec, model=model, processor=processor, weights=weights, is_random_weights=False)
+
+    # ------------------------------------------------------------------ family specifics
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        """``model.model.language_model.layers`` (Llama decoder layers)."""
+        return self.model.model.language_model.layers
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """``(image_size // patch_size)²``, plus 1 with ``vision_feature_select_strategy="full"`` (CLS kept)."""
+        vc = self.model.config.vision_config
+        n = (vc.image_size // vc.patch_size) ** 2
+        if self.model.config.vision_feature_select_strategy == "full":
+            n += 1
+        return int(n)
+
+    @property
+    def visual_token_id(self) -> int:
+        """``config.image_token_id`` (the ``<image>`` placeholder)."""
+        return int(self.model.config.image_token_id)
+
+    def build_prompt(self, question: str, num_images: int = 1) -> str:
+        """vicuna_v1 prompt as the official LLaVA-1.5 evaluation builds it.
+
+        ``"{system} USER: <image>\\n{question} ASSISTANT:"`` (one ``<image>\\n`` per image, before the
+        question: ``llava/eval/model_vqa_loader.py`` with ``conv_mode=vicuna_v1``). A question that
+        already holds ``<image>`` placeholders is used as it is (as lmms-eval's ``llava_hf`` model does).
+
+        Parameters
+        ----------
+        question : str
+        num_images : int
+            Number of ``<image>`` placeholders.
+
+        Returns
+        -------
+        str
+
+        Raises
+        ------
+        ValueError
+            If ``question`` holds placeholders, but not ``num_images`` of them.
+        """
+        image_token = getattr(self.processor, "image_token", "<image>")
+        present = question.count(image_token)
+        if present:
+            if present != num_images:
+                raise ValueError(f"question holds {present} {image_token} placeholder(s) for {num_images} image(s)")
+            body = question
+        else:
+            body = (image_token + "\n") * num_images + question
+        return f"{VICUNA_V1_SYSTEM} USER: {body} ASSISTANT:"
+
+    def encode_images(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
+        """Projector outputs per image: ``model.model.get_image_features(...).pooler_output``.
+
+        Parameters
+        ----------
+        inputs : mapping
+            Processor outputs with ``pixel_values`` ``(num_images, 3, 336, 336)``.
+
+        Returns
+        -------
+        list of torch.Tensor
+            One ``(576, hidden_size)`` tensor per image (config's feature layer and select strategy).
+        """
+        extra = {"image_sizes": inputs["image_sizes"]} if inputs.get("image_sizes") is not None else {}
+        out = self.model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True, **extra)
+        return list(out.pooler_output)
