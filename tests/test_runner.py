@@ -93,3 +93,22 @@ def test_translate_gen_kwargs():
     assert hf["do_sample"] is True and hf["temperature"] == 0.7 and hf["top_p"] == 0.9
     with pytest.raises(ValueError, match="until"):
         translate_gen_kwargs({"until": 5})
+
+
+def test_corrupt_image_skip_is_counted_and_error_stops(tmp_path):
+    from apet_bench.data import DataError
+    from test_data import CORRUPT, _mini_root  # a real 4-image MME subset with one truncated jpg
+
+    root = _mini_root(tmp_path)
+    bad = str(root / "mme" / "existence" / CORRUPT)
+    with pytest.raises(DataError, match=bad):
+        execute(cfg_for(tmp_path, "benchmark=mme", f"data_root={root}", "on_corrupt_image=error"))
+    assert not (tmp_path / "results" / "runs").exists()
+
+    out = execute(cfg_for(tmp_path, "benchmark=mme", f"data_root={root}", "on_corrupt_image=skip"))
+    run = json.loads((Path(out.run_dir) / "run.json").read_text())
+    metrics = json.loads((Path(out.run_dir) / "metrics.json").read_text())
+    assert run["num_samples"] == 6 and run["skipped_samples"] == 2
+    assert metrics["skipped"][0]["path"] == bad and metrics["skipped_samples"] == 2
+    assert run["metrics"]["mme_cognition_score"] is None  # no cognition subtask in this data
+    assert isinstance(run["metrics"]["mme_perception_score"], float)

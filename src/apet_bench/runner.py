@@ -158,8 +158,10 @@ def _evaluate(run: PreparedRun, lmm: Any) -> dict[str, Any]:
             f"task {task.task_name!r}: expected {expected} samples, lmms-eval reports {effective}, "
             f"logged {len(samples)}, model answered {len(lmm.records)}"
         )
-    # With a limit, a headline metric can be absent (e.g. no MME cognition question among the first N).
-    required = cfg["benchmark"].get("metrics") or [] if cfg.get("limit") is None else []
+    # A headline metric is required when some sample was scored for it: MME data without cognition
+    # subtasks (or a limit that reaches none) has no cognition score, which is reported as missing.
+    scored = {k for smp in samples for k in smp}
+    required = [m for m in cfg["benchmark"].get("metrics") or [] if m in scored]
     for metric in required:
         value = task_res.get(f"{metric},none")
         if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(float(value)):

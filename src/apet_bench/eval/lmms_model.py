@@ -130,10 +130,11 @@ class ApetBenchLMM(lmms):
 
     @staticmethod
     def _build_from_config(model, method, budget, seed, device, overrides):
+        from omegaconf import OmegaConf
+
         from apet_bench.config import check_available, compose
         from apet_bench.methods import build_method
         from apet_bench.models import load_model
-        from omegaconf import OmegaConf
 
         ovs = [f"{k}={v}" for k, v in (("model", model), ("method", method), ("budget", budget), ("seed", seed))
                if v is not None]
