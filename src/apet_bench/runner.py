@@ -175,7 +175,8 @@ def _token_summary(records: list[dict[str, Any]], budget: Any, visual_tokens: in
     layer_avg = [sum(r["layer_visual_tokens"]) / len(r["layer_visual_tokens"]) for r in records if r["layer_visual_tokens"]]
     out = {
         "budget_requested": budget,
-        "budget_tokens": budget_to_tokens(budget, visual_tokens) if budget is not None and visual_tokens else None,
+        # An int budget is a token count; a ratio's token count depends on each input (see samples.jsonl).
+        "budget_tokens": budget_to_tokens(budget, visual_tokens) if isinstance(budget, int) and visual_tokens else None,
         "samples": n,
         "visual_tokens_in_mean": sum(r["visual_tokens_in"] for r in records) / n if n else None,
         "visual_tokens_llm_mean": sum(llm) / n if n else None,
