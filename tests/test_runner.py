@@ -112,3 +112,19 @@ def test_corrupt_image_skip_is_counted_and_error_stops(tmp_path):
     assert metrics["skipped"][0]["path"] == bad and metrics["skipped_samples"] == 2
     assert run["metrics"]["mme_cognition_score"] is None  # no cognition subtask in this data
     assert isinstance(run["metrics"]["mme_perception_score"], float)
+
+
+def test_method_variants_get_their_own_run_and_stage2_accounting(tmp_path):
+    from apet_bench.runner import method_label
+
+    assert method_label({"name": "random", "params": {"stage": "vision", "layer": 2}}) == "random"
+    assert method_label({"name": "random", "params": {"stage": "llm", "layer": 2}}) == "random-stage=llm"
+    out = execute(cfg_for(tmp_path, "method=random", "method.params.stage=llm", "method.params.layer=2",
+                          "budget=144", "limit=2"))
+    assert out.name == "tiny_llava15__random-stage=llm__144__demo"
+    samples = [json.loads(x) for x in (Path(out.run_dir) / "samples.jsonl").read_text().splitlines()]
+    for s in samples:
+        assert s["layer_visual_tokens"] == [576, 576, 144, 144]
+        assert s["planned_layer_visual_tokens"] == [576, 576, 144, 144]
+    run = json.loads((Path(out.run_dir) / "run.json").read_text())
+    assert run["layer_average_visual_tokens"] == 360 and run["method_params"]["stage"] == "llm"

@@ -23,12 +23,13 @@ def results_table(outcomes: Iterable[Any]):
         row: dict[str, Any] = {
             "run": o.get("name"),
             "status": o.get("status"),
-            "method": s.get("method"),
+            "method": (o.get("name") or "").split("__")[1] if o.get("name") and "__" in o.get("name") else s.get("method"),
             "budget": "full" if s.get("method") == "none" else s.get("budget"),
         }
         for k, v in (s.get("metrics") or {}).items():
             row[k] = round(v, 2) if isinstance(v, float) else v
         row["visual tokens -> LLM (mean)"] = s.get("visual_tokens_llm_mean")
+        row["layer avg visual tokens"] = s.get("layer_average_visual_tokens")
         row["samples"] = s.get("num_samples")
         row["eval s"] = s.get("eval_s")
         row["device / attn"] = f"{s.get('device')} / {s.get('attn_implementation')}" if s else None

@@ -75,6 +75,27 @@ def _resolve_path(p: str | None) -> str | None:
     return str(Path(os.path.expanduser(str(p))).resolve())
 
 
+def method_label(method_cfg: dict[str, Any]) -> str:
+    """The method's part of a run name: its name, plus ``-key=value`` for every parameter that differs
+    from ``configs/method/<name>.yaml`` (sorted), so variants never share a run directory.
+
+    ``random`` -> ``random``; ``random`` with ``params.stage=llm`` -> ``random-stage=llm``.
+    """
+    from omegaconf import OmegaConf
+
+    from apet_bench.config import config_dir
+
+    name = method_cfg["name"]
+    params = dict(method_cfg.get("params") or {})
+    default_file = config_dir() / "method" / f"{name}.yaml"
+    defaults = {}
+    if default_file.is_file():
+        defaults = OmegaConf.to_container(OmegaConf.load(default_file), resolve=False).get("params") or {}
+    changed = [f"{k}={params[k]}" for k in sorted(params) if k not in defaults or params[k] != defaults[k]]
+    label = "-".join([name, *changed])
+    return label.replace("/", "_").replace("__", "_")
+
+
 def prepare_run(cfg: DictConfig | dict[str, Any]) -> PreparedRun:
     """Validate a composed config and prepare its benchmark data; writes nothing under results/.
 
@@ -98,7 +119,9 @@ def prepare_run(cfg: DictConfig | dict[str, Any]) -> PreparedRun:
     budget = cfg.get("budget")
     if budget is not None:
         budget = validate_budget(budget, cfg["model"].get("visual_tokens"))
-    elif cfg["method"]["name"] != "none":
+    if cfg["method"]["name"] == "none":
+        budget = None  # nothing is compressed: recorded as no budget (run name says "full")
+    elif budget is None:
         raise BudgetError(f"method {cfg['method']['name']!r} needs a budget (budget=null given)")
     if cfg.get("on_corrupt_image") not in ("skip", "error"):
         raise ConfigError(f"on_corrupt_image {cfg.get('on_corrupt_image')!r} is invalid (use skip or error)")
@@ -107,7 +130,7 @@ def prepare_run(cfg: DictConfig | dict[str, Any]) -> PreparedRun:
         raise ConfigError(f"limit {limit!r} is invalid (use a positive integer or null)")
     cfg["data_root"] = _resolve_path(cfg.get("data_root"))
     cfg["cache_dir"] = _resolve_path(cfg.get("cache_dir")) or str(Path("~/.cache/apet_bench").expanduser())
-    name = run_name(cfg["model"]["name"], cfg["method"]["name"], budget, cfg["benchmark"]["name"])
+    name = run_name(cfg["model"]["name"], method_label(cfg["method"]), budget, cfg["benchmark"]["name"])
     prepared = prepare_benchmark(
         cfg["benchmark"], data_root=cfg["data_root"], cache_dir=cfg["cache_dir"],
         on_corrupt_image=cfg["on_corrupt_image"],
@@ -252,6 +275,7 @@ def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None 
         "groups": groups,
         "model": cfg["model"]["name"],
         "method": cfg["method"]["name"],
+        "method_params": cfg["method"].get("params") or {},
         "budget": run.budget,
         "benchmark": cfg["benchmark"]["name"],
         "task": task.task_name,
@@ -259,6 +283,7 @@ def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None 
         "num_samples": len(samples),
         "skipped_samples": sum(int(s.get("questions", 0)) for s in task.skipped),
         "visual_tokens_llm_mean": tokens["visual_tokens_llm_mean"],
+        "layer_average_visual_tokens": tokens["layer_average_visual_tokens_mean"],
         "weights": provenance.get("weights"),
         "random_weights": provenance.get("random_weights"),
         "device": provenance.get("device"),
