@@ -40,7 +40,7 @@ def test_paper_command_parses_and_reports_not_available():
     with pytest.raises(NotAvailableError) as ei:
         check_available(OmegaConf.to_container(cfg, resolve=True))
     msg = str(ei.value)
-    assert "\n" not in msg and "qwen25vl" in msg and "apet" in msg and "issue #" in msg
+    assert "\n" not in msg and "apet" in msg and "qwen25vl" not in msg and "issue #" in msg
 
 
 @pytest.mark.parametrize("override,bad", [("model=foo", "foo"), ("method=none,bogus", "bogus"),

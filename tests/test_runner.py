@@ -96,8 +96,9 @@ def test_translate_gen_kwargs():
 
 
 def test_corrupt_image_skip_is_counted_and_error_stops(tmp_path):
-    from apet_bench.data import DataError
     from test_data import CORRUPT, _mini_root  # a real 4-image MME subset with one truncated jpg
+
+    from apet_bench.data import DataError
 
     root = _mini_root(tmp_path)
     bad = str(root / "mme" / "existence" / CORRUPT)

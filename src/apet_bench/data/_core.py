@@ -339,11 +339,13 @@ def materialize(
     fingerprint: str,
     source: str,
     build: Callable[[], BuildResult],
+    render_yaml: Callable[[str, str, Sequence[str]], str] | None = None,
 ) -> tuple[Path, dict]:
     """Return ``(entry_dir, manifest)`` of a complete cache entry, building it if needed.
 
     A hit needs a manifest with the same fingerprint/converter version/paths and all data files
-    present. A miss builds everything in ``tasks/.tmp-*`` and moves it in place with one
+    present. ``render_yaml(task_name, dataset_path, header)`` writes the task YAML (default
+    :func:`render_mme_task_yaml`). A miss builds everything in ``tasks/.tmp-*`` and moves it in place with one
     ``os.replace``, so a reader never sees a half-written entry. An incomplete entry at the final
     path (damaged by hand) is moved aside and rebuilt.
     """
@@ -380,7 +382,7 @@ def materialize(
             f"fingerprint: {fingerprint}",
         ]
         (tmp / f"{task_name}.yaml").write_text(
-            render_mme_task_yaml(task_name, str(entry / DATA_DIRNAME), header), encoding="utf-8"
+            (render_yaml or render_mme_task_yaml)(task_name, str(entry / DATA_DIRNAME), header), encoding="utf-8"
         )
         man = {
             "benchmark": benchmark,

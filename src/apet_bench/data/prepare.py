@@ -10,15 +10,16 @@ from typing import Any
 
 from . import demo as _demo
 from . import mme as _mme
+from . import tgif as _tgif
 from ._core import DataError, FileHasher, PreparedTask, check_task_name, fingerprint_of, materialize
 
-CONVERTERS = ("mme", "demo")
+CONVERTERS = ("mme", "demo", "tgif")
 ON_CORRUPT = ("skip", "error")
 
 
 def _default_task_name(converter: str, name: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_") or converter
-    return f"apet_{slug}_local" if converter == "mme" else f"apet_{slug}"
+    return f"apet_{slug}_local" if converter in ("mme", "tgif") else f"apet_{slug}"
 
 
 def prepare_benchmark(
@@ -40,6 +41,7 @@ def prepare_benchmark(
         * ``task_name`` (optional): lmms-eval task name; must match ``apet_[A-Za-z0-9_]+`` so it never
           clashes with a built-in task. Default ``apet_<name>_local`` (mme) / ``apet_<name>`` (demo),
           i.e. ``apet_mme_local`` and ``apet_demo``.
+        * tgif only: ``subdir`` (default ``"tgif_qa"``), see :mod:`apet_bench.data.tgif`.
         * mme only: ``subdir`` (default ``"mme"``) and ``ground_truth_subdir`` (default
           ``"mme_ground_truth"``), both relative to ``data_root``.
 
@@ -108,12 +110,21 @@ def prepare_benchmark(
         raise DataError(f"cannot create cache_dir {cache}: {exc.strerror or exc}") from None
 
     hasher = FileHasher(cache)
+    render_yaml = None  # the MME-style task YAML
     if converter == "mme":
         scan = _mme.scan_mme(bench_cfg, data_root)
         items = _mme.fingerprint_items(scan, hasher)
 
         def build():
             return _mme.build_mme(scan, on_corrupt_image)
+
+    elif converter == "tgif":
+        scan = _tgif.scan_tgif(bench_cfg, data_root)
+        items = _tgif.fingerprint_items(scan, hasher)
+        render_yaml = _tgif.render_tgif_task_yaml
+
+        def build():
+            return _tgif.build_tgif(scan, on_corrupt_image)
 
     else:
         scan = _demo.scan_demo()
@@ -131,6 +142,7 @@ def prepare_benchmark(
         fingerprint=fingerprint,
         source=scan.source,
         build=build,
+        render_yaml=render_yaml,
     )
     skipped = list(man["skipped"])
     if skipped and on_corrupt_image == "error":  # a cache entry built earlier in "skip" mode

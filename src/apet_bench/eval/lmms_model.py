@@ -83,6 +83,8 @@ class SampleRecord:
     prefill_ms: float
     total_ms: float
     kept_indices: list[list[int]] | None = None
+    planned_layer_visual_tokens: list[int] | None = None
+    kv_cache_tokens: list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -168,6 +170,8 @@ class ApetBenchLMM(lmms):
         ------
         RuntimeError
             A request whose visuals cannot be loaded (the message names task and doc_id).
+        ValueError
+            A request the model rejects (placeholders, image too small, budget), one line naming task and doc_id.
         """
         answers: list[str] = []
         method = self.compressor
@@ -180,7 +184,10 @@ class ApetBenchLMM(lmms):
                     raise RuntimeError(f"cannot load visuals of {task} doc_id={doc_id}: {exc}") from exc
                 visuals = [v for v in (visuals or []) if v is not None]
                 hf_kwargs, until = translate_gen_kwargs(copy.deepcopy(gen_kwargs))
-                out = self.adapter.generate(visuals, contexts, hf_kwargs, method)
+                try:
+                    out = self.adapter.generate(visuals, contexts, hf_kwargs, method)
+                except ValueError as exc:  # bad input (placeholders, image size, budget): name the sample
+                    raise ValueError(f"{task} doc_id={doc_id}: {exc}") from exc
                 text = out.text
                 for stop in until:
                     if stop:
@@ -198,6 +205,8 @@ class ApetBenchLMM(lmms):
                         prefill_ms=float(out.prefill_ms),
                         total_ms=float(out.total_ms),
                         kept_indices=out.kept_indices,
+                        planned_layer_visual_tokens=getattr(out, "planned_layer_visual_tokens", None),
+                        kv_cache_tokens=getattr(out, "kv_cache_tokens", None),
                     )
                 )
                 answers.append(text)

@@ -11,8 +11,12 @@ A method acts at one or two stages (architecture.md, "What flows through it"):
   :meth:`TokenCompressor.compress_visual` once per image and does the sequence surgery itself
   (``apet_bench.surgery``); the method only decides which visual tokens are kept, or what the new
   tokens are.
-* stage 2, ``"llm"``: inside the LLM during prefill (drop / merge at decoder layer K), through hooks that
-  the method registers in :meth:`TokenCompressor.attach` (transformers-hooks.md §3.3).
+* stage 2, ``"llm"``: inside the LLM during prefill (drop / merge at decoder layer K). A method sets
+  :attr:`TokenCompressor.layer` (or :meth:`TokenCompressor.llm_layers`) and implements
+  :meth:`TokenCompressor.select_llm_tokens`; the shared surgery (``apet_bench.llm_surgery``) does the
+  gathers, masks and KV cache (transformers-hooks.md §3.3). Methods needing attention weights set
+  ``needs_attention_weights`` and get the rows of :meth:`TokenCompressor.attention_request`
+  (``apet_bench.attention``). A method may still register its own hooks in :meth:`TokenCompressor.attach`.
 * ``"both"``: the two together; ``"none"``: no compression at all.
 """
 
@@ -35,6 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from apet_bench.models.base import ModelAdapter
 
 __all__ = [
+    "LLMSelection",
     "STAGES",
     "STAGE_ONE",
     "STAGE_TWO",
@@ -78,6 +83,31 @@ class VisualSelection:
     def num_tokens(self) -> int:
         """Number of visual tokens kept for this image (``features.shape[0]``)."""
         return int(self.features.shape[0])
+
+
+@dataclass
+class LLMSelection:
+    """What a stage-2 method returns at a drop layer: the visual tokens kept from there on, per row.
+
+    Attributes
+    ----------
+    keep_positions : torch.Tensor
+        ``(batch_size, num_kept)`` long: per row, positions (columns of the drop layer's input
+        sequence) of the visual tokens to keep; each must be one of that row's visual positions, none
+        repeated. Every non-visual position (text, padding) is always kept. Rows keep the same count.
+    hidden_states : torch.Tensor or None
+        ``(batch_size, num_kept, hidden_size)``: new hidden states written over the kept visual tokens,
+        row ``j`` over ``keep_positions[:, j]`` (merging methods: a kept token absorbs dropped ones);
+        ``None`` keeps the layer's input hidden states.
+    """
+
+    keep_positions: torch.Tensor
+    hidden_states: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """Visual tokens kept per row (``keep_positions.shape[1]``)."""
+        return int(self.keep_positions.shape[-1])
 
 
 @dataclass
@@ -128,6 +158,11 @@ class TokenCompressor:
     #: Whether the method reads attention weights (it must then compute only the rows it uses,
     #: transformers-hooks.md §3.4, so the rest of the model stays on sdpa / FlashAttention).
     needs_attention_weights: ClassVar[bool] = False
+    #: Stage 2: the decoder layer K at whose input visual tokens are dropped (``1 <= K < num_layers``);
+    #: ``None`` = no shared stage-2 surgery (a stage-2 method then does everything in its own hooks).
+    #: A method may make it a dataclass field (``layer: int = 2``) or return several layers from
+    #: :meth:`llm_layers` (PDrop-style schedules).
+    layer: ClassVar[int | None] = None
 
     budget: int | float | None = None
     seed: int = 0
@@ -254,6 +289,125 @@ class TokenCompressor:
         """
         n = int(features.shape[0])
         return VisualSelection(features, torch.arange(n, device=features.device))
+
+    # ------------------------------------------------------------------ stage 2
+    def llm_layers(self) -> tuple[int, ...]:
+        """Decoder layers at whose input the shared stage-2 surgery calls :meth:`select_llm_tokens`.
+
+        Returns
+        -------
+        tuple of int
+            Increasing layer indices; ``()`` for methods without stage 2 (or that do it in their own
+            hooks). Base: ``(self.layer,)`` for stages ``"llm"`` / ``"both"`` when :attr:`layer` is set.
+        """
+        if self.stage not in ("llm", "both") or self.layer is None:
+            return ()
+        return (int(self.layer),)
+
+    def llm_keep_count(self, num_visual_tokens: int, *, layer_idx: int) -> int:
+        """Visual tokens to keep at drop layer ``layer_idx`` out of the ``num_visual_tokens`` present there.
+
+        Budget convention for stage 2 (methods.md §0.2, the looser "tokens kept after the pruning
+        layer" one): an ``int`` budget is the number of visual tokens kept from the drop layer on; a
+        ``float`` the fraction of the visual tokens reaching that layer. Layers before the drop carry
+        every token, so the per-layer average (``GenerationOutput.mean_layer_visual_tokens``, the
+        paper's "equivalent average") is higher; the plan records it. Without a budget every token is
+        kept (as the base :meth:`select_llm_tokens` does). Methods with another schedule override this
+        (and :meth:`plan`).
+
+        Raises
+        ------
+        BudgetError
+            For an int budget above ``num_visual_tokens``.
+        """
+        if self.budget is None:
+            return int(num_visual_tokens)
+        return self.num_tokens_to_keep(num_visual_tokens)
+
+    def select_llm_tokens(
+        self,
+        hidden_states: torch.Tensor,
+        visual_positions: list[torch.Tensor],
+        *,
+        layer_idx: int,
+        attention: torch.Tensor | None = None,
+    ) -> LLMSelection:
+        """Choose the visual tokens kept from decoder layer ``layer_idx`` on (stage 2, during prefill).
+
+        Called by the shared surgery (:mod:`apet_bench.llm_surgery`) inside ``torch.inference_mode()``
+        at the input of each layer of :meth:`llm_layers`, once per prefill forward (with
+        ``use_cache=False`` once per generated token). The surgery then gathers hidden states, RoPE
+        cos/sin, position ids and masks, and keeps masks and the per-layer KV cache consistent during
+        decoding. The base implementation keeps every visual token.
+
+        Parameters
+        ----------
+        hidden_states : torch.Tensor
+            ``(batch_size, seq_len, hidden_size)``: the input of decoder layer ``layer_idx``.
+        visual_positions : list of torch.Tensor
+            Per row, ``(num_visual_i,)`` sorted long positions of the visual tokens in that sequence
+            (all visual tokens still present: already-dropped ones are gone, padding excluded).
+        layer_idx : int
+            The drop layer K.
+        attention : torch.Tensor, optional
+            For methods with :attr:`needs_attention_weights`: ``(batch_size, num_heads, num_rows,
+            seq_len)`` float32 attention probabilities of :meth:`attention_request` (rows of layer
+            ``K - 1`` by default), over the same ``seq_len`` positions as ``hidden_states``.
+
+        Returns
+        -------
+        LLMSelection
+            ``keep_positions`` ``(batch_size, k)`` (the same ``k`` for every row) and optionally
+            replacement ``hidden_states`` ``(batch_size, k, hidden_size)``.
+        """
+        n = int(visual_positions[0].numel()) if visual_positions else 0
+        if any(int(v.numel()) != n for v in visual_positions):
+            raise ValueError(f"method {self.name!r}: rows hold different numbers of visual tokens; use batch size 1")
+        if not visual_positions:
+            return LLMSelection(torch.zeros((0, 0), dtype=torch.long, device=hidden_states.device))
+        return LLMSelection(torch.stack([v.to(hidden_states.device) for v in visual_positions]))
+
+    def attention_request(self, layer_idx: int) -> Any:
+        """Which attention probabilities to pass to :meth:`select_llm_tokens` at drop layer ``layer_idx``.
+
+        Only used when :attr:`needs_attention_weights` is true. Base: the last prompt token's row at
+        layer ``layer_idx - 1`` (FastV, ``pkunlp-icler/FastV`` ``modeling_llama.py``), computed for that
+        layer only while the model stays on sdpa / flash (:class:`apet_bench.attention.AttentionRowCapture`).
+
+        Returns
+        -------
+        apet_bench.attention.AttentionRequest
+        """
+        from apet_bench.attention import AttentionRequest
+
+        return AttentionRequest(layer=layer_idx - 1, rows="last")
+
+    def plan(self, adapter: ModelAdapter, num_visual_tokens: int) -> list[int]:
+        """Planned visual tokens at the input of every decoder layer during prefill.
+
+        Parameters
+        ----------
+        adapter : ModelAdapter
+            Gives ``num_layers``.
+        num_visual_tokens : int
+            Visual tokens of the sample entering the LLM (after stage 1, if any).
+
+        Returns
+        -------
+        list of int
+            ``(num_layers,)``; recorded next to the measured ``GenerationOutput.layer_visual_tokens``
+            (they must agree). Base: ``num_visual_tokens`` up to the first layer of :meth:`llm_layers`,
+            then :meth:`llm_keep_count` at each of them (e.g. ``[576, 576, 144, 144]`` for K=2, budget
+            144 on a 4-layer model).
+        """
+        drops = set(self.llm_layers())
+        counts: list[int] = []
+        n = int(num_visual_tokens)
+        for i in range(adapter.num_layers):
+            if i in drops and n > 0:
+                n = min(n, int(self.llm_keep_count(n, layer_idx=i)))
+            counts.append(n)
+        return counts
 
     # ------------------------------------------------------------------ helpers
     def num_tokens_to_keep(self, num_visual_tokens: int) -> int:

@@ -1,4 +1,5 @@
-"""``random``: a seeded uniform subset of the visual tokens at the projector output (stage 1).
+"""``random``: a seeded uniform subset of the visual tokens, at the projector output (stage 1, default)
+or at decoder layer K inside the LLM (stage 2, ``stage="llm"``).
 
 A sanity baseline for every budget: any method worth its name must beat it. It follows the random
 selection used as a reference in the visual-token pruning literature (e.g. the "random" rows of the
@@ -8,12 +9,11 @@ VisionZip and FastV ablations); the subset is uniform without replacement and ke
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 
 from apet_bench.budget import BudgetError
-from apet_bench.methods.base import TokenCompressor, VisualSelection, register_method
+from apet_bench.methods.base import LLMSelection, TokenCompressor, VisualSelection, register_method
 
 __all__ = ["RandomCompressor"]
 
@@ -21,12 +21,21 @@ __all__ = ["RandomCompressor"]
 @register_method("random")
 @dataclass
 class RandomCompressor(TokenCompressor):
-    """Keep a seeded uniform random subset of exactly ``budget_to_tokens(budget, N)`` visual tokens per image.
+    """Keep a seeded uniform random subset of exactly ``budget_to_tokens(budget, N)`` visual tokens.
 
     Parameters
     ----------
     budget : int or float
-        Visual tokens kept per image (``int``) or retention ratio (``float`` in (0, 1]); required.
+        Stage ``"vision"``: visual tokens kept per image (``int``) or retention ratio (``float`` in
+        (0, 1]). Stage ``"llm"``: visual tokens kept from decoder layer ``layer`` on, out of the
+        sample's visual tokens (``int``), or that fraction of them (``float``); layers before ``layer``
+        carry all of them, so the per-layer average (recorded with the plan) is higher (methods.md
+        §0.2, "tokens kept after the pruning layer" convention). Required.
+    stage : {"vision", "llm"}
+        Where to drop: after the projector (default) or at the input of decoder layer ``layer``
+        during prefill (``apet_bench.llm_surgery``).
+    layer : int
+        Stage ``"llm"`` only: the drop layer K, ``1 <= K < num_layers`` (default 2, FastV's K).
     seed : int
         Seed of a CPU ``torch.Generator`` created when the context is entered (:meth:`reset`): a run
         over the same samples in the same order draws the same subsets; the same seed gives the same
@@ -36,6 +45,9 @@ class RandomCompressor(TokenCompressor):
     ------
     BudgetError
         If ``budget`` is missing or invalid.
+    ValueError
+        For a ``stage`` other than ``vision`` / ``llm`` or a ``layer`` that is not an int >= 1 (the
+        upper bound is checked against the model when the surgery starts).
 
     Notes
     -----
@@ -52,9 +64,12 @@ class RandomCompressor(TokenCompressor):
     >>> sel = m.compress_visual(torch.randn(576, 8), image_index=0)
     >>> sel.features.shape, sel.kept_indices.shape
     (torch.Size([64, 8]), torch.Size([64]))
+    >>> RandomCompressor(budget=144, stage="llm", layer=2).llm_layers()
+    (2,)
     """
 
-    stage: ClassVar[str] = "vision"
+    stage: str = "vision"  # type: ignore[misc]  # an instance field here (ClassVar in the base class)
+    layer: int = 2  # type: ignore[misc]
 
     _generator: torch.Generator | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -62,6 +77,17 @@ class RandomCompressor(TokenCompressor):
         super().__post_init__()
         if self.budget is None:
             raise BudgetError(f"method {self.name!r} needs a budget (an int token count or a float in (0, 1])")
+        if self.stage not in ("vision", "llm"):
+            raise ValueError(f"method {self.name!r}: stage {self.stage!r} is not one of ['vision', 'llm']")
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
+            raise ValueError(f"method {self.name!r}: layer {self.layer!r} is not an int >= 1")
+
+    def config_dict(self) -> dict:
+        """As the base class; ``layer`` only with ``stage="llm"`` (it has no meaning at the projector)."""
+        out = super().config_dict()
+        if self.stage != "llm":
+            out.pop("layer", None)
+        return out
 
     def reset(self) -> None:
         """Create the CPU generator seeded with :attr:`seed`."""
@@ -90,3 +116,42 @@ class RandomCompressor(TokenCompressor):
         perm = torch.randperm(n, generator=self._generator)  # CPU draw: identical on every device
         kept = perm[:k].sort().values.to(features.device)
         return VisualSelection(features.index_select(0, kept), kept)
+
+    def select_llm_tokens(
+        self,
+        hidden_states: torch.Tensor,
+        visual_positions: list[torch.Tensor],
+        *,
+        layer_idx: int,
+        attention: torch.Tensor | None = None,
+    ) -> LLMSelection:
+        """Stage ``"llm"``: keep a uniform random subset of each row's visual positions at ``layer_idx``.
+
+        Parameters
+        ----------
+        hidden_states : torch.Tensor
+            ``(batch_size, seq_len, hidden_size)`` input of the drop layer (unused: the draw is blind).
+        visual_positions : list of torch.Tensor
+            Per row, ``(num_visual,)`` positions of the visual tokens.
+        layer_idx : int
+            The drop layer.
+        attention : None
+            Unused.
+
+        Returns
+        -------
+        LLMSelection
+            ``keep_positions`` ``(batch_size, k)``, sorted per row, ``k = llm_keep_count(num_visual)``;
+            one CPU draw per row from the method's generator.
+        """
+        if self._generator is None:
+            self.reset()
+        rows = []
+        for pos in visual_positions:
+            n = int(pos.numel())
+            k = self.llm_keep_count(n, layer_idx=layer_idx)
+            perm = torch.randperm(n, generator=self._generator)[:k].sort().values
+            rows.append(pos.index_select(0, perm.to(pos.device)))
+        if len({int(r.numel()) for r in rows}) > 1:
+            raise ValueError(f"method {self.name!r}: rows hold different numbers of visual tokens; use batch size 1")
+        return LLMSelection(torch.stack(rows))

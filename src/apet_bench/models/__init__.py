@@ -27,6 +27,9 @@ from apet_bench.models.base import (
     register_adapter,
 )
 from apet_bench.models.llava15 import Llava15Adapter
+from apet_bench.models.llava_next import LlavaNextAdapter  # noqa: F401  (registers family llava_next)
+from apet_bench.models.qwen25vl import Qwen25VLAdapter  # noqa: F401  (registers family qwen25vl)
+from apet_bench.models.video_llava import VideoLlavaAdapter  # noqa: F401  (registers video_llava)
 
 __all__ = [
     "ATTN_IMPLEMENTATIONS",

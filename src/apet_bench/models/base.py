@@ -9,18 +9,19 @@ is shared by every family: processor -> [stage 1: projector-output surgery] -> L
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
-from apet_bench.methods.base import STAGE_ONE, TokenCompressor, VisualSelection
+from apet_bench.methods.base import STAGE_ONE, STAGE_TWO, TokenCompressor, VisualSelection
 from apet_bench.surgery import count_placeholders, select_visual_tokens, shrink_placeholder_runs
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -97,6 +98,9 @@ class ModelSpec:
         LLM decoder layers (checked against the model when given).
     tiny_config : dict
         Sizes of the tiny model (see ``apet_bench.models.tiny``).
+    options : dict
+        The config's other keys (family-specific, e.g. Qwen2.5-VL's ``min_pixels`` / ``max_pixels``);
+        the adapter validates the ones it reads.
     """
 
     name: str
@@ -112,6 +116,7 @@ class ModelSpec:
     visual_tokens: int | None = None
     num_layers: int | None = None
     tiny_config: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> ModelSpec:
@@ -181,6 +186,7 @@ class ModelSpec:
             visual_tokens=visual_tokens,
             num_layers=num_layers,
             tiny_config=dict(tiny_config),
+            options={k: cfg[k] for k in cfg if k not in {f.name for f in fields(cls)}},
         )
 
     @property
@@ -267,7 +273,11 @@ class GenerationOutput:
     preprocess_ms : float
         Wall time (ms) of prompt building, the processor and the host-to-device copy.
     kv_cache_tokens : list of int or None
-        ``(num_layers,)``: tokens held in each layer's KV cache at the end of generation.
+        ``(num_layers,)``: tokens held in each layer's KV cache at the end of generation (they differ
+        per layer under stage 2: ``[591, 591, 159, 159]``).
+    planned_layer_visual_tokens : list of int or None
+        ``(num_layers,)``: the method's plan (:meth:`~apet_bench.methods.TokenCompressor.plan`) for the
+        visual tokens entering the LLM; equals ``layer_visual_tokens`` when the method keeps its plan.
     num_images : int
         Images in the sample.
     logits : tuple of torch.Tensor or None
@@ -286,6 +296,7 @@ class GenerationOutput:
     total_ms: float
     preprocess_ms: float = 0.0
     kv_cache_tokens: list[int] | None = None
+    planned_layer_visual_tokens: list[int] | None = None
     num_images: int = 1
     logits: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
 
@@ -432,6 +443,34 @@ class ModelAdapter:
         """Id of the visual placeholder token in ``input_ids``."""
         raise NotImplementedError
 
+    def visual_positions(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """Positions of the visual tokens in each row of ``input_ids`` (where stage 2 may drop tokens).
+
+        Families with several placeholder ids (Video-LLaVA's ``<image>`` and ``<video>``) or visual
+        tokens that are not placeholders (e.g. ones the model inserts itself) override this; LLaVA-NeXT's
+        ``image_newline`` tokens sit inside the ``<image>`` run, so the default covers them. The result
+        must list, per row, every column stage 2 may drop, increasing, padding excluded.
+
+        Parameters
+        ----------
+        input_ids : torch.Tensor
+            ``(batch_size, seq_len)`` as the LLM receives them (after stage 1, if any).
+        attention_mask : torch.Tensor, optional
+            ``(batch_size, seq_len)``, 0 on padding.
+
+        Returns
+        -------
+        list of torch.Tensor
+            Per row, ``(num_visual_b,)`` long column indices on ``input_ids.device``. Default: the
+            columns equal to :attr:`visual_token_id`.
+        """
+        hits = input_ids == self.visual_token_id
+        if attention_mask is not None:
+            hits = hits & attention_mask.bool()
+        return [row.nonzero().flatten() for row in hits]
+
     # ------------------------------------------------------------------ shared properties
     @property
     def dtype(self) -> torch.dtype:
@@ -559,8 +598,10 @@ class ModelAdapter:
         Path: prompt (:meth:`build_prompt`) -> processor -> if ``method.stage`` is ``"none"`` or ``"llm"``,
         plain ``model.generate(**inputs)`` (the ``none`` output is exactly the HF model's); if it is
         ``"vision"`` or ``"both"``, :meth:`apply_visual_stage` then ``model.generate`` on the shrunk
-        inputs with ``mm_encoder_outputs`` (transformers-hooks.md §3.2). Everything runs inside
-        ``with method(self):`` (its hooks) and ``torch.inference_mode()``.
+        inputs with ``mm_encoder_outputs`` (transformers-hooks.md §3.2). For ``"llm"`` / ``"both"``
+        methods with :meth:`~apet_bench.methods.TokenCompressor.llm_layers`, the stage-2 surgery
+        (:class:`apet_bench.llm_surgery.LLMStageSurgery`) is active during ``generate``. Everything runs
+        inside ``with method(self):`` (its hooks) and ``torch.inference_mode()``.
 
         Parameters
         ----------
@@ -600,7 +641,13 @@ class ModelAdapter:
         with torch.inference_mode(), method(self):
             t0 = self._clock()
             preprocess_ms = (t0 - t_pre) * 1e3
-            with _PrefillProbe(self.model, self.decoder_layers, self._clock) as probe:
+            with contextlib.ExitStack() as stack:
+                surgery = None
+                if method.stage in STAGE_TWO and method.llm_layers():
+                    from apet_bench.llm_surgery import LLMStageSurgery
+
+                    surgery = stack.enter_context(LLMStageSurgery(self, method))  # before the probe's hooks
+                probe = stack.enter_context(_PrefillProbe(self.model, self.decoder_layers, self._clock))
                 if method.stage in STAGE_ONE and len(images) > 0:
                     gen_inputs, selections = self.apply_visual_stage(inputs, method)
                     if all(s.kept_indices is not None for s in selections):
@@ -609,6 +656,14 @@ class ModelAdapter:
                     gen_inputs = dict(inputs)
                 out = self.model.generate(**gen_inputs, **kwargs)
                 t1 = self._clock()
+                if surgery is not None and surgery.kept_positions and len(images) == 1:
+                    last = surgery.kept_positions[max(surgery.kept_positions)][0]
+                    vis = self.visual_positions(gen_inputs["input_ids"][:1], gen_inputs.get("attention_mask"))[0]
+                    in_run = torch.searchsorted(vis, last.to(vis.device))
+                    if kept is not None:  # stage 1 then 2: indices into the original tokens
+                        kept = [[kept[0][j] for j in in_run.tolist()]]
+                    elif method.stage == "llm":
+                        kept = [in_run.tolist()]
         input_ids = gen_inputs["input_ids"]
         mask = gen_inputs.get("attention_mask")
         prompt_len = int(input_ids.shape[1])
@@ -618,6 +673,7 @@ class ModelAdapter:
         layer_visual = [
             visual_llm - (prompt_tokens - n) if n is not None else visual_llm for n in probe.layer_lengths
         ]
+        plan = [int(n) for n in method.plan(self, visual_llm)]
         new_ids = out.sequences[0, prompt_len:].tolist()
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
         kv = None
@@ -640,6 +696,7 @@ class ModelAdapter:
             total_ms=(t1 - t0) * 1e3,
             preprocess_ms=preprocess_ms,
             kv_cache_tokens=kv,
+            planned_layer_visual_tokens=plan,
             num_images=len(images),
             logits=tuple(out.logits) if getattr(out, "logits", None) is not None else None,
         )

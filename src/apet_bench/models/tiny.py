@@ -152,7 +152,7 @@ class TinyLlavaConfig:
         return asdict(self)
 
 
-def build_tiny_tokenizer(extra_words: tuple[str, ...] = ()) -> Any:
+def build_tiny_tokenizer(extra_words: tuple[str, ...] = (), extra_special_tokens: tuple[str, ...] = ()) -> Any:
     """Word-level tokenizer of :data:`TINY_WORDS`, built offline (transformers-hooks.md §2.1).
 
     A ``tokenizers`` ``WordLevel`` model (unknown -> ``<unk>``), whitespace/punctuation
@@ -164,6 +164,9 @@ def build_tiny_tokenizer(extra_words: tuple[str, ...] = ()) -> Any:
     ----------
     extra_words : tuple of str
         Words added after :data:`TINY_WORDS`.
+    extra_special_tokens : tuple of str
+        Special tokens added at the end of the vocabulary (after ``extra_words``), e.g. Qwen's
+        ``<|vision_start|>``, ``<|image_pad|>``, ``<|im_start|>``; never split, like ``<image>``.
 
     Returns
     -------
@@ -174,7 +177,7 @@ def build_tiny_tokenizer(extra_words: tuple[str, ...] = ()) -> Any:
     from transformers import TokenizersBackend
 
     vocab: dict[str, int] = {}
-    for word in (*SPECIAL_TOKENS, *TINY_WORDS, *extra_words):
+    for word in (*SPECIAL_TOKENS, *TINY_WORDS, *extra_words, *extra_special_tokens):
         vocab.setdefault(word, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -187,7 +190,7 @@ def build_tiny_tokenizer(extra_words: tuple[str, ...] = ()) -> Any:
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
-        extra_special_tokens=["<image>", "<video>"],
+        extra_special_tokens=list(dict.fromkeys(["<image>", "<video>", *extra_special_tokens])),
         padding_side="left",
     )
 

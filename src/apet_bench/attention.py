@@ -1,0 +1,314 @@
+"""Attention probabilities of a few query rows at one decoder layer, while every layer keeps sdpa / flash.
+
+FastV, SparseVLM, PDrop and ApET's LLM stage score visual tokens with the attention of one query row
+(e.g. the last prompt token) at one layer. ``output_attentions=True`` would need ``eager`` attention in
+every layer and materialise ``num_layers x heads x L x L`` weights (transformers-hooks.md §3.4);
+sdpa and FlashAttention return none. :class:`AttentionRowCapture` instead wraps the attention function
+of **one** attention module: the module gets a private config copy whose ``_attn_implementation`` names
+a wrapper (registered once in transformers' ``AttentionInterface``) that
+
+1. runs the model's own attention implementation (sdpa, flash_attention_2 or eager) unchanged, and
+2. recomputes ``softmax(q_rows · kᵀ · scaling + mask)`` for the requested rows only, from the query
+   and key states the module hands to its attention function: after the q/k projections, RoPE (Llama
+   1-D or Qwen2.5-VL's mRoPE, whichever the module applied) and the KV-cache update; GQA heads are
+   repeated as in ``repeat_kv``. The mask is rebuilt from whatever the backend got: a 4-D additive
+   (eager) or boolean (sdpa) mask, a 2-D padding mask (flash_attention_2), or ``None`` (causal).
+
+Cost: ``O(batch x heads x rows x seq_len x head_dim)`` for that layer only. Every other layer, and the
+wrapped layer's own output, stay on the configured backend. Checked against eager
+``output_attentions`` of the same weights in ``tests/test_stage2.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from apet_bench.models.base import ModelAdapter
+
+__all__ = [
+    "ROWS_ATTN_IMPLEMENTATION",
+    "AttentionRequest",
+    "AttentionRowCapture",
+    "attention_rows",
+    "resolve_rows",
+]
+
+#: Name under which the wrapper is registered in ``transformers.AttentionInterface``.
+ROWS_ATTN_IMPLEMENTATION = "apet_bench_rows"
+#: Attribute set on a wrapped attention module (removed on exit).
+_CAPTURE_ATTR = "_apet_bench_row_capture"
+
+RowSpec = str | int | Sequence[int]
+
+
+@dataclass(frozen=True)
+class AttentionRequest:
+    """Which attention probabilities a stage-2 method wants before a drop.
+
+    Attributes
+    ----------
+    layer : int
+        Decoder layer whose self-attention is read (FastV: ``K - 1``); must be below the drop layer.
+    rows : str or int or sequence of int
+        Query rows: ``"last"`` (the last token of the sequence, i.e. the last prompt token during
+        prefill: left padding keeps it in the last column for every row), ``"all"``, an int or a
+        sequence of ints (negative counts from the end), indices into that layer's prefill sequence.
+    """
+
+    layer: int
+    rows: RowSpec = "last"
+
+
+def resolve_rows(rows: RowSpec, seq_len: int, device: torch.device | None = None) -> torch.Tensor:
+    """Turn a row spec into sorted-as-given, non-negative query indices.
+
+    Parameters
+    ----------
+    rows : str or int or sequence of int
+        ``"last"``, ``"all"``, an int, or ints; negative values count from the end.
+    seq_len : int
+        Query length of the layer's prefill sequence.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(num_rows,)`` long.
+
+    Raises
+    ------
+    ValueError
+        For an unknown string, an empty sequence or a row outside ``[-seq_len, seq_len)``.
+    """
+    if isinstance(rows, str):
+        if rows == "last":
+            idx = [seq_len - 1]
+        elif rows == "all":
+            idx = list(range(seq_len))
+        else:
+            raise ValueError(f"attention rows {rows!r} unknown; use 'last', 'all', an int or a list of ints")
+    elif isinstance(rows, int):
+        idx = [rows]
+    else:
+        idx = [int(r) for r in rows]
+    if not idx:
+        raise ValueError("attention rows: empty selection")
+    out = []
+    for r in idx:
+        if not -seq_len <= r < seq_len:
+            raise ValueError(f"attention row {r} is outside a sequence of {seq_len} tokens")
+        out.append(r % seq_len)
+    return torch.tensor(out, dtype=torch.long, device=device)
+
+
+def attention_rows(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    rows: torch.Tensor,
+    *,
+    scaling: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Attention probabilities of some query rows, as eager attention would compute them.
+
+    Parameters
+    ----------
+    query : torch.Tensor
+        ``(batch, num_heads, q_len, head_dim)`` after RoPE.
+    key : torch.Tensor
+        ``(batch, num_kv_heads, kv_len, head_dim)`` after RoPE and the cache update (GQA: repeated here).
+    attention_mask : torch.Tensor or None
+        What the backend got: 4-D ``(batch|1, 1|heads, q_len, >=kv_len)`` additive float (eager) or
+        boolean "may attend" (sdpa); 2-D ``(batch, kv_len)`` padding mask with 1 = token (flash); or
+        ``None`` (pure causal; the query block is the last ``q_len`` of the ``kv_len`` keys).
+    rows : torch.Tensor
+        ``(num_rows,)`` long indices into the ``q_len`` queries.
+    scaling : float
+        Softmax scale (``head_dim ** -0.5`` for Llama / Qwen2).
+    sliding_window : int, optional
+        Window of a sliding-window layer (only applied for 2-D / ``None`` masks; 4-D masks carry it).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(batch, num_heads, num_rows, kv_len)`` float32 probabilities (rows sum to 1 unless fully masked).
+
+    Notes
+    -----
+    Follows ``eager_attention_forward`` in ``transformers/models/llama/modeling_llama.py`` (scores in
+    float32 here, softmax in float32 there too).
+    """
+    b, h, q_len, d = query.shape
+    kv_len = key.shape[2]
+    n_rep = h // key.shape[1]
+    k = key if n_rep == 1 else key.repeat_interleave(n_rep, dim=1)  # == repeat_kv
+    rows = rows.to(query.device)
+    q = query.index_select(2, rows).float()
+    scores = torch.matmul(q, k.float().transpose(2, 3)) * scaling  # (b, h, r, kv_len)
+    if attention_mask is not None and attention_mask.ndim == 4:
+        m = attention_mask[..., :kv_len]
+        m = m.index_select(2, rows) if m.shape[2] == q_len else m
+        if m.dtype == torch.bool:
+            scores = scores.masked_fill(~m, float("-inf"))
+        else:
+            scores = scores + m.float()
+    else:
+        q_pos = rows + (kv_len - q_len)  # absolute positions of the query rows among the keys
+        k_pos = torch.arange(kv_len, device=query.device)
+        blocked = k_pos[None, :] > q_pos[:, None]  # (r, kv_len)
+        if sliding_window is not None:
+            blocked = blocked | (q_pos[:, None] - k_pos[None, :] >= sliding_window)
+        blocked = blocked[None, None]
+        if attention_mask is not None:  # 2-D padding mask
+            if attention_mask.ndim != 2:
+                raise ValueError(f"attention mask of shape {tuple(attention_mask.shape)} is neither 2-D nor 4-D")
+            pad = ~attention_mask[:, -kv_len:].bool()
+            blocked = blocked | pad[:, None, None, :]
+        scores = scores.masked_fill(blocked, float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+def _rows_attention_forward(module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
+    """The registered wrapper: run the module's real backend, then record the requested rows."""
+    capture: AttentionRowCapture = getattr(module, _CAPTURE_ATTR)
+    private = module.config
+    module.config = capture._original_config  # backends such as flash read module.config
+    try:
+        out = capture._inner(module, query, key, value, attention_mask, *args, **kwargs)
+    finally:
+        module.config = private
+    capture._record(query, key, attention_mask, kwargs, module)
+    return out
+
+
+def _register_wrapper() -> None:
+    from transformers import AttentionInterface
+
+    if ROWS_ATTN_IMPLEMENTATION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ROWS_ATTN_IMPLEMENTATION, _rows_attention_forward)
+
+
+class AttentionRowCapture:
+    """Context manager: record attention probabilities of some query rows at one decoder layer.
+
+    Only ``adapter.decoder_layers[layer].self_attn`` is touched (a private config copy pointing at the
+    wrapper, restored on exit); the model's ``attn_implementation`` and every other layer are unchanged.
+    A record is taken at every **prefill** call of that layer (query length == key length, i.e. empty
+    cache; with ``use_cache=False`` every forward is one), never during decode.
+
+    Parameters
+    ----------
+    adapter_or_layers : ModelAdapter or sequence of nn.Module
+        The adapter (its :attr:`~apet_bench.models.base.ModelAdapter.decoder_layers` are used) or the
+        decoder layers themselves; each must have a ``self_attn`` module (Llama, Qwen2, Qwen2.5-VL).
+    layer : int
+        Decoder layer index, ``0 <= layer < num_layers``.
+    rows : str or int or sequence of int
+        See :class:`AttentionRequest`.
+    callback : callable, optional
+        ``callback(probs)`` with each record, ``probs`` ``(batch, num_heads, num_rows, kv_len)`` float32.
+
+    Attributes
+    ----------
+    probs : torch.Tensor or None
+        The latest record, ``(batch, num_heads, num_rows, kv_len)`` float32 (``kv_len`` = that layer's
+        prefill sequence length).
+    rows_index : torch.Tensor or None
+        ``(num_rows,)`` the query indices of the latest record.
+
+    Raises
+    ------
+    ValueError
+        For a layer out of range, or a layer without ``self_attn``.
+    RuntimeError
+        If that attention module is already wrapped.
+
+    Examples
+    --------
+    >>> with AttentionRowCapture(adapter, layer=1, rows="last") as cap:   # doctest: +SKIP
+    ...     adapter.model(**inputs)
+    >>> cap.probs.shape                                                   # doctest: +SKIP
+    torch.Size([1, 4, 1, 586])
+    """
+
+    def __init__(
+        self,
+        adapter_or_layers: ModelAdapter | Sequence[nn.Module],
+        layer: int,
+        rows: RowSpec = "last",
+        callback: Callable[[torch.Tensor], Any] | None = None,
+    ) -> None:
+        layers = getattr(adapter_or_layers, "decoder_layers", adapter_or_layers)
+        layers = list(layers)  # type: ignore[arg-type]
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(layers):
+            raise ValueError(f"attention layer {layer!r} is not a decoder layer (0 <= layer < {len(layers)})")
+        attn = getattr(layers[layer], "self_attn", None)
+        if attn is None or not hasattr(attn, "config"):
+            raise ValueError(f"decoder layer {layer} ({type(layers[layer]).__name__}) has no self_attn with a config")
+        self.layer = layer
+        self.rows = rows
+        self.callback = callback
+        self.probs: torch.Tensor | None = None
+        self.rows_index: torch.Tensor | None = None
+        self._attn = attn
+        self._original_config: Any = None
+        self._inner: Callable[..., Any] | None = None
+
+    def __enter__(self) -> AttentionRowCapture:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        attn = self._attn
+        if hasattr(attn, _CAPTURE_ATTR):
+            raise RuntimeError(f"the self-attention of decoder layer {self.layer} is already wrapped")
+        _register_wrapper()
+        original = attn.config
+        impl = original._attn_implementation or "eager"
+        eager = getattr(sys.modules[type(attn).__module__], "eager_attention_forward", None)
+        if eager is None:
+            from transformers.models.llama.modeling_llama import eager_attention_forward as eager
+        self._inner = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
+        self._original_config = original
+        private = copy.copy(original)
+        private._attn_implementation_internal = ROWS_ATTN_IMPLEMENTATION  # no setter: no sub-config walk
+        setattr(attn, _CAPTURE_ATTR, self)
+        attn.config = private
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        attn = self._attn
+        if self._original_config is not None:
+            attn.config = self._original_config
+        if hasattr(attn, _CAPTURE_ATTR):
+            delattr(attn, _CAPTURE_ATTR)
+        self._original_config = None
+        self._inner = None
+
+    def clear(self) -> None:
+        """Forget the latest record."""
+        self.probs = None
+        self.rows_index = None
+
+    def _record(self, query, key, attention_mask, kwargs: dict[str, Any], module: nn.Module) -> None:
+        q_len, kv_len = query.shape[2], key.shape[2]
+        if q_len != kv_len:  # decode step or chunked prefill: nothing to record
+            return
+        scaling = kwargs.get("scaling")
+        if scaling is None:
+            scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+        rows = resolve_rows(self.rows, q_len, query.device)
+        with torch.no_grad():
+            probs = attention_rows(
+                query, key, attention_mask, rows, scaling=float(scaling), sliding_window=kwargs.get("sliding_window")
+            )
+        self.probs = probs
+        self.rows_index = rows
+        if self.callback is not None:
+            self.callback(probs)

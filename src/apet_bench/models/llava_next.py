@@ -1,0 +1,517 @@
+"""LLaVA-NeXT adapter (``llava-hf/llava-v1.6-vicuna-7b-hf`` and the tiny random-weight variant).
+
+Sequence layout (methods.md §0.3, transformers-hooks.md §3.1, ``models/llava_next/modeling_llava_next.py``):
+vicuna_v1 prompt as for LLaVA-1.5 (``USER: <image>\\n{question} ASSISTANT:``). Anyres: the image is
+resized to the best of ``image_grid_pinpoints`` and cut into ``rows x cols`` crops of ``image_size``
+pixels, plus a down-scaled base view. Every crop goes through CLIP (``hidden_states[-2]``, CLS
+dropped) and the projector (``n x n`` tokens each, n = image_size / patch_size = 24, 576 tokens).
+``LlavaNextModel.pack_image_features`` then lays the crops out as one ``(rows·n) x (cols·n)`` feature
+grid, removes the rows (or columns) that only cover the letterbox padding (``unpad_image``) and appends
+one learned ``image_newline`` token after every grid row. The packed span of one image is::
+
+    [base view: n² tokens, raster order] [grid row 0 ... image_newline] [grid row 1 ... image_newline] ...
+
+so its length varies with the image size: 672 x 672 gives 576 + 48·49 = 2928 tokens, a 640 x 480
+image 576 + 36·49 = 2340 (the papers' "2880 = 5 x 576" counts a fixed 672 x 672 input without
+unpadding or newlines, methods.md §0.3). Each ``<image>`` placeholder run in ``input_ids`` has
+exactly the packed length, and every position of it (newline tokens included) is a visual token.
+
+Stage 1 compresses the **packed** features (:meth:`LlavaNextAdapter.encode_images`): compressing per
+crop before packing breaks its reshape (transformers-hooks.md §3.1). Methods that budget per
+sub-image (ApET, VisionZip, ToMe, methods.md §1.3 / §2.3) read :meth:`LlavaNextAdapter.visual_layout`,
+which maps every packed position back to its crop and patch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from apet_bench.models.base import (
+    ModelAdapter,
+    ModelConfigError,
+    ModelSpec,
+    load_pretrained,
+    register_adapter,
+)
+from apet_bench.models.llava15 import VICUNA_V1_SYSTEM
+from apet_bench.models.tiny import TinyLlavaConfig, build_tiny_tokenizer, reinit_weights
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from PIL import Image
+
+__all__ = [
+    "DEFAULT_GRID_SHAPES",
+    "ImageLayout",
+    "LlavaNextAdapter",
+    "TinyLlavaNextConfig",
+    "build_tiny_llava_next",
+]
+
+#: Crop grids ``(rows, cols)`` of the LLaVA-1.6 checkpoints: ``image_grid_pinpoints`` are these times
+#: ``image_size`` (336 -> [[672, 336], [336, 672], [672, 672], [1008, 336], [336, 1008]] as (height, width)).
+DEFAULT_GRID_SHAPES: tuple[tuple[int, int], ...] = ((2, 1), (1, 2), (2, 2), (3, 1), (1, 3))
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """Where one image's visual tokens are, after anyres packing (one per image of a sample).
+
+    Positions index the image's packed span (0 = its first visual token; add :attr:`start` for a
+    column of ``input_ids``). "Sub-image" 0 is the base (down-scaled full) view, 1..rows·cols the grid
+    crops in raster order. After unpadding a crop keeps only the patch rows (or columns) that are not
+    letterbox padding, so crops hold from 0 to n² tokens and their tokens are *not* contiguous: the
+    grid is read row by row across all crops of a crop row, with a newline after each feature row.
+
+    Attributes
+    ----------
+    start : int
+        Column of the image's first placeholder in ``input_ids[0]`` (``-1`` when not known).
+    source : torch.Tensor
+        ``(num_tokens,)`` long, CPU: for each packed position, ``sub_image * tokens_per_crop + patch``
+        (``patch`` in raster order within the crop's ``n x n`` patch grid), or ``-1`` for an
+        ``image_newline`` token.
+    tokens_per_crop : int
+        ``n²`` tokens per crop before unpadding (576 for CLIP-336/14).
+    crop_grid : tuple of int
+        ``(rows, cols)`` of grid crops (from ``select_best_resolution`` over the pinpoints).
+    feature_grid : tuple of int
+        ``(height, width)`` of the unpadded feature grid in patches (newline tokens excluded):
+        ``num_tokens = tokens_per_crop + height * (width + 1)``.
+    """
+
+    start: int
+    source: torch.Tensor
+    tokens_per_crop: int
+    crop_grid: tuple[int, int]
+    feature_grid: tuple[int, int]
+
+    @property
+    def num_tokens(self) -> int:
+        """Visual tokens of the image entering the LLM uncompressed (base + unpadded crops + newlines)."""
+        return int(self.source.numel())
+
+    @property
+    def num_sub_images(self) -> int:
+        """``1 + rows * cols`` (base view + grid crops)."""
+        return 1 + self.crop_grid[0] * self.crop_grid[1]
+
+    @property
+    def newline_positions(self) -> torch.Tensor:
+        """``(feature_grid[0],)`` long: packed positions of the ``image_newline`` tokens."""
+        return torch.nonzero(self.source < 0).flatten()
+
+    @property
+    def base_positions(self) -> torch.Tensor:
+        """``(tokens_per_crop,)`` long: packed positions of the base view (``0 .. n²-1``)."""
+        return self.sub_image_positions(0)
+
+    def sub_image_positions(self, index: int) -> torch.Tensor:
+        """Packed positions of sub-image ``index`` (0 = base), in packed (raster) order.
+
+        Raises
+        ------
+        IndexError
+            If ``index`` is not in ``[0, num_sub_images)``.
+        """
+        if not 0 <= index < self.num_sub_images:
+            raise IndexError(f"sub-image {index} is out of range: the image has {self.num_sub_images}")
+        valid = self.source >= 0
+        return torch.nonzero(valid & (self.source // self.tokens_per_crop == index)).flatten()
+
+    @property
+    def segments(self) -> list[torch.Tensor]:
+        """Packed positions per sub-image: ``[base, crop 0, crop 1, ...]`` (newline tokens in none)."""
+        return [self.sub_image_positions(i) for i in range(self.num_sub_images)]
+
+
+# ---------------------------------------------------------------------- tiny model
+@dataclass(frozen=True)
+class TinyLlavaNextConfig(TinyLlavaConfig):
+    """Sizes of the tiny LLaVA-NeXT (``tiny_config`` in ``configs/model/tiny_llava_next.yaml``).
+
+    The fields of :class:`~apet_bench.models.tiny.TinyLlavaConfig`, with a smaller default
+    ``image_size`` (112 px / 14 -> 8 x 8 = 64 tokens per crop, so a sample is ~100-350 visual tokens
+    and a generate takes tens of ms), plus the crop grids. ``image_size: 336`` gives the real
+    LLaVA-1.6 geometry (576 per crop, up to 2928 packed tokens).
+
+    Attributes
+    ----------
+    grid_shapes : tuple of (int, int)
+        Crop grids ``(rows, cols)``; ``image_grid_pinpoints = [[rows * image_size, cols * image_size]]``
+        (height, width), identical in the model config and the image processor.
+    """
+
+    image_size: int = 112
+    grid_shapes: tuple[tuple[int, int], ...] = DEFAULT_GRID_SHAPES
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any] | None) -> TinyLlavaNextConfig:
+        """Build from a (possibly partial) mapping; missing keys take the defaults.
+
+        Raises
+        ------
+        ValueError
+            For an unknown key, a non-positive size, inconsistent sizes or a malformed ``grid_shapes``.
+        """
+        cfg = dict(cfg or {})
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(cfg) - set(names))
+        if unknown:
+            raise ValueError(f"unknown tiny_config key(s) {', '.join(unknown)}; accepted: {', '.join(names)}")
+        raw_shapes = cfg.pop("grid_shapes", DEFAULT_GRID_SHAPES)
+        base = TinyLlavaConfig.from_mapping({"image_size": cls.image_size, **cfg})
+        try:
+            shapes = tuple((int(r), int(c)) for r, c in raw_shapes)
+        except (TypeError, ValueError):
+            raise ValueError(f"tiny_config grid_shapes {raw_shapes!r} must be a list of [rows, cols] pairs") from None
+        if not shapes or any(r < 1 or c < 1 for r, c in shapes):
+            raise ValueError(f"tiny_config grid_shapes {raw_shapes!r} must be a non-empty list of positive [rows, cols]")
+        return cls(**base.to_dict(), grid_shapes=shapes)
+
+    @property
+    def image_grid_pinpoints(self) -> list[list[int]]:
+        """``[[rows * image_size, cols * image_size], ...]`` (height, width) in pixels."""
+        return [[r * self.image_size, c * self.image_size] for r, c in self.grid_shapes]
+
+
+def build_tiny_llava_next(
+    tiny_config: TinyLlavaNextConfig | Mapping[str, Any] | None = None,
+    *,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+) -> tuple[Any, Any]:
+    """A random-weight ``LlavaNextForConditionalGeneration`` and its ``LlavaNextProcessor``, built offline.
+
+    Config: ``LlavaNextConfig(CLIPVisionConfig, LlamaConfig, image_grid_pinpoints, vision_feature_layer=-2,
+    vision_feature_select_strategy="default")``; processor: ``LlavaNextProcessor(LlavaNextImageProcessorPil(
+    shortest edge / crop = image_size, same image_grid_pinpoints, do_pad=True), tokenizer, patch_size,
+    "default", num_additional_image_tokens=1)`` (transformers-hooks.md §2.2). Weights re-initialised
+    with :func:`~apet_bench.models.tiny.reinit_weights` (``image_newline`` included), the global RNG
+    left as it was.
+
+    Parameters
+    ----------
+    tiny_config : TinyLlavaNextConfig or mapping, optional
+    seed : int
+        Same seed -> identical ``state_dict``.
+    attn_implementation : str
+
+    Returns
+    -------
+    model : transformers.LlavaNextForConditionalGeneration
+        fp32, CPU, eval mode.
+    processor : transformers.LlavaNextProcessor
+    """
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+    )
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    tc = tiny_config if isinstance(tiny_config, TinyLlavaNextConfig) else TinyLlavaNextConfig.from_mapping(tiny_config)
+    tokenizer = build_tiny_tokenizer()
+    pinpoints = tc.image_grid_pinpoints
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": tc.image_size},
+        crop_size={"height": tc.image_size, "width": tc.image_size},
+        image_grid_pinpoints=[list(p) for p in pinpoints],
+        do_pad=True,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=tc.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=tc.vision_hidden_size,
+            intermediate_size=tc.vision_intermediate_size,
+            num_hidden_layers=tc.vision_layers,
+            num_attention_heads=tc.vision_heads,
+            image_size=tc.image_size,
+            patch_size=tc.patch_size,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=tc.text_hidden_size,
+            intermediate_size=tc.text_intermediate_size,
+            num_hidden_layers=tc.text_layers,
+            num_attention_heads=tc.heads,
+            num_key_value_heads=tc.kv_heads,
+            max_position_embeddings=tc.max_position_embeddings,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=False,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=[list(p) for p in pinpoints],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=tc.num_visual_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaNextForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    reinit_weights(model, tc.init_std, seed)
+    model.eval()
+    gc = model.generation_config
+    gc.pad_token_id = tokenizer.pad_token_id
+    gc.bos_token_id = tokenizer.bos_token_id
+    gc.eos_token_id = tokenizer.eos_token_id
+    return model, processor
+
+
+# ---------------------------------------------------------------------- adapter
+@register_adapter("llava_next")
+class LlavaNextAdapter(ModelAdapter):
+    """LLaVA-NeXT / LLaVA-1.6 (CLIP ViT-L/14-336 + MLP projector + Vicuna, anyres) on ``LlavaNextForConditionalGeneration``.
+
+    The number of visual tokens depends on the image size (module docstring):
+    :attr:`num_visual_tokens` is the largest packed span any image can produce (2928 for the 7B
+    model, the value budgets are validated against), :meth:`visual_layout` gives each input's
+    actual spans and their sub-image structure. 32 decoder layers for the 7B model.
+
+    Attributes
+    ----------
+    current_layouts : list of ImageLayout
+        Layouts of the images of the input last prepared (:meth:`prepare_inputs`, called by
+        :meth:`generate` before any compression): per-sub-image budgets read them.
+
+    Examples
+    --------
+    >>> from apet_bench.models import load_model
+    >>> adapter = load_model({"name": "tiny_llava_next", "family": "llava_next", "tiny": True})
+    >>> adapter.num_visual_tokens, adapter.num_layers
+    (336, 4)
+    """
+
+    current_layouts: list[ImageLayout] = []  # noqa: RUF012 - replaced per instance by prepare_inputs
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> LlavaNextAdapter:
+        """Build the tiny model (``spec.tiny``) or load the checkpoint (``local_path`` or ``hf_id@revision``).
+
+        Raises
+        ------
+        ModelConfigError
+            When the checkpoint cannot be loaded, its processor's ``image_grid_pinpoints`` differ from
+            the model's, or ``visual_tokens`` / ``num_layers`` do not match the model.
+        ValueError
+            For a bad ``tiny_config``.
+        """
+        if spec.tiny:
+            model, processor = build_tiny_llava_next(
+                spec.tiny_config, seed=spec.seed, attn_implementation=spec.attn_implementation
+            )
+            dtype = spec.torch_dtype if spec.torch_dtype is not None else torch.float32
+            model.to(device=spec.torch_device, dtype=dtype)
+            weights = (
+                f"random-init tiny LlavaNextForConditionalGeneration (seed {spec.seed}): "
+                "a random-weight pipeline check, not an accuracy number"
+            )
+            return cls(spec=spec, model=model, processor=processor, weights=weights, is_random_weights=True)
+        from transformers import LlavaNextForConditionalGeneration
+
+        model, processor, weights = load_pretrained(spec, LlavaNextForConditionalGeneration)
+        proc_pins = [list(p) for p in getattr(processor.image_processor, "image_grid_pinpoints", None) or []]
+        model_pins = [list(p) for p in model.config.image_grid_pinpoints]
+        if proc_pins != model_pins:
+            raise ModelConfigError(
+                f"processor image_grid_pinpoints {proc_pins} differ from the model's {model_pins} ({weights})"
+            )
+        return cls(spec=spec, model=model, processor=processor, weights=weights, is_random_weights=False)
+
+    # ------------------------------------------------------------------ family specifics
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        """``model.model.language_model.layers`` (Llama decoder layers)."""
+        return self.model.model.language_model.layers
+
+    @property
+    def patches_per_side(self) -> int:
+        """``image_size // patch_size`` of the vision tower (24 for CLIP-336/14)."""
+        vc = self.model.config.vision_config
+        return int(vc.image_size // vc.patch_size)
+
+    @property
+    def tokens_per_crop(self) -> int:
+        """Visual tokens of one crop before packing: ``patches_per_side²`` (+1 with the ``full`` strategy)."""
+        n = self.patches_per_side**2
+        if self.model.config.vision_feature_select_strategy == "full":
+            n += 1
+        return int(n)
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Largest packed span of one image: base + the biggest pinpoint grid without unpadding, plus newlines.
+
+        ``tokens_per_crop + max over pinpoints (h/image_size·n) · (w/image_size·n + 1)``: 2928 for the
+        7B model (672 x 672), 336 for the tiny default. The actual count of an input is
+        ``visual_layout(inputs)[i].num_tokens`` (never larger).
+        """
+        vc = self.model.config.vision_config
+        n = self.patches_per_side
+        best = 0
+        for h, w in self.model.config.image_grid_pinpoints:
+            rows, cols = (int(h) // vc.image_size) * n, (int(w) // vc.image_size) * n
+            best = max(best, rows * (cols + 1))
+        return self.tokens_per_crop + best
+
+    @property
+    def visual_token_id(self) -> int:
+        """``config.image_token_id`` (the ``<image>`` placeholder; newline tokens use it too)."""
+        return int(self.model.config.image_token_id)
+
+    def build_prompt(self, question: str, num_images: int = 1) -> str:
+        """vicuna_v1 prompt, as for LLaVA-1.5 (LLaVA-1.6-Vicuna evaluates with ``conv_mode=vicuna_v1``).
+
+        ``"{system} USER: <image>\\n{question} ASSISTANT:"``; a question that already holds ``<image>``
+        placeholders is used as it is.
+
+        Raises
+        ------
+        ValueError
+            If ``question`` holds placeholders, but not ``num_images`` of them.
+        """
+        image_token = getattr(self.processor, "image_token", "<image>")
+        present = question.count(image_token)
+        if present:
+            if present != num_images:
+                raise ValueError(f"question holds {present} {image_token} placeholder(s) for {num_images} image(s)")
+            body = question
+        else:
+            body = (image_token + "\n") * num_images + question
+        return f"{VICUNA_V1_SYSTEM} USER: {body} ASSISTANT:"
+
+    def prepare_inputs(self, images: Sequence[Image.Image], prompt: str) -> Any:
+        """Check the images and the placeholders, then run the processor (see :meth:`ModelAdapter.prepare_inputs`).
+
+        Returns
+        -------
+        transformers.BatchFeature
+            ``input_ids`` / ``attention_mask`` ``(1, seq_len)``, ``pixel_values``
+            ``(num_images, max_crops + 1, 3, image_size, image_size)``, ``image_sizes`` ``(num_images, 2)``
+            (height, width).
+
+        Sets :attr:`current_layouts` to ``visual_layout(inputs)``, so methods (which hold the adapter
+        from ``attach``) can read the anyres structure of the sample being generated, e.g. in
+        ``compress_visual(features, image_index=i)`` via ``adapter.current_layouts[i]``.
+
+        Raises
+        ------
+        ValueError
+            (one line) If the prompt does not hold one ``<image>`` placeholder per image, or an image is
+            smaller than one patch (``patch_size`` pixels) on a side.
+        """
+        image_token = getattr(self.processor, "image_token", "<image>")
+        present = prompt.count(image_token)
+        if present != len(images):
+            raise ValueError(
+                f"prompt holds {present} {image_token} placeholder(s) for {len(images)} image(s): {prompt[-80:]!r}"
+            )
+        patch = int(self.model.config.vision_config.patch_size)
+        for i, image in enumerate(images):
+            w, h = image.size
+            if w < patch or h < patch:
+                raise ValueError(f"image {i} is {w}x{h} px, smaller than one {patch}x{patch} px patch")
+        inputs = super().prepare_inputs(images, prompt)
+        self.current_layouts = self.visual_layout(inputs) if len(images) else []
+        return inputs
+
+    def encode_images(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
+        """Packed projector outputs per image: ``model.model.get_image_features(...).pooler_output``.
+
+        The vision tower and projector run on every crop, then ``pack_image_features`` unpads and adds
+        the ``image_newline`` tokens, so stage-1 methods see (and may drop) newline tokens too.
+
+        Parameters
+        ----------
+        inputs : mapping
+            Processor outputs with ``pixel_values`` ``(num_images, max_crops + 1, 3, S, S)`` and
+            ``image_sizes`` ``(num_images, 2)``.
+
+        Returns
+        -------
+        list of torch.Tensor
+            One ``(visual_layout(inputs)[i].num_tokens, hidden_size)`` tensor per image, in the order of
+            the placeholder run.
+        """
+        out = self.model.model.get_image_features(
+            pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], return_dict=True
+        )
+        return list(out.pooler_output)
+
+    def visual_layout(self, inputs: Mapping[str, Any]) -> list[ImageLayout]:
+        """Per image, where its packed visual tokens come from (crop, patch, newline).
+
+        Runs the model's own ``pack_image_features`` on crop/patch indices instead of features (no
+        vision tower), so the layout is exactly the model's for every image size and pinpoint set.
+
+        Parameters
+        ----------
+        inputs : mapping
+            Processor outputs with ``image_sizes`` ``(num_images, 2)`` (height, width); ``input_ids``
+            optional (gives :attr:`ImageLayout.start`).
+
+        Returns
+        -------
+        list of ImageLayout
+            One per image; ``sum(l.num_tokens)`` equals the placeholders in ``input_ids``.
+        """
+        from transformers.models.llava_next.modeling_llava_next import (
+            get_anyres_image_grid_shape,
+            image_size_to_num_patches,
+        )
+
+        cfg = self.model.config
+        vc = cfg.vision_config
+        tpc = self.tokens_per_crop
+        sizes = inputs["image_sizes"]
+        sizes = sizes.tolist() if isinstance(sizes, torch.Tensor) else [list(s) for s in sizes]
+        ids = inputs.get("input_ids")
+        placeholders = None
+        if ids is not None:  # image i owns the next num_tokens placeholders (runs may touch each other)
+            row = ids[0] if ids.dim() == 2 else ids
+            placeholders = torch.nonzero(row.to("cpu") == self.visual_token_id).flatten()
+        consumed = 0
+        layouts = []
+        for size in sizes:
+            num_patches = image_size_to_num_patches(size, cfg.image_grid_pinpoints, vc.image_size)
+            index = torch.arange(num_patches * tpc, dtype=torch.float64).view(num_patches, tpc, 1)
+            packed, _ = self.model.model.pack_image_features(
+                [index],
+                torch.tensor([size]),
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                image_newline=torch.tensor([-1.0], dtype=torch.float64),
+            )
+            source = packed[0][:, 0].round().long()
+            rows, cols = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, vc.image_size)
+            newlines = int((source < 0).sum())
+            height = newlines
+            width = (int(source.numel()) - tpc - newlines) // max(newlines, 1)
+            start = -1
+            if placeholders is not None and consumed < placeholders.numel():
+                start = int(placeholders[consumed])
+            consumed += int(source.numel())
+            layouts.append(
+                ImageLayout(
+                    start=start,
+                    source=source,
+                    tokens_per_crop=tpc,
+                    crop_grid=(int(rows), int(cols)),
+                    feature_grid=(height, width),
+                )
+            )
+        return layouts

@@ -1,0 +1,624 @@
+"""Video-LLaVA adapter (``LanguageBind/Video-LLaVA-7B-hf`` and the tiny random-weight variant).
+
+Sequence layout (methods.md §0.5, transformers ``models/video_llava/modeling_video_llava.py``):
+
+* image: ``USER: <image>\\n{question} ASSISTANT:``; ``<image>`` expands to 256 placeholders
+  ((224 / 14)² patches of ``image_tower`` ``hidden_states[-2]``, CLS dropped);
+* video: ``USER: <video>\\n{question} ASSISTANT:``; ``<video>`` expands to 8 × 257 = 2056 placeholders
+  (``video_tower`` ``hidden_states[-2]`` of each of the 8 frames, **CLS kept** per frame, as HF's
+  ``get_video_features`` does). Frame ``f``'s tokens are positions ``f·257 … f·257 + 256`` of the video's
+  visual tokens, its CLS first (:meth:`VideoLlavaAdapter.frame_token_ranges`).
+
+Upstream Video-LLaVA drops the CLS of video frames too (8 × 256 = 2048 visual tokens); ApET's fork keeps
+it (its ``feature_select`` strip is commented out), as the HF port does, so 2056 is what the paper's
+Video-LLaVA rows compress. Both go through the same 2-layer MLP projector (4096-d for the 7B model).
+
+The prompt is Video-LLaVA's ``llava_v1`` turn without a system prompt, as in the HF model card and in
+what lmms-eval 0.7.3's ``models/simple/video_llava.py`` meant (its ``"USER: <video>{}? ASSISTANT:"``
+drops the newline and appends a ``?`` to every question; it is not followed here).
+
+Without torchvision the HF video processor cannot be built, so ``pixel_values_videos``
+``(num_videos, 8, 3, 224, 224)`` are built here from the decoded frames (:mod:`apet_bench.data.video`)
+through the image processor (the same resize / crop / normalisation per frame), and the ``<video>``
+placeholder is expanded here (transformers-hooks.md §2.2).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from apet_bench.data.video import DEFAULT_NUM_FRAMES, is_video_path, load_video
+from apet_bench.methods.base import TokenCompressor, VisualSelection
+from apet_bench.models.base import (
+    GenerationOutput,
+    ModelAdapter,
+    ModelConfigError,
+    ModelSpec,
+    hub_offline,
+    register_adapter,
+)
+from apet_bench.models.tiny import TinyLlavaConfig, build_tiny_tokenizer, reinit_weights
+from apet_bench.surgery import select_visual_tokens, shrink_placeholder_runs
+
+__all__ = [
+    "VideoClip",
+    "VideoLlavaAdapter",
+    "build_tiny_video_llava",
+    "make_video_llava_processor",
+]
+
+#: Tiny defaults that differ from :class:`TinyLlavaConfig`'s: Video-LLaVA's CLIP ViT-L/14 at 224 px.
+TINY_VIDEO_LLAVA_DEFAULTS: dict[str, Any] = {"image_size": 224}
+
+
+class VideoClip:
+    """Decoded frames of one video, as :meth:`VideoLlavaAdapter.generate` takes them.
+
+    Parameters
+    ----------
+    frames : numpy.ndarray or sequence of PIL.Image.Image
+        ``(num_frames, height, width, 3)`` uint8 RGB, or one RGB image per frame.
+    source : str, optional
+        Where the frames came from (a path), for messages.
+    """
+
+    def __init__(self, frames: Any, source: str | None = None) -> None:
+        if isinstance(frames, np.ndarray):
+            if frames.ndim != 4 or frames.shape[-1] != 3:
+                raise ValueError(f"video frames must be (num_frames, height, width, 3), got {frames.shape}")
+            self.frames = list(frames)
+        else:
+            self.frames = list(frames)
+        if not self.frames:
+            raise ValueError(f"video {source or ''} has no frames".replace("  ", " "))
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+
+def make_video_llava_processor(image_processor: Any, tokenizer: Any, **kwargs: Any) -> Any:
+    """A ``VideoLlavaProcessor`` without a video processor (none can be built without torchvision).
+
+    ``ProcessorMixin.check_argument_for_proper_class`` rejects ``video_processor=None`` with
+    ``AttributeError: type object 'VIDEO_PROCESSOR_MAPPING' has no attribute '_extra_content'``; the
+    subclass skips the check for ``None`` (transformers-hooks.md §2.2, "Processor workaround").
+
+    Parameters
+    ----------
+    image_processor : transformers.VideoLlavaImageProcessor
+    tokenizer : transformers tokenizer
+    **kwargs
+        ``patch_size``, ``vision_feature_select_strategy``, ``num_additional_image_tokens``, ...
+
+    Returns
+    -------
+    transformers.VideoLlavaProcessor
+    """
+    from transformers import VideoLlavaProcessor
+
+    class _VideoLlavaProcessorNoVideo(VideoLlavaProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):  # noqa: D401
+            if argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    return _VideoLlavaProcessorNoVideo(
+        image_processor=image_processor, video_processor=None, tokenizer=tokenizer, **kwargs
+    )
+
+
+def build_tiny_video_llava(
+    tiny_config: Mapping[str, Any] | None = None,
+    *,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+) -> tuple[Any, Any]:
+    """A random-weight ``VideoLlavaForConditionalGeneration`` and its processor, built offline.
+
+    ``VideoLlavaConfig(CLIPVisionConfig(224 px, 14 px patches), LlamaConfig, image_token_index=id("<image>"),
+    video_token_index=id("<video>"), image_seq_length=256, video_seq_length=num_frames·257,
+    vision_feature_layer=-2, vision_feature_select_strategy="default")`` with separate ``image_tower`` and
+    ``video_tower`` (transformers-hooks.md §2.2); processor: :func:`make_video_llava_processor` with a
+    ``VideoLlavaImageProcessor`` (224 shortest edge, 224 × 224 crop). Construction runs under
+    ``torch.random.fork_rng``; weights are then re-drawn by :func:`~apet_bench.models.tiny.reinit_weights`.
+
+    Parameters
+    ----------
+    tiny_config : mapping, optional
+        :class:`~apet_bench.models.tiny.TinyLlavaConfig` keys (``image_size`` defaults to 224 here)
+        plus ``num_frames`` (default 8).
+    seed : int
+        Same seed -> identical ``state_dict``.
+    attn_implementation : str
+
+    Returns
+    -------
+    model : transformers.VideoLlavaForConditionalGeneration
+        fp32, CPU, eval mode.
+    processor : transformers.VideoLlavaProcessor
+
+    Raises
+    ------
+    ValueError
+        For an unknown / non-positive ``tiny_config`` value.
+    """
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        VideoLlavaConfig,
+        VideoLlavaForConditionalGeneration,
+        VideoLlavaImageProcessor,
+    )
+
+    cfg = {**TINY_VIDEO_LLAVA_DEFAULTS, **dict(tiny_config or {})}
+    num_frames = cfg.pop("num_frames", DEFAULT_NUM_FRAMES)
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"tiny_config num_frames {num_frames!r} must be a positive integer")
+    tc = TinyLlavaConfig.from_mapping(cfg)
+    tokenizer = build_tiny_tokenizer()
+    image_processor = VideoLlavaImageProcessor(
+        size={"shortest_edge": tc.image_size}, crop_size={"height": tc.image_size, "width": tc.image_size}
+    )
+    processor = make_video_llava_processor(
+        image_processor,
+        tokenizer,
+        patch_size=tc.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    config = VideoLlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=tc.vision_hidden_size,
+            intermediate_size=tc.vision_intermediate_size,
+            num_hidden_layers=tc.vision_layers,
+            num_attention_heads=tc.vision_heads,
+            image_size=tc.image_size,
+            patch_size=tc.patch_size,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=tc.text_hidden_size,
+            intermediate_size=tc.text_intermediate_size,
+            num_hidden_layers=tc.text_layers,
+            num_attention_heads=tc.heads,
+            num_key_value_heads=tc.kv_heads,
+            max_position_embeddings=tc.max_position_embeddings,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=False,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=tc.num_visual_tokens,
+        video_seq_length=num_frames * (tc.num_visual_tokens + 1),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = VideoLlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    reinit_weights(model, tc.init_std, seed)
+    model.eval()
+    gc = model.generation_config
+    gc.pad_token_id = tokenizer.pad_token_id
+    gc.bos_token_id = tokenizer.bos_token_id
+    gc.eos_token_id = tokenizer.eos_token_id
+    return model, processor
+
+
+@register_adapter("video_llava")
+class VideoLlavaAdapter(ModelAdapter):
+    """Video-LLaVA (LanguageBind image / video towers + MLP projector + Vicuna) on ``VideoLlavaForConditionalGeneration``.
+
+    A sample is either images (256 visual tokens each) or videos (``num_frames × 257`` = 2056 visual
+    tokens each, one ``<video>`` run per video); mixing both in one sample is refused. During
+    :meth:`generate` :attr:`visual_token_id` is the placeholder of the sample's kind (``<video>`` for a
+    video), so the shared token accounting, :func:`~apet_bench.surgery.shrink_placeholder_runs` and
+    position-finding hooks see the right runs. A stage-1 method sees one ``(2056, hidden_size)`` tensor
+    per video (frame-major: reshape to ``(num_frames, 257, hidden_size)``, CLS first in each frame).
+
+    Examples
+    --------
+    >>> from apet_bench.models import load_model
+    >>> adapter = load_model({"name": "tiny_video_llava", "family": "video_llava", "tiny": True})
+    >>> adapter.num_visual_tokens, adapter.num_video_tokens, adapter.num_layers
+    (256, 2056, 4)
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._kind = "image"  # visual kind of the sample being generated
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> VideoLlavaAdapter:
+        """Build the tiny model (``spec.tiny``) or load the checkpoint (``local_path`` or ``hf_id@revision``).
+
+        Raises
+        ------
+        ModelConfigError
+            When the checkpoint cannot be loaded or ``visual_tokens`` / ``num_layers`` do not match.
+        ValueError
+            For a bad ``tiny_config``.
+        """
+        if spec.tiny:
+            model, processor = build_tiny_video_llava(
+                spec.tiny_config, seed=spec.seed, attn_implementation=spec.attn_implementation
+            )
+            dtype = spec.torch_dtype if spec.torch_dtype is not None else torch.float32
+            model.to(device=spec.torch_device, dtype=dtype)
+            weights = (
+                f"random-init tiny VideoLlavaForConditionalGeneration (seed {spec.seed}): "
+                "a random-weight pipeline check, not an accuracy number"
+            )
+            return cls(spec=spec, model=model, processor=processor, weights=weights, is_random_weights=True)
+        model, processor, weights = _load_pretrained(spec)
+        return cls(spec=spec, model=model, processor=processor, weights=weights, is_random_weights=False)
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        """``model.model.language_model.layers`` (Llama decoder layers)."""
+        return self.model.model.language_model.layers
+
+    @property
+    def _patches_per_frame(self) -> int:
+        vc = self.model.config.vision_config
+        return int((vc.image_size // vc.patch_size) ** 2)
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Visual tokens per **image**: ``(image_size // patch_size)²`` = 256 (CLS dropped; +1 with ``"full"``)."""
+        n = self._patches_per_frame
+        if self.model.config.vision_feature_select_strategy == "full":
+            n += 1
+        return n
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """Visual tokens per video frame: patches + CLS = 257 (HF ``get_video_features`` keeps the CLS)."""
+        return self._patches_per_frame + 1
+
+    @property
+    def num_frames(self) -> int:
+        """Frames per video: ``config.video_seq_length // tokens_per_frame`` (8)."""
+        return int(self.model.config.video_seq_length) // self.tokens_per_frame
+
+    @property
+    def num_video_tokens(self) -> int:
+        """Visual tokens per video: ``num_frames × tokens_per_frame`` = 2056."""
+        return self.num_frames * self.tokens_per_frame
+
+    @property
+    def image_token_id(self) -> int:
+        """``config.image_token_id`` (the ``<image>`` placeholder)."""
+        return int(self.model.config.image_token_id)
+
+    @property
+    def video_token_id(self) -> int:
+        """``config.video_token_id`` (the ``<video>`` placeholder)."""
+        return int(self.model.config.video_token_id)
+
+    @property
+    def visual_token_id(self) -> int:
+        """Placeholder id of the current sample's kind: :attr:`video_token_id` while a video is generated, else :attr:`image_token_id`."""
+        return self.video_token_id if self._kind == "video" else self.image_token_id
+
+    @property
+    def visual_kind(self) -> str:
+        """``"video"`` while a video sample is being generated, else ``"image"``."""
+        return self._kind
+
+    def visual_positions(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """Columns holding an ``<image>`` **or** ``<video>`` placeholder, per row (where stage 2 may drop).
+
+        Parameters
+        ----------
+        input_ids : torch.Tensor
+            ``(batch_size, seq_len)`` as the LLM receives them (after stage 1, if any).
+        attention_mask : torch.Tensor, optional
+            ``(batch_size, seq_len)``, 0 on padding.
+
+        Returns
+        -------
+        list of torch.Tensor
+            Per row, ``(num_visual_b,)`` increasing long column indices (2056 for an uncompressed video;
+            frame ``f`` of a video at columns ``start + f·257 …`` before any drop).
+        """
+        hits = (input_ids == self.image_token_id) | (input_ids == self.video_token_id)
+        if attention_mask is not None:
+            hits = hits & attention_mask.bool()
+        return [row.nonzero().flatten() for row in hits]
+
+    def frame_token_ranges(self) -> list[range]:
+        """Per frame, its positions among one video's visual tokens.
+
+        Returns
+        -------
+        list of range
+            ``num_frames`` ranges; frame ``f`` owns ``range(f·257, (f+1)·257)``, its CLS token at
+            ``f·257`` (the order of HF ``get_video_features``: frames, then CLS + 16 × 16 patches
+            row-major).
+        """
+        t = self.tokens_per_frame
+        return [range(f * t, (f + 1) * t) for f in range(self.num_frames)]
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance (base fields) plus ``num_video_tokens``, ``num_frames`` and ``tokens_per_frame``."""
+        out = super().describe()
+        out.update(
+            num_video_tokens=self.num_video_tokens, num_frames=self.num_frames, tokens_per_frame=self.tokens_per_frame
+        )
+        return out
+
+    # ------------------------------------------------------------------ inputs
+    def _to_visual(self, item: Any) -> Any:
+        """A PIL image, or a :class:`VideoClip` (a video path is decoded; an image path is opened)."""
+        from PIL import Image
+
+        if isinstance(item, (VideoClip, Image.Image)):
+            return item
+        if isinstance(item, np.ndarray) and item.ndim == 4:
+            return VideoClip(item)
+        if isinstance(item, (str, os.PathLike)):
+            if is_video_path(item):
+                return VideoClip(load_video(item, self.num_frames), source=str(item))
+            with Image.open(item) as im:
+                return im.convert("RGB")
+        raise TypeError(f"unsupported visual {type(item).__name__}: pass a PIL image, a video path or a VideoClip")
+
+    def build_prompt(self, question: str, num_images: int = 1, kind: str | None = None) -> str:
+        """``USER: <image>\\n{question} ASSISTANT:`` (``<video>`` for a video), one placeholder line per visual.
+
+        Video-LLaVA's ``llava_v1`` turn without a system prompt (HF model card for
+        ``LanguageBind/Video-LLaVA-7B-hf``). A question that already holds the placeholders is used as it is.
+
+        Parameters
+        ----------
+        question : str
+        num_images : int
+            Number of visuals (images or videos) in the sample.
+        kind : {"image", "video"}, optional
+            Placeholder kind; defaults to the kind of the sample being generated (``"image"`` outside
+            :meth:`generate`).
+
+        Raises
+        ------
+        ValueError
+            If ``question`` holds placeholders, but not ``num_images`` of them, or for an unknown kind.
+        """
+        kind = kind or self._kind
+        if kind not in ("image", "video"):
+            raise ValueError(f"unknown visual kind {kind!r}; use image or video")
+        token = getattr(self.processor, f"{kind}_token", f"<{kind}>")
+        present = question.count(token)
+        if present:
+            if present != num_images:
+                raise ValueError(f"question holds {present} {token} placeholder(s) for {num_images} {kind}(s)")
+            body = question
+        else:
+            body = (token + "\n") * num_images + question
+        return f"USER: {body} ASSISTANT:"
+
+    def prepare_inputs(self, images: Sequence[Any], prompt: str) -> Any:
+        """Processor outputs on the model's device: images through the processor, videos by hand.
+
+        Images: ``processor(images=..., text=prompt)`` -> ``pixel_values`` ``(num_images, 3, 224, 224)``.
+        Videos: every frame through ``processor.image_processor`` ->
+        ``pixel_values_videos`` ``(num_videos, num_frames, 3, 224, 224)``; each ``<video>`` in ``prompt``
+        expanded to :attr:`num_video_tokens` placeholders, then the tokenizer.
+
+        Returns
+        -------
+        transformers.BatchFeature
+            ``input_ids`` / ``attention_mask`` ``(1, seq_len)`` plus the pixel tensor.
+
+        Raises
+        ------
+        ValueError
+            If a video does not have :attr:`num_frames` frames.
+        """
+        from transformers import BatchFeature
+
+        if not images:
+            return super().prepare_inputs([], prompt)
+        if not isinstance(images[0], VideoClip):
+            # ``return_legacy_image_output=False``: ``pixel_values``, not the deprecated ``pixel_values_images``.
+            inputs = self.processor(
+                images=list(images), text=prompt, return_tensors="pt", return_legacy_image_output=False
+            )
+            return inputs.to(self.device, dtype=self.dtype)
+        clips = []
+        for clip in images:
+            if len(clip) != self.num_frames:
+                raise ValueError(
+                    f"video {clip.source or ''} has {len(clip)} frames; Video-LLaVA takes {self.num_frames}"
+                )
+            out = self.processor.image_processor(images=clip.frames, return_tensors="pt", return_legacy_image_output=False)
+            pv = out["pixel_values"]
+            clips.append(pv)
+        token = getattr(self.processor, "video_token", "<video>")
+        text = prompt.replace(token, token * self.num_video_tokens)
+        enc = self.tokenizer(text, return_tensors="pt")
+        data = {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "pixel_values_videos": torch.stack(clips),
+        }
+        return BatchFeature(data).to(self.device, dtype=self.dtype)
+
+    # ------------------------------------------------------------------ stage 1
+    def encode_images(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
+        """Projector outputs per visual of the sample.
+
+        Parameters
+        ----------
+        inputs : mapping
+            :meth:`prepare_inputs` outputs: ``pixel_values`` ``(num_images, 3, 224, 224)`` or
+            ``pixel_values_videos`` ``(num_videos, num_frames, 3, 224, 224)``.
+
+        Returns
+        -------
+        list of torch.Tensor
+            Per image ``(256, hidden_size)`` (``get_image_features``), or per video
+            ``(num_frames·257, hidden_size)`` (``get_video_features``, frames concatenated, CLS kept).
+        """
+        if inputs.get("pixel_values_videos") is not None:
+            pv = inputs["pixel_values_videos"]
+            out = self.model.model.get_video_features(pixel_values_videos=pv, return_dict=True)
+            feats = out.pooler_output  # (num_videos * num_frames, 257, D)
+            return list(feats.reshape(pv.shape[0], -1, feats.shape[-1]))
+        out = self.model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
+        return list(out.pooler_output)
+
+    def apply_visual_stage(
+        self, inputs: Mapping[str, Any], method: TokenCompressor
+    ) -> tuple[dict[str, Any], list[VisualSelection]]:
+        """Stage 1 for images or videos: compress, shrink the placeholder runs, pass a tensor ``pooler_output``.
+
+        As :meth:`ModelAdapter.apply_visual_stage`, except that ``VideoLlavaModel.forward`` calls
+        ``pooler_output.to(...)`` (a tensor, not a list: transformers-hooks.md §3.1), so the kept tokens
+        of all visuals are concatenated into one ``(1, sum_i k_i, hidden_size)`` tensor (3-D:
+        ``get_placeholder_mask`` flattens dims 0-1), under
+        ``mm_encoder_outputs["video"]`` for videos and ``["image"]`` for images.
+
+        Returns
+        -------
+        gen_inputs : dict
+            ``input_ids`` / ``attention_mask`` ``(1, new_seq_len)`` and ``mm_encoder_outputs``.
+        selections : list of VisualSelection
+            One per image / video.
+        """
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        is_video = inputs.get("pixel_values_videos") is not None
+        features = self.encode_images(inputs)
+        selections = select_visual_tokens(method, features)
+        shrunk = shrink_placeholder_runs(
+            inputs["input_ids"],
+            inputs.get("attention_mask"),
+            self.video_token_id if is_video else self.image_token_id,
+            [int(f.shape[0]) for f in features],
+            selections,
+            self.pad_token_id,
+        )
+        drop = ("input_ids", "attention_mask", "pixel_values", "pixel_values_videos", "pixel_values_images")
+        gen_inputs: dict[str, Any] = {k: v for k, v in inputs.items() if k not in drop}
+        gen_inputs["input_ids"] = shrunk.input_ids
+        gen_inputs["attention_mask"] = shrunk.attention_mask
+        # (1, sum_i k_i, D): get_placeholder_mask flattens dims 0-1 and formats shape[1] in its check.
+        kept = torch.cat([s.features for s in selections], dim=0).unsqueeze(0)
+        gen_inputs["mm_encoder_outputs"] = {
+            "video" if is_video else "image": BaseModelOutputWithPooling(pooler_output=kept)
+        }
+        return gen_inputs, selections
+
+    # ------------------------------------------------------------------ generate
+    def generate(
+        self,
+        images: Any,
+        question: str,
+        generate_kwargs: Mapping[str, Any] | None = None,
+        method: TokenCompressor | None = None,
+    ) -> GenerationOutput:
+        """Answer ``question`` about images or videos (batch size 1); see :meth:`ModelAdapter.generate`.
+
+        Parameters
+        ----------
+        images : PIL image, video path, VideoClip, ``(T, H, W, 3)`` array, or a sequence of them
+            lmms-eval video tasks pass ``[<path>]`` (``doc_to_visual``): a ``str`` / ``PathLike`` ending
+            in a video extension (:data:`apet_bench.data.video.VIDEO_EXTENSIONS`) is decoded to
+            :attr:`num_frames` uniformly sampled frames; another path is opened as an image.
+        question, generate_kwargs, method
+            As :meth:`ModelAdapter.generate`.
+
+        Returns
+        -------
+        GenerationOutput
+            ``visual_tokens_in`` is 2056 per video, 256 per image; ``num_images`` counts visuals.
+
+        Raises
+        ------
+        ValueError
+            Mixing images and videos in one sample; a video that cannot be decoded
+            (:class:`~apet_bench.data.video.VideoDecodeError`, naming the path).
+        TypeError
+            For an unsupported visual.
+        """
+        from PIL import Image
+
+        single = (str, os.PathLike, Image.Image, VideoClip, np.ndarray)
+        items = [images] if isinstance(images, single) or images is None else list(images)
+        visuals = [self._to_visual(v) for v in items if v is not None]
+        kinds = {"video" if isinstance(v, VideoClip) else "image" for v in visuals}
+        if len(kinds) > 1:
+            raise ValueError("a Video-LLaVA sample holds either images or videos, not both")
+        previous = self._kind
+        self._kind = kinds.pop() if kinds else "image"
+        try:
+            return super().generate(visuals, question, generate_kwargs, method)
+        finally:
+            self._kind = previous
+
+
+def _load_pretrained(spec: ModelSpec) -> tuple[nn.Module, Any, str]:
+    """Load ``VideoLlavaForConditionalGeneration`` and build its processor without torchvision.
+
+    As :func:`apet_bench.models.base.load_pretrained` for the model (``hf_id@revision`` or
+    ``local_path``, ``local_files_only`` when offline); the processor is assembled from the checkpoint's
+    tokenizer and ``VideoLlavaImageProcessor`` with :func:`make_video_llava_processor` (``patch_size``
+    and ``vision_feature_select_strategy`` from the model config, ``num_additional_image_tokens=1``),
+    because ``AutoProcessor`` would build the torchvision video processor.
+
+    Raises
+    ------
+    ModelConfigError
+        When the checkpoint cannot be found (one line).
+    """
+    from transformers import AutoTokenizer, VideoLlavaForConditionalGeneration, VideoLlavaImageProcessor
+
+    offline = hub_offline()
+    common: dict[str, Any] = {}
+    if spec.local_path is not None:
+        source = spec.local_path
+        weights = f"local:{source}"
+        common["local_files_only"] = True
+    else:
+        source = str(spec.hf_id)
+        weights = f"{source}@{spec.revision or 'main'}"
+        if spec.revision:
+            common["revision"] = spec.revision
+        if offline:
+            common["local_files_only"] = True
+    try:
+        model = VideoLlavaForConditionalGeneration.from_pretrained(
+            source,
+            dtype=spec.torch_dtype if spec.torch_dtype is not None else "auto",
+            attn_implementation=spec.attn_implementation,
+            device_map=str(spec.torch_device),
+            **common,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+        image_processor = VideoLlavaImageProcessor.from_pretrained(source, **common)
+    except OSError as e:
+        where = "offline and not in the HF cache" if offline and spec.local_path is None else "not found"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelConfigError(f"cannot load {weights}: {where} ({first}); download it first or set local_path") from e
+    processor = make_video_llava_processor(
+        image_processor,
+        tokenizer,
+        patch_size=model.config.vision_config.patch_size,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+    )
+    return model.eval(), processor, weights
