@@ -58,7 +58,7 @@ def validate_budget(budget: object, num_visual_tokens: int | None = None) -> int
             raise BudgetError(f"budget {budget} is invalid: a token budget must be >= 1")
         if num_visual_tokens is not None and budget > num_visual_tokens:
             raise BudgetError(
-                f"budget {budget} is above the model's {num_visual_tokens} visual tokens per image"
+                f"budget {budget} is above the model's {num_visual_tokens} visual tokens per input (image or video)"
             )
         return budget
     budget = float(budget)

@@ -118,7 +118,8 @@ def prepare_run(cfg: DictConfig | dict[str, Any]) -> PreparedRun:
     check_available(cfg)
     budget = cfg.get("budget")
     if budget is not None:
-        budget = validate_budget(budget, cfg["model"].get("visual_tokens"))
+        # Largest visual span of one input (Video-LLaVA: a video's 8 x 257, beyond its 256 per image).
+        budget = validate_budget(budget, cfg["model"].get("max_visual_tokens") or cfg["model"].get("visual_tokens"))
     if cfg["method"]["name"] == "none":
         budget = None  # nothing is compressed: recorded as no budget (run name says "full")
     elif budget is None:
