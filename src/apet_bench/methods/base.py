@@ -163,6 +163,10 @@ class TokenCompressor:
     #: A method may make it a dataclass field (``layer: int = 2``) or return several layers from
     #: :meth:`llm_layers` (PDrop-style schedules).
     layer: ClassVar[int | None] = None
+    #: Stage 1: the method reads the vision tower's pre-projector features
+    #: (``self.visual_context.vision_features``, ``ModelAdapter.vision_features``); the adapter then
+    #: records them in the same vision-tower pass as the visual tokens (``ModelAdapter.stage_one_features``).
+    needs_vision_features: ClassVar[bool] = False
 
     budget: int | float | None = None
     seed: int = 0
@@ -219,6 +223,18 @@ class TokenCompressor:
     def is_active(self) -> bool:
         """Whether the method's context is open (``with method(adapter):``)."""
         return self._adapter is not None
+
+    @property
+    def visual_context(self) -> Any:
+        """The adapter's :class:`~apet_bench.models.base.VisualContext` of the sample being generated
+        (segments, vision features, inputs), or ``None`` outside a context / before the first sample.
+
+        Read it in :meth:`compress_visual` (``self.visual_context.segments[image_index]``) or in stage-2
+        hooks. Source: ``ModelAdapter.generate`` sets it after the processor.
+        """
+        if self._adapter is None:
+            return None
+        return getattr(self._adapter, "visual_context", None)
 
     def reset(self) -> None:
         """Reset per-run state (random generators, counters); called when the context is entered."""

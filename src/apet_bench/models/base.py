@@ -35,7 +35,14 @@ __all__ = [
     "ModelAdapter",
     "ModelConfigError",
     "ModelSpec",
+    "POSITION_ENCODINGS",
+    "SEGMENT_KINDS",
+    "VisualContext",
+    "VisualSegment",
+    "VisualSegments",
+    "capture_module_input",
     "check_attn_implementation",
+    "check_image_size",
     "get_adapter_class",
     "hub_offline",
     "load_pretrained",
@@ -200,6 +207,35 @@ class ModelSpec:
         return resolve_device(self.device)
 
 
+def check_image_size(image: Any, index: int, min_side: int) -> None:
+    """Refuse an image with a side below ``min_side`` px (one vision patch), with a one-line message.
+
+    Parameters
+    ----------
+    image : PIL.Image.Image or array
+        A PIL image (``.size`` = (width, height)) or an ``(H, W, 3)`` array; anything else is left to
+        the processor.
+    index : int
+        Index of the image in the sample (named in the message).
+    min_side : int
+        Smallest accepted side in pixels (the vision tower's ``patch_size``).
+
+    Raises
+    ------
+    ValueError
+        ``"image {index} is {w}x{h} px, smaller than one {p}x{p} px patch"``.
+    """
+    size = getattr(image, "size", None)
+    if isinstance(size, tuple) and len(size) == 2:
+        w, h = size
+    elif getattr(image, "ndim", 0) == 3:
+        h, w = int(image.shape[0]), int(image.shape[1])
+    else:
+        return
+    if w < min_side or h < min_side:
+        raise ValueError(f"image {index} is {w}x{h} px, smaller than one {min_side}x{min_side} px patch")
+
+
 def check_attn_implementation(attn: str) -> str:
     """Validate an ``attn_implementation`` value.
 
@@ -315,6 +351,210 @@ class GenerationOutput:
         return out
 
 
+# ---------------------------------------------------------------------- visual-token structure
+#: Values of :attr:`ModelAdapter.position_encoding`.
+POSITION_ENCODINGS: tuple[str, ...] = ("rope-1d", "mrope-3d")
+#: Values of :attr:`VisualSegment.kind`.
+SEGMENT_KINDS: tuple[str, ...] = ("image", "base", "sub_image", "frame")
+
+
+@dataclass(frozen=True, eq=False)
+class VisualSegment:
+    """One unit a method budgets separately: a whole image, a NeXT sub-image, or a video frame.
+
+    Positions index the visual's tokens in stage-1 order (the rows of
+    ``ModelAdapter.encode_images(inputs)[i]``, i.e. the order of its placeholder run), not columns of
+    ``input_ids``: use :meth:`VisualSegments.sequence_positions` for those.
+
+    Attributes
+    ----------
+    name : str
+        ``"image"`` (LLaVA-1.5, Qwen2.5-VL, Video-LLaVA images), ``"base"`` / ``"sub_image {i}"``
+        (LLaVA-NeXT anyres, ``i`` = 1 .. rows·cols in raster order of the crop grid) or ``"frame {f}"``
+        (Video-LLaVA, ``f`` = 0 .. num_frames-1).
+    kind : str
+        One of :data:`SEGMENT_KINDS`: ``"image"``, ``"base"``, ``"sub_image"``, ``"frame"``.
+    index : int
+        0 for ``image`` / ``base``, ``i`` for ``sub_image``, ``f`` for ``frame``.
+    positions : torch.Tensor
+        ``(n,)`` long, CPU, increasing: the segment's tokens among the visual's tokens.
+    grid : tuple of int or None
+        ``(t, h, w)``: the segment's patch tokens (CLS excluded) form a full ``t x h x w`` grid in
+        raster order (LLaVA-1.5 ``(1, 24, 24)``; NeXT base view ``(1, 24, 24)``; Video-LLaVA frame
+        ``(1, 16, 16)``; Qwen2.5-VL ``(grid_t, grid_h / 2, grid_w / 2)`` after the 2×2 merge).
+        ``None`` when they do not (NeXT grid crops after ``unpad_image``).
+    patches : torch.Tensor or None
+        ``(n,)`` long, CPU: for each position, its patch index in raster order within the source
+        crop's / frame's ``n_side x n_side`` patch grid, ``-1`` for a CLS token. ``None`` for Qwen2.5-VL
+        (one token covers 4 patches: see :meth:`ModelAdapter.feature_token_map`).
+    cls_position : int or None
+        Position of the segment's CLS token (Video-LLaVA frames: ``f · 257``), else ``None``.
+    """
+
+    name: str
+    kind: str
+    index: int
+    positions: torch.Tensor
+    grid: tuple[int, int, int] | None = None
+    patches: torch.Tensor | None = None
+    cls_position: int | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in the segment (``positions.numel()``)."""
+        return int(self.positions.numel())
+
+    @property
+    def patch_positions(self) -> torch.Tensor:
+        """``(n - has_cls,)`` long: :attr:`positions` without the CLS token."""
+        if self.cls_position is None:
+            return self.positions
+        return self.positions[self.positions != self.cls_position]
+
+
+@dataclass(frozen=True, eq=False)
+class VisualSegments:
+    """Structure of one image's (or video's) visual tokens: its segments and where its run starts.
+
+    Returned per visual by :meth:`ModelAdapter.visual_segments`. The segments' positions plus
+    :attr:`newline_positions` partition ``range(num_tokens)`` (tested for every adapter).
+
+    Attributes
+    ----------
+    kind : str
+        ``"image"`` or ``"video"``.
+    index : int
+        Index of the visual in the sample (the ``image_index`` ``compress_visual`` receives).
+    num_tokens : int
+        Visual tokens of the visual entering the LLM uncompressed (rows of ``encode_images(inputs)[index]``).
+    segments : tuple of VisualSegment
+        LLaVA-1.5 / Qwen2.5-VL / Video-LLaVA image: one ``"image"`` segment. LLaVA-NeXT: ``"base"`` then
+        ``"sub_image 1"`` .. ``"sub_image {rows·cols}"`` (a crop fully removed by unpadding has 0
+        tokens). Video-LLaVA video: ``"frame 0"`` .. ``"frame 7"`` of 257 tokens, CLS first.
+    newline_positions : torch.Tensor
+        ``(num_newlines,)`` long, CPU: LLaVA-NeXT ``image_newline`` tokens (one per feature-grid row,
+        in no segment; ApET / VisionZip keep them, methods.md §1.3); empty for other families.
+    start : int
+        Column of the visual's first placeholder in ``input_ids[0]`` of the processed inputs (before
+        stage 1); ``-1`` when the inputs had no ``input_ids``.
+    """
+
+    kind: str
+    index: int
+    num_tokens: int
+    segments: tuple[VisualSegment, ...]
+    newline_positions: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    start: int = -1
+
+    def __len__(self) -> int:
+        return len(self.segments)
+
+    def __iter__(self):
+        return iter(self.segments)
+
+    def __getitem__(self, i: int) -> VisualSegment:
+        return self.segments[i]
+
+    def sequence_positions(self, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Columns of ``input_ids[0]`` (processed inputs, before stage 1) of visual-token ``positions``.
+
+        Parameters
+        ----------
+        positions : torch.Tensor, optional
+            ``(n,)`` long indices into this visual's tokens (e.g. ``segment.positions``); default all
+            ``num_tokens``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n,)`` long, ``start + positions``. For stage 2 (after a stage-1 shrink, or with padding)
+            use ``ModelAdapter.visual_positions`` on the sequence the LLM really receives.
+
+        Raises
+        ------
+        ValueError
+            If :attr:`start` is unknown (``-1``).
+        """
+        if self.start < 0:
+            raise ValueError(f"visual {self.index}: start column unknown (inputs had no input_ids)")
+        if positions is None:
+            positions = torch.arange(self.num_tokens)
+        return positions.to(torch.long) + self.start
+
+
+class VisualContext:
+    """What the adapter knows about the sample being generated, for methods (one per ``generate`` call).
+
+    Set as ``adapter.visual_context`` by :meth:`ModelAdapter.generate` right after the processor;
+    methods read it as ``self.visual_context`` (:attr:`~apet_bench.methods.TokenCompressor.visual_context`)
+    in ``compress_visual`` or their stage-2 hooks. Everything is computed lazily and at most once.
+
+    Attributes
+    ----------
+    adapter : ModelAdapter
+    inputs : mapping
+        The processed inputs (:meth:`ModelAdapter.prepare_inputs`), before stage 1.
+    visual_tokens : list of torch.Tensor or None
+        Stage 1 only: the projector outputs the method is compressing (``encode_images``), set before
+        the first ``compress_visual`` call.
+    """
+
+    def __init__(self, adapter: ModelAdapter, inputs: Mapping[str, Any]) -> None:
+        self.adapter = adapter
+        self.inputs = inputs
+        self.visual_tokens: list[torch.Tensor] | None = None
+        self._segments: list[VisualSegments] | None = None
+        self._vision_features: list[torch.Tensor] | None = None
+        self._feature_token_map: list[torch.Tensor] | None = None
+
+    @property
+    def segments(self) -> list[VisualSegments]:
+        """``adapter.visual_segments(inputs)`` (cached)."""
+        if self._segments is None:
+            self._segments = self.adapter.visual_segments(self.inputs)
+        return self._segments
+
+    @property
+    def vision_features(self) -> list[torch.Tensor]:
+        """``adapter.vision_features(inputs)`` (cached). Already computed in the same vision-tower pass
+        as the visual tokens when the method sets ``needs_vision_features``; otherwise the first access
+        runs the vision tower a second time."""
+        if self._vision_features is None:
+            self._vision_features = self.adapter.vision_features(self.inputs)
+        return self._vision_features
+
+    @property
+    def feature_token_map(self) -> list[torch.Tensor]:
+        """``adapter.feature_token_map(inputs)`` (cached)."""
+        if self._feature_token_map is None:
+            self._feature_token_map = self.adapter.feature_token_map(self.inputs)
+        return self._feature_token_map
+
+
+@contextlib.contextmanager
+def capture_module_input(module: nn.Module):
+    """Context manager recording the first positional input of every forward of ``module``.
+
+    Used to read pre-projector features (the input of ``multi_modal_projector`` / Qwen's ``merger``)
+    in the same pass that computes the visual tokens; nothing about the forward changes.
+
+    Yields
+    ------
+    list of torch.Tensor
+        Appended to on each forward call.
+    """
+    captured: list[torch.Tensor] = []
+
+    def hook(mod, args, kwargs):
+        captured.append(args[0] if args else next(iter(kwargs.values())))
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
 class _PrefillProbe:
     """Hooks that time the prefill forward and record each decoder layer's prefill sequence length.
 
@@ -363,6 +603,19 @@ class ModelAdapter:
     :attr:`decoder_layers`, :attr:`num_visual_tokens` and :attr:`visual_token_id`; :meth:`generate`,
     the token accounting and the stage-1 surgery are shared.
 
+    What methods read (one interface for all four families; issue #3 deliverable 1):
+
+    * :attr:`position_encoding`: ``"rope-1d"`` (LLaVA family) or ``"mrope-3d"`` (Qwen2.5-VL);
+    * :meth:`visual_segments`: per visual, its tokens grouped per image / NeXT sub-image (+ newline
+      positions) / video frame (CLS included), as indices into the stage-1 token order, with the
+      run's ``start`` column;
+    * :attr:`decoder_layers` / :attr:`num_layers` and :meth:`visual_positions` (stage 2);
+    * :attr:`vision_tower`, :meth:`vision_features` (pre-projector), :meth:`feature_token_map` and
+      :meth:`project_visual` (LLaVA-NeXT adds ``pack_visual``);
+    * :attr:`visual_context` (a :class:`VisualContext`, also ``method.visual_context``): all of the
+      above for the sample being generated, computed lazily once; a stage-1 method that sets
+      ``needs_vision_features`` gets its vision features from the same tower pass as its tokens.
+
     Attributes
     ----------
     name, family : str
@@ -382,6 +635,15 @@ class ModelAdapter:
     """
 
     family: ClassVar[str] = ""
+    #: How the LLM encodes positions: ``"rope-1d"`` (LLaVA-1.5 / NeXT / Video-LLaVA: Llama RoPE on
+    #: 1-D ``position_ids``, the cumsum of the attention mask; a stage-1 shrink simply renumbers the
+    #: kept tokens contiguously) or ``"mrope-3d"`` (Qwen2.5-VL: 3-D (t, h, w) mRoPE from
+    #: ``get_rope_index``; the adapter keeps each kept visual token's original (t, h, w) position,
+    #: methods.md §0.4, transformers-hooks.md §3.2 step 4). One of :data:`POSITION_ENCODINGS`.
+    position_encoding: ClassVar[str] = "rope-1d"
+    #: The :class:`VisualContext` of the sample being generated (set by :meth:`generate` after the
+    #: processor; ``None`` before the first call).
+    visual_context: VisualContext | None = None
 
     def __init__(
         self,
@@ -471,6 +733,168 @@ class ModelAdapter:
             hits = hits & attention_mask.bool()
         return [row.nonzero().flatten() for row in hits]
 
+    # ------------------------------------------------------------------ visual-token structure for methods
+    def visual_segments(self, inputs: Mapping[str, Any]) -> list[VisualSegments]:  # pragma: no cover - abstract
+        """Per image (or video) of processed ``inputs``, where its visual tokens are and how they group.
+
+        The interface ApET (methods.md §1.3-§1.6), VisionZip (§2.2-§2.5) and ToMe (§6.2) use to budget
+        per image, per NeXT sub-image or per video frame. Positions index the visual's tokens in
+        stage-1 order (rows of :meth:`encode_images`); :meth:`VisualSegments.sequence_positions`
+        converts them to ``input_ids`` columns.
+
+        Parameters
+        ----------
+        inputs : mapping
+            :meth:`prepare_inputs` outputs (``input_ids`` optional; gives ``start``).
+
+        Returns
+        -------
+        list of VisualSegments
+            One per visual, in placeholder-run order; ``num_tokens`` equals the rows of
+            ``encode_images(inputs)[i]``, and the segments plus ``newline_positions`` partition them.
+        """
+        raise NotImplementedError
+
+    @property
+    def vision_tower(self) -> nn.Module:  # pragma: no cover - abstract
+        """The vision encoder whose hidden states :meth:`vision_features` returns (CLIP / ViT module)."""
+        raise NotImplementedError
+
+    def _vision_feature_module(self) -> nn.Module:  # pragma: no cover - abstract
+        """The module whose input are the pre-projector features (projector / merger)."""
+        raise NotImplementedError
+
+    def _split_vision_features(
+        self, captured: list[torch.Tensor], inputs: Mapping[str, Any]
+    ) -> list[torch.Tensor]:  # pragma: no cover - abstract
+        """Per-visual pre-projector features from the captured projector input(s)."""
+        raise NotImplementedError
+
+    def encode_with_vision_features(
+        self, inputs: Mapping[str, Any]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """:meth:`encode_images` and :meth:`vision_features` from one vision-tower pass.
+
+        The projector's (Qwen: the merger's) input is recorded with a forward pre-hook
+        (:func:`capture_module_input`) while :meth:`encode_images` runs, so the visual tokens are
+        bit-identical to :meth:`encode_images`'s and the tower runs once.
+
+        Returns
+        -------
+        visual_tokens : list of torch.Tensor
+            As :meth:`encode_images`.
+        vision_features : list of torch.Tensor
+            As :meth:`vision_features`.
+
+        Raises
+        ------
+        RuntimeError
+            If the projector did not run (no visuals in ``inputs``).
+        """
+        with capture_module_input(self._vision_feature_module()) as captured:
+            tokens = self.encode_images(inputs)
+        if not captured:
+            raise RuntimeError(f"{self.family}: the projector did not run; inputs hold no visuals")
+        return tokens, self._split_vision_features(captured, inputs)
+
+    def vision_features(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
+        """The vision tower's features per visual, **before** the projector (what ApET / VisionZip /
+        ToMe compress on the vision side, methods.md §1.3, §2.1, §6.2).
+
+        Exactly the projector's input in the HF forward (``vision_feature_layer`` /
+        ``vision_feature_select_strategy`` of the config), split per visual:
+
+        * LLaVA-1.5: CLIP ``hidden_states[-2]`` without CLS, ``(576, D_v)`` (D_v = 1024 for 7B);
+        * LLaVA-NeXT: per crop, ``(num_crops, 576, D_v)`` (base view first, then the grid crops);
+        * Video-LLaVA: image ``(256, D_v)`` without CLS; video ``(num_frames, 257, D_v)`` CLS first;
+        * Qwen2.5-VL: ViT output before the merger, ``(grid_t·grid_h·grid_w, D_v)`` (D_v = 1280), in
+          merge-unit order: rows ``4j .. 4j+3`` are the 2×2 patches of visual token ``j``.
+
+        :meth:`feature_token_map` maps rows to visual tokens; :meth:`project_visual` maps them to the
+        LLM width.
+
+        Returns
+        -------
+        list of torch.Tensor
+            One per visual, model dtype and device.
+        """
+        return self.encode_with_vision_features(inputs)[1]
+
+    def feature_token_map(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:  # pragma: no cover - abstract
+        """Per visual, which visual token each row of :meth:`vision_features` becomes.
+
+        Returns
+        -------
+        list of torch.Tensor
+            Long, CPU, shaped ``vision_features(inputs)[i].shape[:-1]``: index into the visual's
+            tokens (stage-1 order), or ``-1`` for a feature with no token (NeXT patches removed by
+            ``unpad_image``). Qwen2.5-VL: ``row // 4`` (four patches per token).
+        """
+        raise NotImplementedError
+
+    def project_visual(self, features: torch.Tensor) -> torch.Tensor:
+        """Map pre-projector features (as :meth:`vision_features` returns, possibly modified or
+        subset) to LLM-width visual tokens: ``multi_modal_projector`` on the last dimension.
+
+        LLaVA-1.5: ``(576, D_v) -> (576, D)``, equal to :meth:`encode_images`'s rows; NeXT:
+        ``(num_crops, 576, D_v) -> (num_crops, 576, D)`` per crop before packing (see
+        ``LlavaNextAdapter.pack_visual``); Video-LLaVA: ``(8, 257, D_v) -> (8, 257, D)`` (flatten the
+        frames for :meth:`encode_images`'s order). Qwen2.5-VL overrides (the 2×2 merger).
+
+        Parameters
+        ----------
+        features : torch.Tensor
+            ``(..., D_v)`` in the model's dtype and device.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(..., hidden_size)``.
+        """
+        return self._vision_feature_module()(features)
+
+    def _visual_context_for(self, inputs: Mapping[str, Any]) -> VisualContext:
+        ctx = self.visual_context
+        if ctx is None or ctx.inputs is not inputs:
+            ctx = VisualContext(self, inputs)
+            self.visual_context = ctx
+        return ctx
+
+    def stage_one_features(self, inputs: Mapping[str, Any], method: TokenCompressor) -> list[torch.Tensor]:
+        """The visual tokens a stage-1 method compresses, recorded on :attr:`visual_context`.
+
+        :meth:`encode_images`, or, when ``method.needs_vision_features``, :meth:`encode_with_vision_features`
+        (same tokens, one tower pass) with the vision features stored on the context so
+        ``method.visual_context.vision_features`` costs nothing. Called by every
+        ``apply_visual_stage``.
+
+        Returns
+        -------
+        list of torch.Tensor
+            One ``(num_visual_tokens_i, hidden_size)`` tensor per visual.
+        """
+        ctx = self._visual_context_for(inputs)
+        if getattr(method, "needs_vision_features", False):
+            tokens, ctx._vision_features = self.encode_with_vision_features(inputs)
+        else:
+            tokens = self.encode_images(inputs)
+        ctx.visual_tokens = tokens
+        return tokens
+
+    def _placeholder_starts(self, inputs: Mapping[str, Any], counts: Sequence[int]) -> list[int]:
+        """Column of each visual's first placeholder in ``input_ids[0]`` (visual ``i`` owns the next
+        ``counts[i]`` visual positions); ``-1`` without ``input_ids``."""
+        ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
+        if ids is None:
+            return [-1] * len(counts)
+        row = ids[:1] if ids.dim() == 2 else ids.view(1, -1)
+        vis = self.visual_positions(row)[0].to("cpu")
+        starts, consumed = [], 0
+        for n in counts:
+            starts.append(int(vis[consumed]) if consumed < vis.numel() else -1)
+            consumed += int(n)
+        return starts
+
     # ------------------------------------------------------------------ shared properties
     @property
     def dtype(self) -> torch.dtype:
@@ -542,7 +966,8 @@ class ModelAdapter:
     ) -> tuple[dict[str, Any], list[VisualSelection]]:
         """Stage 1: compress the projector outputs and build the matching ``generate`` inputs.
 
-        transformers-hooks.md §3.2: features from :meth:`encode_images`, the method's choice per image
+        transformers-hooks.md §3.2: features from :meth:`encode_images` (via :meth:`stage_one_features`,
+        which also records them on :attr:`visual_context`), the method's choice per image
         (:func:`apet_bench.surgery.select_visual_tokens`), placeholder runs shrunk
         (:func:`apet_bench.surgery.shrink_placeholder_runs`), and ``mm_encoder_outputs`` in place of
         ``pixel_values``. Families with position ids tied to the layout (Qwen2.5-VL) override this.
@@ -557,7 +982,7 @@ class ModelAdapter:
         """
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        features = self.encode_images(inputs)
+        features = self.stage_one_features(inputs, method)
         selections = select_visual_tokens(method, features)
         shrunk = shrink_placeholder_runs(
             inputs["input_ids"],
@@ -635,6 +1060,7 @@ class ModelAdapter:
         t_pre = time.perf_counter()
         prompt = self.build_prompt(question, num_images=len(images))
         inputs = self.prepare_inputs(images, prompt)
+        self.visual_context = VisualContext(self, inputs)
         kwargs = self._generate_kwargs(generate_kwargs)
         visual_in = count_placeholders(inputs["input_ids"], self.visual_token_id, inputs.get("attention_mask"))
         kept: list[list[int]] | None = None
@@ -656,6 +1082,10 @@ class ModelAdapter:
                     gen_inputs = dict(inputs)
                 out = self.model.generate(**gen_inputs, **kwargs)
                 t1 = self._clock()
+                ctx = self.visual_context
+                if ctx is not None:  # release per-sample tensors; segments and inputs stay readable
+                    ctx.visual_tokens = None
+                    ctx._vision_features = None
                 if surgery is not None and surgery.kept_positions and len(images) == 1:
                     last = surgery.kept_positions[max(surgery.kept_positions)][0]
                     vis = self.visual_positions(gen_inputs["input_ids"][:1], gen_inputs.get("attention_mask"))[0]

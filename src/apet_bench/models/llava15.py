@@ -9,13 +9,21 @@ with the projector output (``masked_scatter``). Visual tokens come from CLIP ViT
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from apet_bench.models.base import ModelAdapter, ModelSpec, load_pretrained, register_adapter
+from apet_bench.models.base import (
+    ModelAdapter,
+    ModelSpec,
+    VisualSegment,
+    VisualSegments,
+    check_image_size,
+    load_pretrained,
+    register_adapter,
+)
 from apet_bench.models.tiny import build_tiny_llava15
 
 __all__ = ["VICUNA_V1_SYSTEM", "Llava15Adapter"]
@@ -124,6 +132,19 @@ class Llava15Adapter(ModelAdapter):
             body = (image_token + "\n") * num_images + question
         return f"{VICUNA_V1_SYSTEM} USER: {body} ASSISTANT:"
 
+    def prepare_inputs(self, images: Sequence[Any], prompt: str) -> Any:
+        """Refuse images smaller than one patch, then the shared processor call (:meth:`ModelAdapter.prepare_inputs`).
+
+        Raises
+        ------
+        ValueError
+            (one line) For an image with a side below ``patch_size`` (14) px, naming its size.
+        """
+        patch = int(self.model.config.vision_config.patch_size)
+        for i, image in enumerate(images):
+            check_image_size(image, i, patch)
+        return super().prepare_inputs(images, prompt)
+
     def encode_images(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
         """Projector outputs per image: ``model.model.get_image_features(...).pooler_output``.
 
@@ -140,3 +161,57 @@ class Llava15Adapter(ModelAdapter):
         extra = {"image_sizes": inputs["image_sizes"]} if inputs.get("image_sizes") is not None else {}
         out = self.model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True, **extra)
         return list(out.pooler_output)
+
+    # ------------------------------------------------------------------ structure for methods
+    @property
+    def vision_tower(self) -> nn.Module:
+        """``model.model.vision_tower`` (``CLIPVisionModel``, ViT-L/14-336 for 7B)."""
+        return self.model.model.vision_tower
+
+    def _vision_feature_module(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    def _split_vision_features(self, captured: list[torch.Tensor], inputs: Mapping[str, Any]) -> list[torch.Tensor]:
+        return list(captured[0])  # (num_images, 576, D_v)
+
+    def visual_segments(self, inputs: Mapping[str, Any]) -> list[VisualSegments]:
+        """One ``"image"`` segment of 576 tokens per image (24 x 24 grid in raster order).
+
+        See :meth:`ModelAdapter.visual_segments`. With ``vision_feature_select_strategy="full"`` the
+        CLS is token 0 (``cls_position=0``) and the grid covers tokens 1..576.
+
+        Parameters
+        ----------
+        inputs : mapping
+            Processor outputs with ``pixel_values`` ``(num_images, 3, 336, 336)``.
+
+        Returns
+        -------
+        list of VisualSegments
+        """
+        n = self.num_visual_tokens
+        side = int(self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size)
+        full = self.model.config.vision_feature_select_strategy == "full"
+        patches = torch.arange(side * side)
+        if full:
+            patches = torch.cat([torch.tensor([-1]), patches])
+        num_images = int(inputs["pixel_values"].shape[0])
+        starts = self._placeholder_starts(inputs, [n] * num_images)
+        return [
+            VisualSegments(
+                kind="image",
+                index=i,
+                num_tokens=n,
+                segments=(
+                    VisualSegment(
+                        "image", "image", 0, torch.arange(n), (1, side, side), patches, 0 if full else None
+                    ),
+                ),
+                start=starts[i],
+            )
+            for i in range(num_images)
+        ]
+
+    def feature_token_map(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
+        """``arange(576)`` per image: feature row ``j`` is visual token ``j`` (see :meth:`ModelAdapter.feature_token_map`)."""
+        return [torch.arange(self.num_visual_tokens) for _ in range(int(inputs["pixel_values"].shape[0]))]

@@ -18,8 +18,10 @@ exactly the packed length, and every position of it (newline tokens included) is
 
 Stage 1 compresses the **packed** features (:meth:`LlavaNextAdapter.encode_images`): compressing per
 crop before packing breaks its reshape (transformers-hooks.md §3.1). Methods that budget per
-sub-image (ApET, VisionZip, ToMe, methods.md §1.3 / §2.3) read :meth:`LlavaNextAdapter.visual_layout`,
-which maps every packed position back to its crop and patch.
+sub-image (ApET, VisionZip, ToMe, methods.md §1.3 / §2.3) read :meth:`LlavaNextAdapter.visual_segments`
+(the uniform interface: base / sub-image segments and newline positions) or the lower-level
+:meth:`LlavaNextAdapter.visual_layout`, which maps every packed position back to its crop and patch.
+Per-crop pre-projector features: ``vision_features`` -> ``project_visual`` -> ``pack_visual``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from apet_bench.models.base import (
     ModelAdapter,
     ModelConfigError,
     ModelSpec,
+    VisualSegment,
+    VisualSegments,
     load_pretrained,
     register_adapter,
 )
@@ -515,3 +519,105 @@ class LlavaNextAdapter(ModelAdapter):
                 )
             )
         return layouts
+
+    # ------------------------------------------------------------------ structure for methods
+    @property
+    def vision_tower(self) -> nn.Module:
+        """``model.model.vision_tower`` (``CLIPVisionModel``, ViT-L/14-336 for 7B), run on every crop."""
+        return self.model.model.vision_tower
+
+    def _vision_feature_module(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    def _num_crops(self, inputs: Mapping[str, Any]) -> list[int]:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        cfg = self.model.config
+        sizes = inputs["image_sizes"]
+        sizes = sizes.tolist() if isinstance(sizes, torch.Tensor) else [list(x) for x in sizes]
+        return [
+            int(image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size))
+            for size in sizes
+        ]
+
+    def _split_vision_features(self, captured: list[torch.Tensor], inputs: Mapping[str, Any]) -> list[torch.Tensor]:
+        return list(torch.split(captured[0], self._num_crops(inputs), dim=0))  # (sum crops, 576, D_v)
+
+    def visual_segments(self, inputs: Mapping[str, Any]) -> list[VisualSegments]:
+        """Per image: ``"base"`` then ``"sub_image 1"`` .. ``"sub_image {rows·cols}"``, plus the newlines.
+
+        Re-expresses :meth:`visual_layout` (same packed positions: ``segments[i].positions ==
+        layout.sub_image_positions(i)``); the base view has the full ``(1, n, n)`` grid, grid crops
+        have ``grid=None`` (unpadding removes patch rows / columns; ``patches`` gives each kept
+        token's patch in its crop). ``newline_positions`` are where ``image_newline`` sits.
+
+        Parameters
+        ----------
+        inputs : mapping
+            Processor outputs with ``image_sizes`` ``(num_images, 2)``; ``input_ids`` optional.
+
+        Returns
+        -------
+        list of VisualSegments
+        """
+        n = self.patches_per_side
+        default = self.model.config.vision_feature_select_strategy == "default"
+        out = []
+        for i, layout in enumerate(self.visual_layout(inputs)):
+            segs = []
+            for j in range(layout.num_sub_images):
+                pos = layout.sub_image_positions(j)
+                patches = layout.source[pos] % layout.tokens_per_crop
+                name, kind = ("base", "base") if j == 0 else (f"sub_image {j}", "sub_image")
+                grid = (1, n, n) if (j == 0 and default) else None
+                segs.append(VisualSegment(name, kind, j, pos, grid, patches))
+            out.append(
+                VisualSegments(
+                    kind="image",
+                    index=i,
+                    num_tokens=layout.num_tokens,
+                    segments=tuple(segs),
+                    newline_positions=layout.newline_positions,
+                    start=layout.start,
+                )
+            )
+        return out
+
+    def feature_token_map(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
+        """Per image ``(num_crops, tokens_per_crop)``: packed position of each crop patch, ``-1`` if unpadded away.
+
+        The inverse of :attr:`ImageLayout.source` (see :meth:`ModelAdapter.feature_token_map`).
+        """
+        out = []
+        for layout, crops in zip(self.visual_layout(inputs), self._num_crops(inputs)):
+            m = torch.full((crops * layout.tokens_per_crop,), -1, dtype=torch.long)
+            valid = layout.source >= 0
+            m[layout.source[valid]] = torch.nonzero(valid).flatten()
+            out.append(m.view(crops, layout.tokens_per_crop))
+        return out
+
+    def pack_visual(self, crop_tokens: Sequence[torch.Tensor], inputs: Mapping[str, Any]) -> list[torch.Tensor]:
+        """Pack projected crops as the model does: ``pack_image_features`` (unpad + ``image_newline``).
+
+        ``pack_visual([project_visual(f) for f in vision_features(inputs)], inputs)`` equals
+        :meth:`encode_images` (``models/llava_next/modeling_llava_next.py``).
+
+        Parameters
+        ----------
+        crop_tokens : sequence of torch.Tensor
+            Per image ``(num_crops, tokens_per_crop, hidden_size)`` (all crops, before packing).
+        inputs : mapping
+            Processor outputs with ``image_sizes``.
+
+        Returns
+        -------
+        list of torch.Tensor
+            Per image ``(visual_layout(inputs)[i].num_tokens, hidden_size)``.
+        """
+        packed, _ = self.model.model.pack_image_features(
+            list(crop_tokens),
+            inputs["image_sizes"],
+            vision_feature_select_strategy=self.model.config.vision_feature_select_strategy,
+            image_newline=self.model.model.image_newline,
+        )
+        return list(packed)

@@ -34,6 +34,8 @@ from apet_bench.models.base import (
     ModelAdapter,
     ModelConfigError,
     ModelSpec,
+    VisualSegment,
+    VisualSegments,
     hub_offline,
     register_adapter,
 )
@@ -352,6 +354,9 @@ class Qwen25VLAdapter(ModelAdapter):
     (256, 4)
     """
 
+    #: 3-D mRoPE (t, h, w) from ``get_rope_index``; stage 1 keeps each kept token's original position.
+    position_encoding = "mrope-3d"
+
     def __init__(self, **kwargs: Any) -> None:
         self._shrunk = False
         self._expected_positions: torch.Tensor | None = None
@@ -536,6 +541,88 @@ class Qwen25VLAdapter(ModelAdapter):
         out = self.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
         return list(out.pooler_output)
 
+    # ------------------------------------------------------------------ structure for methods
+    @property
+    def vision_tower(self) -> nn.Module:
+        """``model.model.visual`` (window-attention ViT; its ``merger`` is the 2×2 PatchMerger)."""
+        return self.model.model.visual
+
+    def _vision_feature_module(self) -> nn.Module:
+        return self.model.model.visual.merger
+
+    def _split_vision_features(self, captured: list[torch.Tensor], inputs: Mapping[str, Any]) -> list[torch.Tensor]:
+        """Undo the ViT's window permutation (per merge unit of 4 patches), then split per image."""
+        from transformers.vision_utils import get_vision_window_index
+
+        visual = self.model.model.visual
+        grid = inputs["image_grid_thw"]
+        feats = captured[0]  # (N, D_v), merge units in window order
+        unit = int(visual.spatial_merge_size) ** 2
+        window_index, _ = get_vision_window_index(
+            grid, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size, patch_size=visual.patch_size
+        )
+        units = feats.reshape(feats.shape[0] // unit, unit, feats.shape[-1])
+        units = units[torch.argsort(window_index.to(feats.device))]
+        return list(torch.split(units.reshape(feats.shape), grid.prod(-1).tolist()))
+
+    def project_visual(self, features: torch.Tensor) -> torch.Tensor:
+        """The 2×2 PatchMerger (``ln_q`` + MLP over 4 consecutive patches): ``(N, D_v) -> (N / 4, hidden_size)``.
+
+        ``project_visual(vision_features(inputs)[i])`` equals ``encode_images(inputs)[i]``
+        (``Qwen2_5_VisionTransformerPretrainedModel.forward``, ``models/qwen2_5_vl/modeling_qwen2_5_vl.py``).
+
+        Parameters
+        ----------
+        features : torch.Tensor
+            ``(N, D_v)`` pre-merger features in merge-unit order (rows ``4j .. 4j+3`` -> token ``j``).
+
+        Raises
+        ------
+        ValueError
+            If ``features`` is not 2-D or ``N`` is not a multiple of 4.
+        """
+        unit = int(self.model.model.visual.spatial_merge_size) ** 2
+        if features.ndim != 2 or features.shape[0] % unit:
+            raise ValueError(f"Qwen2.5-VL project_visual needs (N, D_v) with N a multiple of {unit}, got {tuple(features.shape)}")
+        return self.model.model.visual.merger(features)
+
+    def visual_segments(self, inputs: Mapping[str, Any]) -> list[VisualSegments]:
+        """One ``"image"`` segment per image: all its tokens, ``grid=(grid_t, grid_h / 2, grid_w / 2)`` in raster order.
+
+        ``grid_t·grid_h·grid_w / 4`` equals :meth:`visual_token_counts`. Positions are 3-D mRoPE
+        (:attr:`position_encoding`): token ``j`` of the grid sits at (t, h, w) = its grid cell, offset
+        by the text before it (``get_rope_index``). See :meth:`ModelAdapter.visual_segments`.
+
+        Parameters
+        ----------
+        inputs : mapping
+            Processor outputs with ``image_grid_thw`` ``(num_images, 3)``; ``input_ids`` optional.
+
+        Returns
+        -------
+        list of VisualSegments
+        """
+        m = int(self.model.config.vision_config.spatial_merge_size)
+        grids = [(int(t), int(h) // m, int(w) // m) for t, h, w in inputs["image_grid_thw"].tolist()]
+        counts = [t * h * w for t, h, w in grids]
+        starts = self._placeholder_starts(inputs, counts)
+        return [
+            VisualSegments(
+                kind="image",
+                index=i,
+                num_tokens=n,
+                segments=(VisualSegment("image", "image", 0, torch.arange(n), g, None, None),),
+                start=starts[i],
+            )
+            for i, (g, n) in enumerate(zip(grids, counts))
+        ]
+
+    def feature_token_map(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
+        """``arange(N) // 4`` per image: each visual token merges 4 consecutive pre-merger patches
+        (a 2×2 block: row ``4j + 2·dy + dx``). See :meth:`ModelAdapter.feature_token_map`."""
+        unit = int(self.model.config.vision_config.spatial_merge_size) ** 2
+        return [torch.arange(int(t * h * w)) // unit for t, h, w in inputs["image_grid_thw"].tolist()]
+
     def apply_visual_stage(
         self, inputs: Mapping[str, Any], method: TokenCompressor
     ) -> tuple[dict[str, Any], list[VisualSelection]]:
@@ -557,7 +644,7 @@ class Qwen25VLAdapter(ModelAdapter):
         """
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        features = self.encode_images(inputs)
+        features = self.stage_one_features(inputs, method)
         selections = select_visual_tokens(method, features)
         shrunk = shrink_placeholder_runs(
             inputs["input_ids"],

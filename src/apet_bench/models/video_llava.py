@@ -40,6 +40,9 @@ from apet_bench.models.base import (
     ModelAdapter,
     ModelConfigError,
     ModelSpec,
+    VisualSegment,
+    VisualSegments,
+    check_image_size,
     hub_offline,
     register_adapter,
 )
@@ -361,6 +364,66 @@ class VideoLlavaAdapter(ModelAdapter):
         )
         return out
 
+    # ------------------------------------------------------------------ structure for methods
+    @property
+    def vision_tower(self) -> nn.Module:
+        """The tower of the current sample's kind: ``model.model.video_tower`` while a video is generated,
+        else ``model.model.image_tower`` (LanguageBind ViT-L/14-224; both feed the same projector)."""
+        return self.model.model.video_tower if self._kind == "video" else self.model.model.image_tower
+
+    def _vision_feature_module(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    def _split_vision_features(self, captured: list[torch.Tensor], inputs: Mapping[str, Any]) -> list[torch.Tensor]:
+        feats = captured[0]
+        pv = inputs.get("pixel_values_videos")
+        if pv is not None:  # (num_videos * num_frames, 257, D_v)
+            return list(feats.reshape(pv.shape[0], pv.shape[1], feats.shape[-2], feats.shape[-1]))
+        return list(feats)  # (num_images, 256, D_v)
+
+    def visual_segments(self, inputs: Mapping[str, Any]) -> list[VisualSegments]:
+        """Per video: ``"frame 0"`` .. ``"frame 7"`` (257 tokens each, CLS first); per image: one ``"image"`` segment.
+
+        Frame ``f`` covers positions ``f·257 .. f·257 + 256`` (:meth:`frame_token_ranges`), its CLS at
+        ``cls_position = f·257``, its 256 patches a ``(1, 16, 16)`` raster grid. See
+        :meth:`ModelAdapter.visual_segments`.
+
+        Parameters
+        ----------
+        inputs : mapping
+            :meth:`prepare_inputs` outputs (``pixel_values_videos`` or ``pixel_values``).
+
+        Returns
+        -------
+        list of VisualSegments
+        """
+        side = int(self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size)
+        grid = (1, side, side)
+        if inputs.get("pixel_values_videos") is not None:
+            num, kind, t = int(inputs["pixel_values_videos"].shape[0]), "video", self.tokens_per_frame
+            n = self.num_video_tokens
+            patches = torch.cat([torch.tensor([-1]), torch.arange(t - 1)])
+            segs = tuple(
+                VisualSegment(f"frame {f}", "frame", f, torch.arange(f * t, (f + 1) * t), grid, patches, f * t)
+                for f in range(self.num_frames)
+            )
+        else:
+            num, kind, n = int(inputs["pixel_values"].shape[0]), "image", self.num_visual_tokens
+            full = self.model.config.vision_feature_select_strategy == "full"
+            patches = torch.arange(side * side)
+            if full:
+                patches = torch.cat([torch.tensor([-1]), patches])
+            segs = (VisualSegment("image", "image", 0, torch.arange(n), grid, patches, 0 if full else None),)
+        starts = self._placeholder_starts(inputs, [n] * num)
+        return [VisualSegments(kind=kind, index=i, num_tokens=n, segments=segs, start=starts[i]) for i in range(num)]
+
+    def feature_token_map(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
+        """Video: ``arange(2056).view(8, 257)``; image: ``arange(256)`` (see :meth:`ModelAdapter.feature_token_map`)."""
+        if inputs.get("pixel_values_videos") is not None:
+            num = int(inputs["pixel_values_videos"].shape[0])
+            return [torch.arange(self.num_video_tokens).view(self.num_frames, self.tokens_per_frame) for _ in range(num)]
+        return [torch.arange(self.num_visual_tokens) for _ in range(int(inputs["pixel_values"].shape[0]))]
+
     # ------------------------------------------------------------------ inputs
     def _to_visual(self, item: Any) -> Any:
         """A PIL image, or a :class:`VideoClip` (a video path is decoded; an image path is opened)."""
@@ -426,12 +489,17 @@ class VideoLlavaAdapter(ModelAdapter):
         Raises
         ------
         ValueError
-            If a video does not have :attr:`num_frames` frames.
+            If a video does not have :attr:`num_frames` frames, or an image / frame has a side below
+            ``patch_size`` (14) px (one line, naming its size).
         """
         from transformers import BatchFeature
 
         if not images:
             return super().prepare_inputs([], prompt)
+        patch = int(self.model.config.vision_config.patch_size)
+        for i, item in enumerate(images):
+            for frame in item.frames if isinstance(item, VideoClip) else [item]:
+                check_image_size(frame, i, patch)
         if not isinstance(images[0], VideoClip):
             # ``return_legacy_image_output=False``: ``pixel_values``, not the deprecated ``pixel_values_images``.
             inputs = self.processor(
@@ -502,7 +570,7 @@ class VideoLlavaAdapter(ModelAdapter):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         is_video = inputs.get("pixel_values_videos") is not None
-        features = self.encode_images(inputs)
+        features = self.stage_one_features(inputs, method)
         selections = select_visual_tokens(method, features)
         shrunk = shrink_placeholder_runs(
             inputs["input_ids"],
