@@ -22,7 +22,12 @@ import torch
 from torch import nn
 
 from apet_bench.methods.base import STAGE_ONE, STAGE_TWO, TokenCompressor, VisualSelection
-from apet_bench.surgery import count_placeholders, select_visual_tokens, shrink_placeholder_runs
+from apet_bench.surgery import (
+    ShrunkSequence,
+    count_placeholders,
+    select_visual_tokens,
+    shrink_placeholder_runs,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from PIL import Image
@@ -46,6 +51,7 @@ __all__ = [
     "get_adapter_class",
     "hub_offline",
     "load_pretrained",
+    "placeholder_prompt_body",
     "register_adapter",
     "resolve_device",
 ]
@@ -234,6 +240,43 @@ def check_image_size(image: Any, index: int, min_side: int) -> None:
         return
     if w < min_side or h < min_side:
         raise ValueError(f"image {index} is {w}x{h} px, smaller than one {min_side}x{min_side} px patch")
+
+
+def placeholder_prompt_body(question: str, num_visuals: int, token: str, block: str, noun: str = "image") -> str:
+    """The user turn's body: ``block`` once per visual before ``question``, or ``question`` as it is.
+
+    A question that already holds ``token`` placeholders is used unchanged (as lmms-eval's HF models
+    do), provided it holds exactly ``num_visuals`` of them.
+
+    Parameters
+    ----------
+    question : str
+    num_visuals : int
+        Number of images (or videos) of the sample.
+    token : str
+        The placeholder counted in ``question``, e.g. ``"<image>"`` or ``"<|image_pad|>"``.
+    block : str
+        What one visual adds before the question, e.g. ``"<image>\n"``.
+    noun : str
+        The visual kind named in the error message.
+
+    Returns
+    -------
+    str
+        ``question`` or ``block * num_visuals + question``.
+
+    Raises
+    ------
+    ValueError
+        ``"question holds {n} {token} placeholder(s) for {num_visuals} {noun}(s)"`` when ``question``
+        holds placeholders, but not ``num_visuals`` of them.
+    """
+    present = question.count(token)
+    if present:
+        if present != num_visuals:
+            raise ValueError(f"question holds {present} {token} placeholder(s) for {num_visuals} {noun}(s)")
+        return question
+    return block * num_visuals + question
 
 
 def check_attn_implementation(attn: str) -> str:
@@ -676,6 +719,27 @@ class ModelAdapter:
         """Load (or build, for ``tiny``) the model and processor described by ``spec``."""
         raise NotImplementedError
 
+    @classmethod
+    def _from_tiny(cls, spec: ModelSpec, model: nn.Module, processor: Any) -> ModelAdapter:
+        """The adapter of a tiny random-weight ``model`` (the ``spec.tiny`` branch of :meth:`from_spec`).
+
+        Moves ``model`` to ``spec.torch_device`` in ``spec.torch_dtype`` (fp32 when unset) and labels
+        its weights ``"random-init tiny <ModelClass> (seed <seed>): a random-weight pipeline check, not
+        an accuracy number"``, with ``is_random_weights=True``.
+
+        Raises
+        ------
+        ModelConfigError
+            When ``visual_tokens`` / ``num_layers`` of ``spec`` do not match the model.
+        """
+        dtype = spec.torch_dtype if spec.torch_dtype is not None else torch.float32
+        model.to(device=spec.torch_device, dtype=dtype)
+        weights = (
+            f"random-init tiny {type(model).__name__} (seed {spec.seed}): "
+            "a random-weight pipeline check, not an accuracy number"
+        )
+        return cls(spec=spec, model=model, processor=processor, weights=weights, is_random_weights=True)
+
     def build_prompt(self, question: str, num_images: int = 1) -> str:  # pragma: no cover - abstract
         """The model's prompt for ``question`` with ``num_images`` image placeholders."""
         raise NotImplementedError
@@ -691,9 +755,14 @@ class ModelAdapter:
         raise NotImplementedError
 
     @property
-    def decoder_layers(self) -> nn.ModuleList:  # pragma: no cover - abstract
-        """The LLM's decoder layers (where stage-2 hooks go)."""
-        raise NotImplementedError
+    def decoder_layers(self) -> nn.ModuleList:
+        """The LLM's decoder layers (where stage-2 hooks go).
+
+        Default: ``model.model.language_model.layers``, where every HF ``*ForConditionalGeneration``
+        here keeps them (Llama decoder layers for the LLaVA families, Qwen2 ones for Qwen2.5-VL);
+        override for another layout.
+        """
+        return self.model.model.language_model.layers
 
     @property
     def num_visual_tokens(self) -> int:  # pragma: no cover - abstract
@@ -961,6 +1030,42 @@ class ModelAdapter:
             inputs = self.processor(text=prompt, return_tensors="pt")
         return inputs.to(self.device, dtype=self.dtype)
 
+    def _select_and_shrink(
+        self, inputs: Mapping[str, Any], method: TokenCompressor, placeholder_id: int | None = None
+    ) -> tuple[list[VisualSelection], ShrunkSequence]:
+        """The shared core of every :meth:`apply_visual_stage`: choose the kept tokens, shrink the runs.
+
+        Features from :meth:`stage_one_features` (recorded on :attr:`visual_context`), the method's
+        choice per visual (:func:`apet_bench.surgery.select_visual_tokens`), then each visual's
+        placeholder run in ``input_ids`` shrunk to its kept count
+        (:func:`apet_bench.surgery.shrink_placeholder_runs`, padding with :attr:`pad_token_id`).
+
+        Parameters
+        ----------
+        inputs : mapping
+            Processor outputs (``input_ids`` ``(1, seq_len)``, optional ``attention_mask``).
+        method : TokenCompressor
+        placeholder_id : int, optional
+            The placeholder whose runs are shrunk; default :attr:`visual_token_id`.
+
+        Returns
+        -------
+        selections : list of VisualSelection
+            One per visual.
+        shrunk : apet_bench.surgery.ShrunkSequence
+        """
+        features = self.stage_one_features(inputs, method)
+        selections = select_visual_tokens(method, features)
+        shrunk = shrink_placeholder_runs(
+            inputs["input_ids"],
+            inputs.get("attention_mask"),
+            self.visual_token_id if placeholder_id is None else placeholder_id,
+            [int(f.shape[0]) for f in features],
+            selections,
+            self.pad_token_id,
+        )
+        return selections, shrunk
+
     def apply_visual_stage(
         self, inputs: Mapping[str, Any], method: TokenCompressor
     ) -> tuple[dict[str, Any], list[VisualSelection]]:
@@ -982,16 +1087,7 @@ class ModelAdapter:
         """
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        features = self.stage_one_features(inputs, method)
-        selections = select_visual_tokens(method, features)
-        shrunk = shrink_placeholder_runs(
-            inputs["input_ids"],
-            inputs.get("attention_mask"),
-            self.visual_token_id,
-            [int(f.shape[0]) for f in features],
-            selections,
-            self.pad_token_id,
-        )
+        selections, shrunk = self._select_and_shrink(inputs, method)
         gen_inputs: dict[str, Any] = {
             k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "pixel_values", "image_sizes")
         }
@@ -1162,12 +1258,18 @@ def get_adapter_class(family: str) -> type[ModelAdapter]:
 
 
 
-def load_pretrained(spec: ModelSpec, model_class: type) -> tuple[nn.Module, Any, str]:
+def load_pretrained(
+    spec: ModelSpec,
+    model_class: type,
+    processor_loader: Callable[[str, Mapping[str, Any], nn.Module], Any] | None = None,
+) -> tuple[nn.Module, Any, str]:
     """Load a real checkpoint and its processor as ``spec`` says (HF cache, pinned revision).
 
     ``model_class.from_pretrained(local_path or hf_id, revision=revision (hub ids only), dtype=...,
-    attn_implementation=..., device_map=<device>)`` and ``AutoProcessor.from_pretrained(same)``, with
-    ``local_files_only=True`` when the hub is offline (:func:`hub_offline`).
+    attn_implementation=..., device_map=<device>)`` and ``AutoProcessor.from_pretrained(same)`` (or
+    ``processor_loader``), with ``local_files_only=True`` for a ``local_path`` or when the hub is
+    offline (:func:`hub_offline`). The one place checkpoints are loaded: adapters whose processor
+    ``AutoProcessor`` cannot build (it would need torchvision) pass a ``processor_loader``.
 
     Parameters
     ----------
@@ -1175,6 +1277,12 @@ def load_pretrained(spec: ModelSpec, model_class: type) -> tuple[nn.Module, Any,
         ``tiny`` must be false.
     model_class : type
         E.g. ``transformers.LlavaForConditionalGeneration``.
+    processor_loader : callable, optional
+        ``processor_loader(source, common_kwargs, model) -> processor``, called after the model is
+        loaded: ``source`` is the local path or hub id, ``common_kwargs`` the ``revision`` /
+        ``local_files_only`` keywords to pass on to every ``from_pretrained``, ``model`` the loaded
+        model (for config values). An ``OSError`` it raises is reported like the model's. Default:
+        ``AutoProcessor.from_pretrained(source, **common_kwargs)``.
 
     Returns
     -------
@@ -1189,8 +1297,6 @@ def load_pretrained(spec: ModelSpec, model_class: type) -> tuple[nn.Module, Any,
     ModelConfigError
         When the checkpoint cannot be found (e.g. offline and not in the HF cache), one line.
     """
-    from transformers import AutoProcessor
-
     offline = hub_offline()
     common: dict[str, Any] = {}
     if spec.local_path is not None:
@@ -1204,6 +1310,8 @@ def load_pretrained(spec: ModelSpec, model_class: type) -> tuple[nn.Module, Any,
             common["revision"] = spec.revision
         if offline:
             common["local_files_only"] = True
+    if processor_loader is None:
+        processor_loader = _auto_processor
     try:
         model = model_class.from_pretrained(
             source,
@@ -1212,7 +1320,7 @@ def load_pretrained(spec: ModelSpec, model_class: type) -> tuple[nn.Module, Any,
             device_map=str(spec.torch_device),
             **common,
         )
-        processor = AutoProcessor.from_pretrained(source, **common)
+        processor = processor_loader(source, common, model)
     except OSError as e:
         where = "offline and not in the HF cache" if offline and spec.local_path is None else "not found"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -1220,3 +1328,10 @@ def load_pretrained(spec: ModelSpec, model_class: type) -> tuple[nn.Module, Any,
             f"cannot load {weights}: {where} ({first}); download it first or set local_path"
         ) from e
     return model.eval(), processor, weights
+
+
+def _auto_processor(source: str, common: Mapping[str, Any], model: nn.Module) -> Any:
+    """``AutoProcessor.from_pretrained(source, **common)`` (the default ``processor_loader``)."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(source, **common)

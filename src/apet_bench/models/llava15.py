@@ -22,11 +22,12 @@ from apet_bench.models.base import (
     VisualSegments,
     check_image_size,
     load_pretrained,
+    placeholder_prompt_body,
     register_adapter,
 )
 from apet_bench.models.tiny import build_tiny_llava15
 
-__all__ = ["VICUNA_V1_SYSTEM", "Llava15Adapter"]
+__all__ = ["VICUNA_V1_SYSTEM", "Llava15Adapter", "vicuna_v1_prompt"]
 
 #: System prompt of the ``vicuna_v1`` conversation template (LLaVA ``llava/conversation.py``,
 #: ``conv_vicuna_v1``), used by the official LLaVA-1.5 evaluation scripts.
@@ -34,6 +35,33 @@ VICUNA_V1_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
+
+
+def vicuna_v1_prompt(question: str, num_images: int = 1, image_token: str = "<image>") -> str:
+    """``"{system} USER: <image>\\n{question} ASSISTANT:"``, the vicuna_v1 prompt of LLaVA-1.5 / 1.6.
+
+    One ``<image>\\n`` per image before the question; a question that already holds ``image_token``
+    placeholders is used as it is (:func:`~apet_bench.models.base.placeholder_prompt_body`).
+
+    Parameters
+    ----------
+    question : str
+    num_images : int
+        Number of ``image_token`` placeholders.
+    image_token : str
+        The processor's image placeholder.
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    ValueError
+        If ``question`` holds placeholders, but not ``num_images`` of them.
+    """
+    body = placeholder_prompt_body(question, num_images, image_token, image_token + "\n")
+    return f"{VICUNA_V1_SYSTEM} USER: {body} ASSISTANT:"
 
 
 @register_adapter("llava15")
@@ -68,24 +96,13 @@ class Llava15Adapter(ModelAdapter):
             model, processor = build_tiny_llava15(
                 spec.tiny_config, seed=spec.seed, attn_implementation=spec.attn_implementation
             )
-            dtype = spec.torch_dtype if spec.torch_dtype is not None else torch.float32
-            model.to(device=spec.torch_device, dtype=dtype)
-            weights = (
-                f"random-init tiny LlavaForConditionalGeneration (seed {spec.seed}): "
-                "a random-weight pipeline check, not an accuracy number"
-            )
-            return cls(spec=spec, model=model, processor=processor, weights=weights, is_random_weights=True)
+            return cls._from_tiny(spec, model, processor)
         from transformers import LlavaForConditionalGeneration
 
         model, processor, weights = load_pretrained(spec, LlavaForConditionalGeneration)
         return cls(spec=spec, model=model, processor=processor, weights=weights, is_random_weights=False)
 
     # ------------------------------------------------------------------ family specifics
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        """``model.model.language_model.layers`` (Llama decoder layers)."""
-        return self.model.model.language_model.layers
-
     @property
     def num_visual_tokens(self) -> int:
         """``(image_size // patch_size)²``, plus 1 with ``vision_feature_select_strategy="full"`` (CLS kept)."""
@@ -122,15 +139,7 @@ class Llava15Adapter(ModelAdapter):
         ValueError
             If ``question`` holds placeholders, but not ``num_images`` of them.
         """
-        image_token = getattr(self.processor, "image_token", "<image>")
-        present = question.count(image_token)
-        if present:
-            if present != num_images:
-                raise ValueError(f"question holds {present} {image_token} placeholder(s) for {num_images} image(s)")
-            body = question
-        else:
-            body = (image_token + "\n") * num_images + question
-        return f"{VICUNA_V1_SYSTEM} USER: {body} ASSISTANT:"
+        return vicuna_v1_prompt(question, num_images, getattr(self.processor, "image_token", "<image>"))
 
     def prepare_inputs(self, images: Sequence[Any], prompt: str) -> Any:
         """Refuse images smaller than one patch, then the shared processor call (:meth:`ModelAdapter.prepare_inputs`).

@@ -42,8 +42,13 @@ from apet_bench.models.base import (
     load_pretrained,
     register_adapter,
 )
-from apet_bench.models.llava15 import VICUNA_V1_SYSTEM
-from apet_bench.models.tiny import TinyLlavaConfig, build_tiny_tokenizer, reinit_weights
+from apet_bench.models.llava15 import vicuna_v1_prompt
+from apet_bench.models.tiny import (
+    TinyLlavaConfig,
+    build_tiny_tokenizer,
+    instantiate_tiny_model,
+    tiny_llava_config_kwargs,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from PIL import Image
@@ -211,13 +216,7 @@ def build_tiny_llava_next(
         fp32, CPU, eval mode.
     processor : transformers.LlavaNextProcessor
     """
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextProcessor,
-    )
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     tc = tiny_config if isinstance(tiny_config, TinyLlavaNextConfig) else TinyLlavaNextConfig.from_mapping(tiny_config)
@@ -237,43 +236,16 @@ def build_tiny_llava_next(
         num_additional_image_tokens=1,
     )
     config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=tc.vision_hidden_size,
-            intermediate_size=tc.vision_intermediate_size,
-            num_hidden_layers=tc.vision_layers,
-            num_attention_heads=tc.vision_heads,
-            image_size=tc.image_size,
-            patch_size=tc.patch_size,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=tc.text_hidden_size,
-            intermediate_size=tc.text_intermediate_size,
-            num_hidden_layers=tc.text_layers,
-            num_attention_heads=tc.heads,
-            num_key_value_heads=tc.kv_heads,
-            max_position_embeddings=tc.max_position_embeddings,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            tie_word_embeddings=False,
-        ),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_grid_pinpoints=[list(p) for p in pinpoints],
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=tc.num_visual_tokens,
-        pad_token_id=tokenizer.pad_token_id,
+        **tiny_llava_config_kwargs(tc, tokenizer), image_grid_pinpoints=[list(p) for p in pinpoints]
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaNextForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
-    reinit_weights(model, tc.init_std, seed)
-    model.eval()
-    gc = model.generation_config
-    gc.pad_token_id = tokenizer.pad_token_id
-    gc.bos_token_id = tokenizer.bos_token_id
-    gc.eos_token_id = tokenizer.eos_token_id
+    model = instantiate_tiny_model(
+        LlavaNextForConditionalGeneration,
+        config,
+        tokenizer,
+        init_std=tc.init_std,
+        seed=seed,
+        attn_implementation=attn_implementation,
+    )
     return model, processor
 
 
@@ -319,13 +291,7 @@ class LlavaNextAdapter(ModelAdapter):
             model, processor = build_tiny_llava_next(
                 spec.tiny_config, seed=spec.seed, attn_implementation=spec.attn_implementation
             )
-            dtype = spec.torch_dtype if spec.torch_dtype is not None else torch.float32
-            model.to(device=spec.torch_device, dtype=dtype)
-            weights = (
-                f"random-init tiny LlavaNextForConditionalGeneration (seed {spec.seed}): "
-                "a random-weight pipeline check, not an accuracy number"
-            )
-            return cls(spec=spec, model=model, processor=processor, weights=weights, is_random_weights=True)
+            return cls._from_tiny(spec, model, processor)
         from transformers import LlavaNextForConditionalGeneration
 
         model, processor, weights = load_pretrained(spec, LlavaNextForConditionalGeneration)
@@ -338,11 +304,6 @@ class LlavaNextAdapter(ModelAdapter):
         return cls(spec=spec, model=model, processor=processor, weights=weights, is_random_weights=False)
 
     # ------------------------------------------------------------------ family specifics
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        """``model.model.language_model.layers`` (Llama decoder layers)."""
-        return self.model.model.language_model.layers
-
     @property
     def patches_per_side(self) -> int:
         """``image_size // patch_size`` of the vision tower (24 for CLIP-336/14)."""
@@ -389,15 +350,7 @@ class LlavaNextAdapter(ModelAdapter):
         ValueError
             If ``question`` holds placeholders, but not ``num_images`` of them.
         """
-        image_token = getattr(self.processor, "image_token", "<image>")
-        present = question.count(image_token)
-        if present:
-            if present != num_images:
-                raise ValueError(f"question holds {present} {image_token} placeholder(s) for {num_images} image(s)")
-            body = question
-        else:
-            body = (image_token + "\n") * num_images + question
-        return f"{VICUNA_V1_SYSTEM} USER: {body} ASSISTANT:"
+        return vicuna_v1_prompt(question, num_images, getattr(self.processor, "image_token", "<image>"))
 
     def prepare_inputs(self, images: Sequence[Image.Image], prompt: str) -> Any:
         """Check the images and the placeholders, then run the processor (see :meth:`ModelAdapter.prepare_inputs`).

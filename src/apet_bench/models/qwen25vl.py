@@ -23,7 +23,7 @@ and a guard on the LLM refuses any forward of a shrunk sequence without them.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,11 +36,11 @@ from apet_bench.models.base import (
     ModelSpec,
     VisualSegment,
     VisualSegments,
-    hub_offline,
+    load_pretrained,
+    placeholder_prompt_body,
     register_adapter,
 )
-from apet_bench.models.tiny import build_tiny_tokenizer, reinit_weights
-from apet_bench.surgery import select_visual_tokens, shrink_placeholder_runs
+from apet_bench.models.tiny import build_tiny_tokenizer, checked_config, instantiate_tiny_model
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from PIL import Image
@@ -138,19 +138,7 @@ class TinyQwen25VLConfig:
         ValueError
             One line naming the bad key or value.
         """
-        cfg = dict(cfg or {})
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(cfg) - set(names))
-        if unknown:
-            raise ValueError(f"unknown tiny_config key(s) {', '.join(unknown)}; accepted: {', '.join(names)}")
-        out = cls(**cfg)
-        for f in fields(out):
-            value = getattr(out, f.name)
-            if f.name == "init_std":
-                if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                    raise ValueError(f"tiny_config init_std {value!r} must be a positive number")
-            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"tiny_config {f.name} {value!r} must be a positive integer")
+        out = checked_config(cls, cfg)
         if out.text_hidden_size % out.heads or out.heads % out.kv_heads or (out.text_hidden_size // out.heads) % 8:
             raise ValueError(
                 f"tiny_config text_hidden_size {out.text_hidden_size}, heads {out.heads}, kv_heads {out.kv_heads} "
@@ -250,15 +238,14 @@ def build_tiny_qwen25vl(
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
-    reinit_weights(model, tc.init_std, seed)
-    model.eval()
-    gc = model.generation_config
-    gc.pad_token_id = tokenizer.pad_token_id
-    gc.bos_token_id = tokenizer.bos_token_id
-    gc.eos_token_id = tokenizer.eos_token_id
+    model = instantiate_tiny_model(
+        Qwen2_5_VLForConditionalGeneration,
+        config,
+        tokenizer,
+        init_std=tc.init_std,
+        seed=seed,
+        attn_implementation=attn_implementation,
+    )
     return model, processor
 
 
@@ -379,13 +366,7 @@ class Qwen25VLAdapter(ModelAdapter):
         if spec.tiny:
             tiny_cfg = {**spec.tiny_config, **pixels}
             model, processor = build_tiny_qwen25vl(tiny_cfg, seed=spec.seed, attn_implementation=spec.attn_implementation)
-            dtype = spec.torch_dtype if spec.torch_dtype is not None else torch.float32
-            model.to(device=spec.torch_device, dtype=dtype)
-            weights = (
-                f"random-init tiny Qwen2_5_VLForConditionalGeneration (seed {spec.seed}): "
-                "a random-weight pipeline check, not an accuracy number"
-            )
-            return cls(spec=spec, model=model, processor=processor, weights=weights, is_random_weights=True)
+            return cls._from_tiny(spec, model, processor)
         min_pixels, max_pixels = _check_pixels(
             pixels.get("min_pixels", PAPER_MIN_PIXELS), pixels.get("max_pixels", PAPER_MAX_PIXELS)
         )
@@ -393,11 +374,6 @@ class Qwen25VLAdapter(ModelAdapter):
         return cls(spec=spec, model=model, processor=processor, weights=weights, is_random_weights=False)
 
     # ------------------------------------------------------------------ family specifics
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        """``model.model.language_model.layers`` (Qwen2 decoder layers)."""
-        return self.model.model.language_model.layers
-
     @property
     def _factor(self) -> int:
         ip = self.processor.image_processor
@@ -497,14 +473,9 @@ class Qwen25VLAdapter(ModelAdapter):
         ValueError
             If ``question`` holds placeholders, but not ``num_images`` of them.
         """
-        pad = "<|image_pad|>"
-        present = question.count(pad)
-        if present:
-            if present != num_images:
-                raise ValueError(f"question holds {present} {pad} placeholder(s) for {num_images} image(s)")
-            body = question
-        else:
-            body = "<|vision_start|><|image_pad|><|vision_end|>" * num_images + question
+        body = placeholder_prompt_body(
+            question, num_images, "<|image_pad|>", "<|vision_start|><|image_pad|><|vision_end|>"
+        )
         return (
             f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n"
             f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
@@ -644,16 +615,7 @@ class Qwen25VLAdapter(ModelAdapter):
         """
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        features = self.stage_one_features(inputs, method)
-        selections = select_visual_tokens(method, features)
-        shrunk = shrink_placeholder_runs(
-            inputs["input_ids"],
-            inputs.get("attention_mask"),
-            self.visual_token_id,
-            [int(f.shape[0]) for f in features],
-            selections,
-            self.pad_token_id,
-        )
+        selections, shrunk = self._select_and_shrink(inputs, method)
         full_mask = inputs.get("attention_mask")
         full_pos, _ = self.model.model.get_rope_index(
             inputs["input_ids"],
@@ -740,10 +702,10 @@ class Qwen25VLAdapter(ModelAdapter):
 def _load_pretrained(spec: ModelSpec, min_pixels: int, max_pixels: int) -> tuple[nn.Module, Any, str]:
     """Load ``Qwen2_5_VLForConditionalGeneration`` and build its processor without torchvision.
 
-    As :func:`apet_bench.models.base.load_pretrained` for the model; the processor is assembled from
-    the checkpoint's tokenizer and ``Qwen2VLImageProcessorPil`` (``size={"shortest_edge": min_pixels,
-    "longest_edge": max_pixels}``) with ``video_processor=None``, because ``AutoProcessor`` would
-    build the torchvision video processor.
+    :func:`apet_bench.models.base.load_pretrained` with a ``processor_loader`` that assembles the
+    processor from the checkpoint's tokenizer and ``Qwen2VLImageProcessorPil`` (``size={"shortest_edge":
+    min_pixels, "longest_edge": max_pixels}``) with ``video_processor=None``, because ``AutoProcessor``
+    would build the torchvision video processor.
 
     Raises
     ------
@@ -753,27 +715,7 @@ def _load_pretrained(spec: ModelSpec, min_pixels: int, max_pixels: int) -> tuple
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    offline = hub_offline()
-    common: dict[str, Any] = {}
-    if spec.local_path is not None:
-        source = spec.local_path
-        weights = f"local:{source}"
-        common["local_files_only"] = True
-    else:
-        source = str(spec.hf_id)
-        weights = f"{source}@{spec.revision or 'main'}"
-        if spec.revision:
-            common["revision"] = spec.revision
-        if offline:
-            common["local_files_only"] = True
-    try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            source,
-            dtype=spec.torch_dtype if spec.torch_dtype is not None else "auto",
-            attn_implementation=spec.attn_implementation,
-            device_map=str(spec.torch_device),
-            **common,
-        )
+    def processor_loader(source: str, common: Mapping[str, Any], model: nn.Module) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
         # min_pixels / max_pixels kwargs too: the checkpoint's preprocessor_config.json holds its own
         # min_pixels / max_pixels (3136 / 12845056), which would override ``size`` otherwise.
@@ -784,14 +726,11 @@ def _load_pretrained(spec: ModelSpec, min_pixels: int, max_pixels: int) -> tuple
             max_pixels=max_pixels,
             **common,
         )
-    except OSError as e:
-        where = "offline and not in the HF cache" if offline and spec.local_path is None else "not found"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelConfigError(f"cannot load {weights}: {where} ({first}); download it first or set local_path") from e
-    processor = _processor_class()(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=None,
-        chat_template=getattr(tokenizer, "chat_template", None),
-    )
-    return model.eval(), processor, weights
+        return _processor_class()(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            chat_template=getattr(tokenizer, "chat_template", None),
+        )
+
+    return load_pretrained(spec, Qwen2_5_VLForConditionalGeneration, processor_loader)

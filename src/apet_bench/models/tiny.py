@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -22,8 +22,15 @@ __all__ = [
     "TinyLlavaConfig",
     "build_tiny_llava15",
     "build_tiny_tokenizer",
+    "checked_config",
+    "instantiate_tiny_model",
     "reinit_weights",
+    "tiny_clip_vision_config",
+    "tiny_llava_config_kwargs",
+    "tiny_llama_text_config",
 ]
+
+_C = TypeVar("_C")
 
 #: Special tokens of the tiny tokenizer; the visual placeholders must be special tokens so a run
 #: ``<image><image>...`` splits into single tokens (transformers-hooks.md §2.1).
@@ -66,6 +73,45 @@ TINY_WORDS: tuple[str, ...] = tuple(
         """.split()
     )
 )
+
+
+def checked_config(cls: type[_C], cfg: Mapping[str, Any] | None) -> _C:
+    """``cls(**cfg)`` for a tiny-config dataclass, with the checks every tiny config shares.
+
+    Rejects keys that are not fields of ``cls``, an ``init_std`` that is not a positive number and
+    any other field that is not a positive integer. Family-specific consistency checks are left to
+    the caller's ``from_mapping``.
+
+    Parameters
+    ----------
+    cls : dataclass type
+        E.g. :class:`TinyLlavaConfig`; every field but ``init_std`` is an integer size.
+    cfg : mapping or None
+        A (possibly partial) mapping; missing keys take the defaults.
+
+    Returns
+    -------
+    instance of ``cls``
+
+    Raises
+    ------
+    ValueError
+        For an unknown key (listing the accepted ones) or a bad value (one line, naming it).
+    """
+    cfg = dict(cfg or {})
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(cfg) - set(names))
+    if unknown:
+        raise ValueError(f"unknown tiny_config key(s) {', '.join(unknown)}; accepted: {', '.join(names)}")
+    out = cls(**cfg)
+    for f in fields(out):
+        value = getattr(out, f.name)
+        if f.name == "init_std":
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"tiny_config init_std {value!r} must be a positive number")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"tiny_config {f.name} {value!r} must be a positive integer")
+    return out
 
 
 @dataclass(frozen=True)
@@ -115,19 +161,7 @@ class TinyLlavaConfig:
         ValueError
             For an unknown key, a non-positive size, or inconsistent sizes (one line, naming them).
         """
-        cfg = dict(cfg or {})
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(cfg) - set(names))
-        if unknown:
-            raise ValueError(f"unknown tiny_config key(s) {', '.join(unknown)}; accepted: {', '.join(names)}")
-        out = cls(**cfg)
-        for f in fields(out):
-            value = getattr(out, f.name)
-            if f.name == "init_std":
-                if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                    raise ValueError(f"tiny_config init_std {value!r} must be a positive number")
-            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"tiny_config {f.name} {value!r} must be a positive integer")
+        out = checked_config(cls, cfg)
         if out.vision_layers < 2:
             raise ValueError(f"tiny_config vision_layers {out.vision_layers} must be >= 2 (LLaVA reads layer -2)")
         if out.image_size % out.patch_size:
@@ -227,6 +261,130 @@ def reinit_weights(model: nn.Module, std: float, seed: int) -> None:
             p.copy_(draw.to(p.dtype))
 
 
+def tiny_clip_vision_config(tc: TinyLlavaConfig) -> Any:
+    """The ``CLIPVisionConfig`` of a tiny LLaVA-style model (transformers-hooks.md §2.2).
+
+    Parameters
+    ----------
+    tc : TinyLlavaConfig
+        Reads ``vision_hidden_size``, ``vision_intermediate_size``, ``vision_layers``,
+        ``vision_heads``, ``image_size`` and ``patch_size``.
+
+    Returns
+    -------
+    transformers.CLIPVisionConfig
+    """
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=tc.vision_hidden_size,
+        intermediate_size=tc.vision_intermediate_size,
+        num_hidden_layers=tc.vision_layers,
+        num_attention_heads=tc.vision_heads,
+        image_size=tc.image_size,
+        patch_size=tc.patch_size,
+    )
+
+
+def tiny_llama_text_config(tc: TinyLlavaConfig, tokenizer: Any) -> Any:
+    """The ``LlamaConfig`` of a tiny LLaVA-style model, vocabulary and special ids from ``tokenizer``.
+
+    Parameters
+    ----------
+    tc : TinyLlavaConfig
+        Reads ``text_hidden_size``, ``text_intermediate_size``, ``text_layers``, ``heads``,
+        ``kv_heads`` and ``max_position_embeddings``.
+    tokenizer : transformers tokenizer
+        From :func:`build_tiny_tokenizer`: ``vocab_size = len(tokenizer)``, pad / bos / eos ids.
+
+    Returns
+    -------
+    transformers.LlamaConfig
+        Untied input and output embeddings.
+    """
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=tc.text_hidden_size,
+        intermediate_size=tc.text_intermediate_size,
+        num_hidden_layers=tc.text_layers,
+        num_attention_heads=tc.heads,
+        num_key_value_heads=tc.kv_heads,
+        max_position_embeddings=tc.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def tiny_llava_config_kwargs(tc: TinyLlavaConfig, tokenizer: Any) -> dict[str, Any]:
+    """Keyword arguments shared by the tiny ``LlavaConfig`` / ``LlavaNextConfig`` / ``VideoLlavaConfig``.
+
+    ``vision_config`` (:func:`tiny_clip_vision_config`), ``text_config`` (:func:`tiny_llama_text_config`),
+    ``image_token_index`` (id of ``<image>``), ``vision_feature_layer=-2``,
+    ``vision_feature_select_strategy="default"``, ``image_seq_length = tc.num_visual_tokens`` and the
+    tokenizer's ``pad_token_id``; each family adds its own (pinpoints, video ids and lengths).
+
+    Parameters
+    ----------
+    tc : TinyLlavaConfig
+    tokenizer : transformers tokenizer
+        From :func:`build_tiny_tokenizer`.
+
+    Returns
+    -------
+    dict
+    """
+    return {
+        "vision_config": tiny_clip_vision_config(tc),
+        "text_config": tiny_llama_text_config(tc, tokenizer),
+        "image_token_index": tokenizer.convert_tokens_to_ids("<image>"),
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "image_seq_length": tc.num_visual_tokens,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def instantiate_tiny_model(
+    model_class: type, config: Any, tokenizer: Any, *, init_std: float, seed: int, attn_implementation: str
+) -> Any:
+    """Build ``model_class`` from ``config`` with seeded random weights, in eval mode.
+
+    ``model_class._from_config(config, attn_implementation=...)`` under ``torch.random.fork_rng``
+    (seeded with ``seed``; the global RNG is left as it was), then :func:`reinit_weights` with
+    ``init_std`` and ``seed``; the generation config takes the pad / bos / eos ids of ``tokenizer``.
+
+    Parameters
+    ----------
+    model_class : type
+        E.g. ``transformers.LlavaForConditionalGeneration``.
+    config : transformers.PretrainedConfig
+    tokenizer : transformers tokenizer
+    init_std : float
+    seed : int
+        Same seed -> identical ``state_dict``.
+    attn_implementation : str
+
+    Returns
+    -------
+    transformers.PreTrainedModel
+        fp32, CPU, eval mode.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class._from_config(config, attn_implementation=attn_implementation)
+    reinit_weights(model, init_std, seed)
+    model.eval()
+    gc = model.generation_config
+    gc.pad_token_id = tokenizer.pad_token_id
+    gc.bos_token_id = tokenizer.bos_token_id
+    gc.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
 def build_tiny_llava15(
     tiny_config: TinyLlavaConfig | Mapping[str, Any] | None = None,
     *,
@@ -257,13 +415,7 @@ def build_tiny_llava15(
         fp32, CPU, eval mode.
     processor : transformers.LlavaProcessor
     """
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     tc = tiny_config if isinstance(tiny_config, TinyLlavaConfig) else TinyLlavaConfig.from_mapping(tiny_config)
@@ -278,41 +430,13 @@ def build_tiny_llava15(
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=tc.vision_hidden_size,
-            intermediate_size=tc.vision_intermediate_size,
-            num_hidden_layers=tc.vision_layers,
-            num_attention_heads=tc.vision_heads,
-            image_size=tc.image_size,
-            patch_size=tc.patch_size,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=tc.text_hidden_size,
-            intermediate_size=tc.text_intermediate_size,
-            num_hidden_layers=tc.text_layers,
-            num_attention_heads=tc.heads,
-            num_key_value_heads=tc.kv_heads,
-            max_position_embeddings=tc.max_position_embeddings,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            tie_word_embeddings=False,
-        ),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=tc.num_visual_tokens,
-        pad_token_id=tokenizer.pad_token_id,
+    config = LlavaConfig(**tiny_llava_config_kwargs(tc, tokenizer))
+    model = instantiate_tiny_model(
+        LlavaForConditionalGeneration,
+        config,
+        tokenizer,
+        init_std=tc.init_std,
+        seed=seed,
+        attn_implementation=attn_implementation,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
-    reinit_weights(model, tc.init_std, seed)
-    model.eval()
-    gc = model.generation_config
-    gc.pad_token_id = tokenizer.pad_token_id
-    gc.bos_token_id = tokenizer.bos_token_id
-    gc.eos_token_id = tokenizer.eos_token_id
     return model, processor

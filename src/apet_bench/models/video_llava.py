@@ -38,16 +38,20 @@ from apet_bench.methods.base import TokenCompressor, VisualSelection
 from apet_bench.models.base import (
     GenerationOutput,
     ModelAdapter,
-    ModelConfigError,
     ModelSpec,
     VisualSegment,
     VisualSegments,
     check_image_size,
-    hub_offline,
+    load_pretrained,
+    placeholder_prompt_body,
     register_adapter,
 )
-from apet_bench.models.tiny import TinyLlavaConfig, build_tiny_tokenizer, reinit_weights
-from apet_bench.surgery import select_visual_tokens, shrink_placeholder_runs
+from apet_bench.models.tiny import (
+    TinyLlavaConfig,
+    build_tiny_tokenizer,
+    instantiate_tiny_model,
+    tiny_llava_config_kwargs,
+)
 
 __all__ = [
     "VideoClip",
@@ -152,13 +156,7 @@ def build_tiny_video_llava(
     ValueError
         For an unknown / non-positive ``tiny_config`` value.
     """
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        VideoLlavaConfig,
-        VideoLlavaForConditionalGeneration,
-        VideoLlavaImageProcessor,
-    )
+    from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration, VideoLlavaImageProcessor
 
     cfg = {**TINY_VIDEO_LLAVA_DEFAULTS, **dict(tiny_config or {})}
     num_frames = cfg.pop("num_frames", DEFAULT_NUM_FRAMES)
@@ -177,44 +175,18 @@ def build_tiny_video_llava(
         num_additional_image_tokens=1,
     )
     config = VideoLlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=tc.vision_hidden_size,
-            intermediate_size=tc.vision_intermediate_size,
-            num_hidden_layers=tc.vision_layers,
-            num_attention_heads=tc.vision_heads,
-            image_size=tc.image_size,
-            patch_size=tc.patch_size,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=tc.text_hidden_size,
-            intermediate_size=tc.text_intermediate_size,
-            num_hidden_layers=tc.text_layers,
-            num_attention_heads=tc.heads,
-            num_key_value_heads=tc.kv_heads,
-            max_position_embeddings=tc.max_position_embeddings,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            tie_word_embeddings=False,
-        ),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        **tiny_llava_config_kwargs(tc, tokenizer),
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=tc.num_visual_tokens,
         video_seq_length=num_frames * (tc.num_visual_tokens + 1),
-        pad_token_id=tokenizer.pad_token_id,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = VideoLlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
-    reinit_weights(model, tc.init_std, seed)
-    model.eval()
-    gc = model.generation_config
-    gc.pad_token_id = tokenizer.pad_token_id
-    gc.bos_token_id = tokenizer.bos_token_id
-    gc.eos_token_id = tokenizer.eos_token_id
+    model = instantiate_tiny_model(
+        VideoLlavaForConditionalGeneration,
+        config,
+        tokenizer,
+        init_std=tc.init_std,
+        seed=seed,
+        attn_implementation=attn_implementation,
+    )
     return model, processor
 
 
@@ -256,22 +228,11 @@ class VideoLlavaAdapter(ModelAdapter):
             model, processor = build_tiny_video_llava(
                 spec.tiny_config, seed=spec.seed, attn_implementation=spec.attn_implementation
             )
-            dtype = spec.torch_dtype if spec.torch_dtype is not None else torch.float32
-            model.to(device=spec.torch_device, dtype=dtype)
-            weights = (
-                f"random-init tiny VideoLlavaForConditionalGeneration (seed {spec.seed}): "
-                "a random-weight pipeline check, not an accuracy number"
-            )
-            return cls(spec=spec, model=model, processor=processor, weights=weights, is_random_weights=True)
+            return cls._from_tiny(spec, model, processor)
         model, processor, weights = _load_pretrained(spec)
         return cls(spec=spec, model=model, processor=processor, weights=weights, is_random_weights=False)
 
     # ------------------------------------------------------------------ geometry
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        """``model.model.language_model.layers`` (Llama decoder layers)."""
-        return self.model.model.language_model.layers
-
     @property
     def _patches_per_frame(self) -> int:
         vc = self.model.config.vision_config
@@ -464,13 +425,7 @@ class VideoLlavaAdapter(ModelAdapter):
         if kind not in ("image", "video"):
             raise ValueError(f"unknown visual kind {kind!r}; use image or video")
         token = getattr(self.processor, f"{kind}_token", f"<{kind}>")
-        present = question.count(token)
-        if present:
-            if present != num_images:
-                raise ValueError(f"question holds {present} {token} placeholder(s) for {num_images} {kind}(s)")
-            body = question
-        else:
-            body = (token + "\n") * num_images + question
+        body = placeholder_prompt_body(question, num_images, token, token + "\n", noun=kind)
         return f"USER: {body} ASSISTANT:"
 
     def prepare_inputs(self, images: Sequence[Any], prompt: str) -> Any:
@@ -570,15 +525,8 @@ class VideoLlavaAdapter(ModelAdapter):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         is_video = inputs.get("pixel_values_videos") is not None
-        features = self.stage_one_features(inputs, method)
-        selections = select_visual_tokens(method, features)
-        shrunk = shrink_placeholder_runs(
-            inputs["input_ids"],
-            inputs.get("attention_mask"),
-            self.video_token_id if is_video else self.image_token_id,
-            [int(f.shape[0]) for f in features],
-            selections,
-            self.pad_token_id,
+        selections, shrunk = self._select_and_shrink(
+            inputs, method, self.video_token_id if is_video else self.image_token_id
         )
         drop = ("input_ids", "attention_mask", "pixel_values", "pixel_values_videos", "pixel_values_images")
         gen_inputs: dict[str, Any] = {k: v for k, v in inputs.items() if k not in drop}
@@ -642,11 +590,12 @@ class VideoLlavaAdapter(ModelAdapter):
 def _load_pretrained(spec: ModelSpec) -> tuple[nn.Module, Any, str]:
     """Load ``VideoLlavaForConditionalGeneration`` and build its processor without torchvision.
 
-    As :func:`apet_bench.models.base.load_pretrained` for the model (``hf_id@revision`` or
-    ``local_path``, ``local_files_only`` when offline); the processor is assembled from the checkpoint's
-    tokenizer and ``VideoLlavaImageProcessor`` with :func:`make_video_llava_processor` (``patch_size``
-    and ``vision_feature_select_strategy`` from the model config, ``num_additional_image_tokens=1``),
-    because ``AutoProcessor`` would build the torchvision video processor.
+    :func:`apet_bench.models.base.load_pretrained` (``hf_id@revision`` or ``local_path``,
+    ``local_files_only`` when offline) with a ``processor_loader`` that assembles the processor from
+    the checkpoint's tokenizer and ``VideoLlavaImageProcessor`` with :func:`make_video_llava_processor`
+    (``patch_size`` and ``vision_feature_select_strategy`` from the model config,
+    ``num_additional_image_tokens=1``), because ``AutoProcessor`` would build the torchvision video
+    processor.
 
     Raises
     ------
@@ -655,38 +604,15 @@ def _load_pretrained(spec: ModelSpec) -> tuple[nn.Module, Any, str]:
     """
     from transformers import AutoTokenizer, VideoLlavaForConditionalGeneration, VideoLlavaImageProcessor
 
-    offline = hub_offline()
-    common: dict[str, Any] = {}
-    if spec.local_path is not None:
-        source = spec.local_path
-        weights = f"local:{source}"
-        common["local_files_only"] = True
-    else:
-        source = str(spec.hf_id)
-        weights = f"{source}@{spec.revision or 'main'}"
-        if spec.revision:
-            common["revision"] = spec.revision
-        if offline:
-            common["local_files_only"] = True
-    try:
-        model = VideoLlavaForConditionalGeneration.from_pretrained(
-            source,
-            dtype=spec.torch_dtype if spec.torch_dtype is not None else "auto",
-            attn_implementation=spec.attn_implementation,
-            device_map=str(spec.torch_device),
-            **common,
-        )
+    def processor_loader(source: str, common: Mapping[str, Any], model: nn.Module) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
         image_processor = VideoLlavaImageProcessor.from_pretrained(source, **common)
-    except OSError as e:
-        where = "offline and not in the HF cache" if offline and spec.local_path is None else "not found"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelConfigError(f"cannot load {weights}: {where} ({first}); download it first or set local_path") from e
-    processor = make_video_llava_processor(
-        image_processor,
-        tokenizer,
-        patch_size=model.config.vision_config.patch_size,
-        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-        num_additional_image_tokens=1,
-    )
-    return model.eval(), processor, weights
+        return make_video_llava_processor(
+            image_processor,
+            tokenizer,
+            patch_size=model.config.vision_config.patch_size,
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+            num_additional_image_tokens=1,
+        )
+
+    return load_pretrained(spec, VideoLlavaForConditionalGeneration, processor_loader)
