@@ -35,12 +35,12 @@ def test_defaults():
 
 
 def test_paper_command_parses_and_reports_not_available():
-    cfg = compose(["model=qwen25vl", "method=apet", "budget=0.1"])
-    assert cfg.budget == 0.1 and cfg.model.name == "qwen25vl" and cfg.method.name == "apet"
+    cfg = compose(["model=qwen25vl", "method=fastv", "budget=0.1"])
+    assert cfg.budget == 0.1 and cfg.model.name == "qwen25vl" and cfg.method.name == "fastv"
     with pytest.raises(NotAvailableError) as ei:
         check_available(OmegaConf.to_container(cfg, resolve=True))
     msg = str(ei.value)
-    assert "\n" not in msg and "apet" in msg and "qwen25vl" not in msg and "issue #" in msg
+    assert "\n" not in msg and "fastv" in msg and "qwen25vl" not in msg and "issue #" in msg
 
 
 @pytest.mark.parametrize("override,bad", [("model=foo", "foo"), ("method=none,bogus", "bogus"),

@@ -1,8 +1,8 @@
 """Visual-token compression methods: the ``TokenCompressor`` base class, its registry, and the built-ins.
 
-Built-in methods: ``none`` (:class:`NoCompression`) and ``random`` (:class:`RandomCompressor`). ApET
-and the five baselines (``apet_bench.baselines``, imported lazily by the registry) register themselves
-with :func:`register_method`.
+Built-in methods: ``none`` (:class:`NoCompression`), ``random`` (:class:`RandomCompressor`) and ``apet``
+(:class:`ApETCompressor`, the paper's method). The five baselines (``apet_bench.baselines``, imported
+lazily by the registry) register themselves with :func:`register_method`.
 
 Examples
 --------
@@ -13,6 +13,7 @@ True
 0.25
 """
 
+from apet_bench.methods.apet import ApETCompressor
 from apet_bench.methods.base import (
     STAGE_ONE,
     STAGE_TWO,
@@ -29,6 +30,7 @@ from apet_bench.methods.none import NoCompression
 from apet_bench.methods.random import RandomCompressor
 
 __all__ = [
+    "ApETCompressor",
     "STAGES",
     "STAGE_ONE",
     "STAGE_TWO",
