@@ -42,7 +42,9 @@ def main(cfg: DictConfig):
     choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
     try:
         outcome = execute(cfg, choices=choices)
-    except (ConfigError, BudgetError, DataError) as exc:
+    except (ConfigError, BudgetError, DataError, ValueError) as exc:
+        # Bad input: our ValueErrors (model/method config, data, budget) carry one-line messages;
+        # anything raised inside an evaluation comes wrapped as EvaluationError instead.
         _fail("error", exc, 2)
     except EvaluationError as exc:
         name = f"{choices.get('model')}/{choices.get('method')}/{cfg.get('budget')}/{choices.get('benchmark')}"

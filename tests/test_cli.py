@@ -46,6 +46,8 @@ def assert_nothing_written(tmp_path):
         (["method=random", "benchmark=mme", "data_root=/nonexistent/benchmarks"], "/nonexistent/benchmarks"),
         (["method=random", "benchmark=mme", f"data_root={REPO / 'configs'}"], str(REPO / "configs")),
         (["on_corrupt_image=maybe"], "maybe"),
+        (["model=qwen25vl", "method=none"], "Qwen/Qwen2.5-VL-7B-Instruct"),  # real weights absent offline
+        (["method=random", "method.params.stage=sideways"], "sideways"),
     ],
 )
 def test_bad_input_one_line_error_and_nothing_written(tmp_path, args, needle):
