@@ -528,3 +528,46 @@ def test_flash_style_2d_masks(flash_like, images):
         for c in configs.values():
             c._attn_implementation_internal = FAKE_FLASH
     torch.testing.assert_close(cap.probs, ref, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------- position renumbering (official ApET)
+@dataclass
+class EveryNthRenumbered(EveryNthLLM):
+    renumber_positions: ClassVar[bool] = True
+
+
+@dataclass
+class KeepAllRenumbered(KeepAllLLM):
+    renumber_positions: ClassVar[bool] = True
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_renumbered_positions_cached_equals_uncached(tiny_llava15, tiny_llava15_eager, images, attn):
+    """methods.md §1.4: layers >= K see positions 0..L'-1 at prefill and decode positions shifted down by
+    the removed count. Uncached generation renumbers every step's prefill, so it must agree with the
+    cached run; keeping everything changes nothing; dropping changes the logits vs original positions."""
+    adapter = tiny_llava15 if attn == "sdpa" else tiny_llava15_eager
+    image = images[:1]
+    base = adapter.generate(image, QUESTION, GEN)
+    same = adapter.generate(image, QUESTION, GEN, KeepAllRenumbered(layer=2))
+    assert same.output_ids == base.output_ids
+    assert_logits_equal(same.logits, base.logits)
+    cached = adapter.generate(image, QUESTION, GEN, EveryNthRenumbered(layer=2))
+    uncached = adapter.generate(image, QUESTION, {**GEN, "use_cache": False}, EveryNthRenumbered(layer=2))
+    assert cached.output_ids == uncached.output_ids
+    assert_logits_close(cached.logits, uncached.logits)
+    assert cached.kv_cache_tokens == expected_kv(cached)
+    original = adapter.generate(image, QUESTION, GEN, EveryNthLLM(layer=2))
+    assert not torch.allclose(original.logits[0], cached.logits[0], atol=1e-4)
+
+
+def test_renumbering_rejected_for_mrope():
+    from omegaconf import OmegaConf
+
+    from apet_bench.config import compose
+    from apet_bench.llm_surgery import LLMStageSurgery
+
+    cfg = compose(["model=tiny_qwen25vl"])
+    qwen = load_model(OmegaConf.to_container(cfg.model, resolve=True))
+    with pytest.raises(ValueError, match="1-D RoPE"):
+        LLMStageSurgery(qwen, EveryNthRenumbered(layer=2))

@@ -226,6 +226,18 @@ class LLMStageSurgery:
                         "(at or after the previous drop, before this one)"
                     )
                 self._requests[k] = req
+        self._renumber = bool(getattr(method, "renumber_positions", False))
+        self._rotary = None
+        if self._renumber:
+            if getattr(adapter, "position_encoding", "rope-1d") != "rope-1d":
+                raise ValueError(
+                    f"method {method.name!r}: renumber_positions needs 1-D RoPE, model {adapter.name!r} uses "
+                    f"{adapter.position_encoding}"
+                )
+            lm = getattr(getattr(adapter.model, "model", None), "language_model", None)
+            self._rotary = getattr(lm, "rotary_emb", None)
+            if self._rotary is None:
+                raise ValueError(f"method {method.name!r}: renumber_positions cannot find the LLM's rotary embedding")
         self._handles: list[Any] = []
         self._captures: dict[int, AttentionRowCapture] = {}
         self.kept_positions: dict[int, torch.Tensor] = {}
@@ -312,12 +324,19 @@ class LLMStageSurgery:
         self.layer_lengths[i] = int(idx.shape[1])
         full = self._full_len
         new = dict(kwargs)
+        # Positions: gathered at the kept columns (original positions), or, with renumbering, the
+        # first L' columns' positions (0..L'-1 for an unpadded row: the compacted numbering).
+        pos_idx = idx
+        if self._renumber:
+            if idx.shape[0] != 1:
+                raise ValueError("renumber_positions supports batch size 1 (as the official code)")
+            pos_idx = torch.arange(idx.shape[1], device=idx.device).unsqueeze(0)
         pe = kwargs.get("position_embeddings")
         if pe is not None:
-            new["position_embeddings"] = tuple(_gather_positional(t, idx, full) for t in pe)
+            new["position_embeddings"] = tuple(_gather_positional(t, pos_idx, full) for t in pe)
         pos = kwargs.get("position_ids")
         if isinstance(pos, torch.Tensor):
-            new["position_ids"] = _gather_positional(pos, idx, full)
+            new["position_ids"] = _gather_positional(pos, pos_idx, full)
         mask = kwargs.get("attention_mask")
         if mask is not None:
             new["attention_mask"] = _gather_mask_prefill(mask, idx, full)
@@ -359,9 +378,20 @@ class LLMStageSurgery:
         idx = self._layer_index.get(i)
         if idx is None:
             return None  # no drop happened at prefill (no visual tokens)
+        new = dict(kwargs)
+        if self._renumber:
+            # Decode positions follow the compacted cache: shift by the tokens removed before this layer.
+            removed = int(self._full_len or 0) - int(idx.shape[1])
+            pos = kwargs.get("position_ids")
+            hidden_states = args[0] if args else kwargs["hidden_states"]
+            if not isinstance(pos, torch.Tensor):
+                raise ValueError(f"renumber_positions: decoder layer {i} received no position_ids to shift")
+            shifted = pos - removed
+            new["position_ids"] = shifted
+            new["position_embeddings"] = self._rotary(hidden_states, position_ids=shifted)
         mask = kwargs.get("attention_mask")
         if mask is None:
-            return None
+            return (args, new) if self._renumber else None
         if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 4):
             raise ValueError(f"stage-2 surgery: unsupported attention mask {type(mask).__name__} at layer {i}")
         full = int(self._full_len or 0)
@@ -375,7 +405,6 @@ class LLMStageSurgery:
             )
         tail = torch.arange(full, full + extra, device=idx.device).expand(idx.shape[0], extra)
         cols = torch.cat([idx, tail], dim=1)
-        new = dict(kwargs)
         new["attention_mask"] = gather_seq(mask, cols, -1)
         return args, new
 

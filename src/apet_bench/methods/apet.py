@@ -142,15 +142,16 @@ class ApETCompressor(TokenCompressor):
        (official ``randint``) vs without replacement (paper). :func:`apet_bench.apet.select_basis`.
     7. ``M`` is clamped to ``K - 1`` (official: one merge target must remain) or ``K`` (paper).
 
+    Positions after the LLM stage (LLaVA family, methods.md §1.4 [code]): official renumbers the
+    compacted sequence contiguously (``0..L'-1``) for layers ≥ K and shifts decode positions down by the
+    removed count (:attr:`renumber_positions`, implemented by :mod:`apet_bench.llm_surgery`); paper keeps
+    each kept token's original RoPE position (the paper does not say; FastV semantics).
+
     Same in both variants (official choices the paper leaves open): ridge normal-equation solve in fp32
     with ε = 1e-5, unnormalised features, cosine-similarity merge with a plain mean (§1.8).
 
     Not implemented (differences from the official code that remain):
 
-    * Positions after the LLM stage on the LLaVA family: official renumbers the compacted sequence
-      contiguously (``0..L'-1``) for layers ≥ 16 and shifts decode positions (§1.4); the shared
-      stage-2 surgery (:mod:`apet_bench.llm_surgery`) keeps each kept token's original RoPE position
-      (FastV semantics). Needs a renumbering option in the surgery.
     * Official FPS runs in fp16 at the LLaVA vision stage and starts unseeded; here fp32 and seeded
       (:func:`apet_bench.apet.fps`, §1.8, §7.5).
     * §1.4 says the official LLM stage hard-wires FPS; ``basis`` applies to both stages here.
@@ -199,6 +200,11 @@ class ApETCompressor(TokenCompressor):
     def official(self) -> bool:
         """Whether :attr:`variant` is ``"official"``."""
         return self.variant == "official"
+
+    @property  # type: ignore[override]
+    def renumber_positions(self) -> bool:  # type: ignore[override]
+        """Official: positions renumbered after the LLM stage (methods.md §1.4); paper: original positions."""
+        return self.official
 
     @property  # type: ignore[override]
     def needs_vision_features(self) -> bool:  # type: ignore[override]

@@ -167,6 +167,11 @@ class TokenCompressor:
     #: (``self.visual_context.vision_features``, ``ModelAdapter.vision_features``); the adapter then
     #: records them in the same vision-tower pass as the visual tokens (``ModelAdapter.stage_one_features``).
     needs_vision_features: ClassVar[bool] = False
+    #: Stage 2 only. False (default, FastV semantics): kept tokens keep their original RoPE positions.
+    #: True (the official ApET / PDrop-style LLaVA code, methods.md §1.4): from each drop layer on, the
+    #: shortened sequence is renumbered 0..L'-1 at prefill and decode positions are shifted down by the
+    #: number of removed tokens. 1-D RoPE families only; see :class:`apet_bench.llm_surgery.LLMStageSurgery`.
+    renumber_positions: ClassVar[bool] = False
 
     budget: int | float | None = None
     seed: int = 0
