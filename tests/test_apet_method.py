@@ -255,3 +255,30 @@ def test_end_to_end(tmp_path, model, budget, bench):
             assert layers == [int(0.3 * s["visual_tokens_in"])] * 4
         else:
             assert layers == [264] * 4
+
+
+def test_official_llm_stage_always_uses_fps(monkeypatch):
+    """methods.md §1.4: the official LLM stage hard-wires FPS whatever ``basis`` says; paper follows it."""
+    from conftest import make_image
+    from omegaconf import OmegaConf
+
+    import apet_bench.methods.apet as apet_mod
+    from apet_bench.config import compose
+    from apet_bench.methods import build_method
+    from apet_bench.models import load_model
+
+    seen = []
+    real = apet_mod.apet_compress
+
+    def spy(x, keep, **kw):
+        seen.append((kw.get("basis"), kw.get("basis_slot_order")))
+        return real(x, keep, **kw)
+
+    monkeypatch.setattr(apet_mod, "apet_compress", spy)
+    adapter = load_model(OmegaConf.to_container(compose(["model=tiny_llava15"]).model, resolve=True))
+    for variant, llm_basis in (("official", "fps"), ("paper", "random")):
+        seen.clear()
+        method = build_method("apet", budget=64, variant=variant, basis="random")
+        adapter.generate([make_image(1)], "What is it?", {"max_new_tokens": 2}, method)
+        assert seen[0][0] == "random"  # vision stage follows `basis` in both variants
+        assert seen[-1][0] == llm_basis, (variant, seen)

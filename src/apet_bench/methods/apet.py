@@ -147,6 +147,9 @@ class ApETCompressor(TokenCompressor):
     removed count (:attr:`renumber_positions`, implemented by :mod:`apet_bench.llm_surgery`); paper keeps
     each kept token's original RoPE position (the paper does not say; FastV semantics).
 
+    Basis sampling (``basis``, Table 5): official applies it to the vision stage only, the LLM stage
+    hard-wires FPS (methods.md §1.4 [code]); paper applies it at both stages.
+
     Same in both variants (official choices the paper leaves open): ridge normal-equation solve in fp32
     with ε = 1e-5, unnormalised features, cosine-similarity merge with a plain mean (§1.8).
 
@@ -154,7 +157,6 @@ class ApETCompressor(TokenCompressor):
 
     * Official FPS runs in fp16 at the LLaVA vision stage and starts unseeded; here fp32 and seeded
       (:func:`apet_bench.apet.fps`, §1.8, §7.5).
-    * §1.4 says the official LLM stage hard-wires FPS; ``basis`` applies to both stages here.
     * Batch size 1 (as the official code): rows of a batch must keep the same counts.
 
     Examples
@@ -272,9 +274,11 @@ class ApETCompressor(TokenCompressor):
             counts.append(n)
         return counts
 
-    def _apet(self, x: torch.Tensor, keep: int, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _apet(
+        self, x: torch.Tensor, keep: int, *, basis: str | None = None, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, kept, _ = apet_compress(
-            x, keep, num_basis=self.num_basis, basis=self.basis, variant=self.variant,  # type: ignore[arg-type]
+            x, keep, num_basis=self.num_basis, basis=basis or self.basis, variant=self.variant,  # type: ignore[arg-type]
             generator=self._generator, **kwargs,
         )
         return tokens, kept
@@ -471,6 +475,7 @@ class ApETCompressor(TokenCompressor):
             kwargs: dict[str, Any] = {"ridge": ridge}
             if self.official:
                 kwargs["basis_slot_order"] = "rank"  # LLaVA LLM stage: index assignment (methods.md §1.2)
+                kwargs["basis"] = "fps"  # the official LLM stage hard-wires FPS (methods.md §1.4)
             tokens, kept = self._apet(x[:span].unsqueeze(0), k_span, **kwargs)
             keep_rows.append(torch.cat([pos[:span][kept[0]], pos[span:]]))
             hid_rows.append(torch.cat([tokens[0], x[span:]]))
