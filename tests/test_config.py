@@ -10,6 +10,7 @@ from apet_bench.config import (
     check_available,
     check_group_overrides,
     compose,
+    config_dir,
     group_options,
 )
 
@@ -54,4 +55,6 @@ def test_unknown_group_option(override, bad):
 def test_demo_experiment_sweeps_none_and_random():
     cfg = compose(["experiment=demo"])
     assert cfg.model.name == "tiny_llava15" and cfg.benchmark.name == "demo"
-    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" if "hydra" in cfg else True
+    raw = OmegaConf.load(config_dir() / "experiment" / "demo.yaml")
+    assert raw.hydra.mode == "MULTIRUN"
+    assert raw.hydra.sweeper.params.method.split(",") == ["none", "random"]

@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -104,4 +103,3 @@ def test_provenance_fields():
     assert prov["packages"]["transformers"] == "5.23.0"
     assert prov["packages"]["lmms-eval"] == "0.7.3"
     assert prov["python"].count(".") == 2
-    assert os.path.isdir(os.path.dirname(__file__))

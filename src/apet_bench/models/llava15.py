@@ -91,8 +91,6 @@ class Llava15Adapter(ModelAdapter):
             For a bad ``tiny_config``.
         """
         if spec.tiny:
-            from transformers import LlavaForConditionalGeneration  # noqa: F401  (import cost up front)
-
             model, processor = build_tiny_llava15(
                 spec.tiny_config, seed=spec.seed, attn_implementation=spec.attn_implementation
             )
