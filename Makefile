@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.apet-bench-installed
 
-.PHONY: install run test lint clean-runs
+.PHONY: install run test lint clean-runs tables table1 table2 table3 table4 table5 table6 table7
 
 install: $(STAMP)
 
@@ -17,6 +17,24 @@ run: $(STAMP)
 ## The test suite (offline; uses ../shared/benchmarks when present).
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
+
+## Paper tables. `make table1 ARGS="model=tiny_llava15 data_root=../shared/benchmarks"`: run the
+## experiment's sweep (finished runs are skipped), then aggregate results/runs/ into the table.
+## ARGS are extra Hydra overrides for the sweep; TABLE_ARGS extra options for the aggregator.
+ARGS ?=
+TABLE_ARGS ?=
+table1 table2 table3 table4 table5 table6: $(STAMP)
+	$(PY) run.py experiment=$@ $(ARGS) || true
+	$(PY) -m apet_bench.tables $@ $(TABLE_ARGS)
+
+## Table 7 (efficiency): meta-device TFLOPs everywhere, GPU timing where a GPU is present.
+table7: $(STAMP)
+	$(PY) -m apet_bench.tables.table7 $(TABLE_ARGS)
+
+## Aggregate only (every table from results/runs/, plus the accuracy-efficiency plots).
+tables: $(STAMP)
+	$(PY) -m apet_bench.tables all $(TABLE_ARGS)
+	$(PY) -m apet_bench.plots $(TABLE_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src baselines tests run.py
