@@ -37,6 +37,7 @@ __all__ = [
     "ROWS_ATTN_IMPLEMENTATION",
     "AttentionRequest",
     "AttentionRowCapture",
+    "attention_backends",
     "attention_rows",
     "resolve_rows",
 ]
@@ -312,3 +313,51 @@ class AttentionRowCapture:
         self.rows_index = rows
         if self.callback is not None:
             self.callback(probs)
+
+
+def _impl_of(module: nn.Module) -> str | None:
+    cfg = getattr(module, "config", None)
+    impl = getattr(cfg, "_attn_implementation", None) if cfg is not None else None
+    capture = getattr(module, _CAPTURE_ATTR, None)
+    if capture is not None and capture._original_config is not None:
+        inner = capture._original_config._attn_implementation or "eager"
+        return f"{inner} + rows {capture.rows!r} recomputed ({ROWS_ATTN_IMPLEMENTATION})"
+    return impl
+
+
+def attention_backends(adapter: ModelAdapter, method: Any = None) -> dict[str, Any]:
+    """Which attention backend every layer used, read from the modules themselves.
+
+    Call it while the method's hooks are attached (``ModelAdapter.generate`` does, right after
+    ``generate``), so that a layer wrapped by :class:`AttentionRowCapture` shows as such.
+
+    Parameters
+    ----------
+    adapter : ModelAdapter
+        Gives ``decoder_layers`` and ``vision_tower``.
+    method : TokenCompressor, optional
+        Its :attr:`~apet_bench.methods.TokenCompressor.attention_notes` (attention it computes itself,
+        e.g. VisionZip's [CLS] row) are copied under ``"method_computed"``.
+
+    Returns
+    -------
+    dict
+        ``{"llm_layers": [str, ...] (num_layers,), "vision_layers": [str, ...] (one per attention module
+        of the vision tower, in module order), "method_computed": [dict, ...]}``. A decoder layer whose
+        rows are recomputed reads e.g. ``"sdpa + rows 'last' recomputed (apet_bench_rows)"``; every other
+        entry is the transformers ``_attn_implementation`` in force (``"sdpa"``, ``"eager"``,
+        ``"flash_attention_2"``).
+    """
+    llm = [_impl_of(layer.self_attn) if hasattr(layer, "self_attn") else None for layer in adapter.decoder_layers]
+    vision: list[str | None] = []
+    try:
+        tower = adapter.vision_tower
+    except Exception:  # noqa: BLE001 - adapters without a separate tower
+        tower = None
+    if tower is not None:
+        for name, mod in tower.named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("self_attn", "attn") and hasattr(mod, "config"):
+                vision.append(_impl_of(mod))
+    notes = [dict(n) for n in getattr(method, "attention_notes", None) or []]
+    return {"llm_layers": llm, "vision_layers": vision, "method_computed": notes}

@@ -214,6 +214,17 @@ def _token_summary(records: list[dict[str, Any]], budget: Any, visual_tokens: in
     return out
 
 
+def _attention_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The per-layer attention backends of the run (``GenerationOutput.attention_backends``): the first
+    sample's, with ``"consistent": False`` if any sample differed."""
+    seen = [r.get("attention_backends") for r in records if r.get("attention_backends")]
+    if not seen:
+        return None
+    first = dict(seen[0])
+    first["consistent"] = all(s == seen[0] for s in seen)
+    return first
+
+
 def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None = None) -> RunOutcome:
     """Run one configuration end to end, or skip it when already finished.
 
@@ -260,7 +271,7 @@ def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None 
     samples = []
     for s in results.pop("samples")[task.task_name]:
         row = {k: v for k, v in s.items() if k not in ("arguments", "doc", "doc_hash")}
-        row.update({k: v for k, v in by_doc.get(s["doc_id"], {}).items() if k not in ("task", "doc_id")})
+        row.update({k: v for k, v in by_doc.get(s["doc_id"], {}).items() if k not in ("task", "doc_id", "attention_backends")})
         samples.append(row)
     samples.sort(key=lambda r: r["doc_id"])
     task_res = results["results"][task.task_name]
@@ -289,6 +300,7 @@ def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None 
         "random_weights": provenance.get("random_weights"),
         "device": provenance.get("device"),
         "attn_implementation": provenance.get("attn_implementation"),
+        "attention_backends": _attention_summary(records),
         "eval_s": round(eval_s, 3),
         "wall_s": round(time.perf_counter() - t0, 3),
         "note": RANDOM_WEIGHTS_NOTE if provenance.get("random_weights") else None,

@@ -85,6 +85,7 @@ class SampleRecord:
     kept_indices: list[list[int]] | None = None
     planned_layer_visual_tokens: list[int] | None = None
     kv_cache_tokens: list[int] | None = None
+    attention_backends: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -207,6 +208,7 @@ class ApetBenchLMM(lmms):
                         kept_indices=out.kept_indices,
                         planned_layer_visual_tokens=getattr(out, "planned_layer_visual_tokens", None),
                         kv_cache_tokens=getattr(out, "kv_cache_tokens", None),
+                        attention_backends=getattr(out, "attention_backends", None),
                     )
                 )
                 answers.append(text)

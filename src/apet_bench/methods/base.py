@@ -178,6 +178,9 @@ class TokenCompressor:
 
     _adapter: Any = field(default=None, init=False, repr=False, compare=False)
     _hook_handles: list[RemovableHandle] = field(default_factory=list, init=False, repr=False, compare=False)
+    #: Attention the method computes itself besides the model's backend (one entry per distinct use),
+    #: filled through :meth:`note_attention`; recorded per sample in ``GenerationOutput.attention_backends``.
+    attention_notes: list[dict[str, Any]] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.budget is not None:
@@ -240,6 +243,31 @@ class TokenCompressor:
         if self._adapter is None:
             return None
         return getattr(self._adapter, "visual_context", None)
+
+    def note_attention(self, component: str, layer: int, rows: str, how: str) -> None:
+        """Record attention probabilities the method computes itself (beside the model's backend).
+
+        Parameters
+        ----------
+        component : str
+            ``"vision"`` (vision encoder) or ``"llm"`` (decoder).
+        layer : int
+            Layer index in that component (negative = from the end, as the official code writes it).
+        rows : str
+            Which query rows, e.g. ``"[CLS]"``, ``"last"``, ``"text raters"``.
+        how : str
+            How they are computed, e.g. ``"q.k^T softmax of those rows only; layer output on sdpa"``.
+
+        Raises
+        ------
+        ValueError
+            For a ``component`` other than ``"vision"`` / ``"llm"``.
+        """
+        if component not in ("vision", "llm"):
+            raise ValueError(f"attention component {component!r} is not 'vision' or 'llm'")
+        note = {"component": component, "layer": int(layer), "rows": str(rows), "how": str(how)}
+        if note not in self.attention_notes:
+            self.attention_notes.append(note)
 
     def reset(self) -> None:
         """Reset per-run state (random generators, counters); called when the context is entered."""

@@ -359,6 +359,9 @@ class GenerationOutput:
         visual tokens entering the LLM; equals ``layer_visual_tokens`` when the method keeps its plan.
     num_images : int
         Images in the sample.
+    attention_backends : dict or None
+        Which attention backend every decoder layer and vision-tower attention module used, and the
+        attention the method computed itself (:func:`apet_bench.attention.attention_backends`).
     logits : tuple of torch.Tensor or None
         Per generated token, ``(batch_size, vocab_size)`` logits, when ``output_logits=True`` was in
         ``generate_kwargs``; left out of :meth:`to_dict`.
@@ -377,6 +380,7 @@ class GenerationOutput:
     kv_cache_tokens: list[int] | None = None
     planned_layer_visual_tokens: list[int] | None = None
     num_images: int = 1
+    attention_backends: dict[str, Any] | None = None
     logits: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
 
     @property
@@ -1178,6 +1182,9 @@ class ModelAdapter:
                     gen_inputs = dict(inputs)
                 out = self.model.generate(**gen_inputs, **kwargs)
                 t1 = self._clock()
+                from apet_bench.attention import attention_backends
+
+                backends = attention_backends(self, method)  # hooks and row captures still attached
                 ctx = self.visual_context
                 if ctx is not None:  # release per-sample tensors; segments and inputs stay readable
                     ctx.visual_tokens = None
@@ -1224,6 +1231,7 @@ class ModelAdapter:
             kv_cache_tokens=kv,
             planned_layer_visual_tokens=plan,
             num_images=len(images),
+            attention_backends=backends,
             logits=tuple(out.logits) if getattr(out, "logits", None) is not None else None,
         )
 
