@@ -327,4 +327,7 @@ def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None 
         w.write_json("lmms_eval/results.json", results)
         summary["wall_s"] = round(time.perf_counter() - t0, 3)
         w.write_json(RUN_MARKER, summary)
+    from apet_bench.wandb_logger import log_finished_run  # logger=wandb: one W&B run from run_dir (issue #7)
+
+    log_finished_run(cfg, run_dir)
     return RunOutcome(run.name, "finished", str(run_dir), summary)

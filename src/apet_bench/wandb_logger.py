@@ -1,0 +1,427 @@
+"""Weights & Biases logging of finished runs (``logger=wandb``), offline by default.
+
+One W&B run per results run (``results/runs/<model>__<method>__<budget>__<benchmark>/``), opened
+after the run directory is complete and filled from its files, so what W&B shows is exactly what the
+results store holds:
+
+* ``config``: the resolved config (``config.yaml``) plus ``groups`` (the chosen config-group names),
+  ``run_name``, ``budget`` and ``provenance`` (``provenance.json``);
+* ``summary``: ``metrics/<name>`` (headline metrics of ``run.json`` and every lmms-eval metric of
+  ``metrics.json``), ``tokens/<key>`` (the visual-token accounting of ``metrics.json["tokens"]``:
+  tokens in / entering the LLM / per-layer average, prompt tokens), ``timing/<key>`` (``eval_s``,
+  ``wall_s`` of the run; ``prefill_ms_mean`` / ``total_ms_mean`` per sample, wall-clock ms);
+* lmms-eval's own :class:`lmms_eval.loggers.WandbLogger` then logs its results table and artifact
+  **into the same run**: it attaches to ``wandb.run`` when one is open (``wandb_logger.py``,
+  ``if wandb.run is None: wandb.init(...) else: self.run = wandb.run``), which ours always is at that
+  point. ``simple_evaluate`` itself never starts W&B (only lmms-eval's CLI does, with
+  ``--wandb_args``), so no second run is opened;
+* optionally (``wandb.log_samples=true``) a per-sample ``wandb.Table`` (``samples``) with answers,
+  scores, visual-token counts and ms.
+
+Runs are grouped by experiment (``wandb.group``; default: the ``experiment`` preset's name, else
+``<model>__<benchmark>``) and tagged ``model:<m>``, ``method:<method>``, ``budget:<b>``,
+``benchmark:<bench>``, so a sweep is one dashboard with filters. Offline mode (the default,
+``wandb.mode: offline`` or ``WANDB_MODE``) needs no account and no network; upload later with
+``wandb sync <results_dir>/wandb/offline-run-*``.
+
+:func:`read_offline_run` parses an offline run's transaction log (``run-<id>.wandb``) with wandb's own
+reader (``wandb.sdk.internal.datastore`` + the ``Record`` protobuf), so tests and users can check what
+was logged without network.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from apet_bench.config import ConfigError
+
+__all__ = [
+    "LOGGERS",
+    "WANDB_MODES",
+    "log_finished_run",
+    "log_run_dir",
+    "read_offline_run",
+    "run_tags",
+    "wandb_group",
+]
+
+#: Values of the ``logger`` config key.
+LOGGERS: tuple[str, ...] = ("none", "wandb")
+#: Values of ``wandb.mode``.
+WANDB_MODES: tuple[str, ...] = ("offline", "online", "disabled")
+
+_DEFAULTS: dict[str, Any] = {
+    "project": "apet-bench",
+    "entity": None,
+    "mode": "offline",
+    "group": None,
+    "dir": None,
+    "log_samples": False,
+    "tags": [],
+}
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _wandb_settings(wcfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``wcfg`` over :data:`_DEFAULTS`, validated.
+
+    Raises
+    ------
+    ConfigError
+        For a ``mode`` outside :data:`WANDB_MODES` or ``tags`` that is not a list.
+    """
+    out = dict(_DEFAULTS)
+    out.update({k: v for k, v in dict(wcfg or {}).items() if v is not None or k in ("entity", "group", "dir")})
+    mode = str(out.get("mode") or "offline").lower()
+    if mode not in WANDB_MODES:
+        raise ConfigError(f"wandb.mode {out.get('mode')!r} is invalid (use {' | '.join(WANDB_MODES)})")
+    out["mode"] = mode
+    tags = out.get("tags") or []
+    if isinstance(tags, str) or not isinstance(tags, (list, tuple)):
+        raise ConfigError(f"wandb.tags {tags!r} is invalid (use a list of strings)")
+    out["tags"] = [str(t) for t in tags]
+    return out
+
+
+def wandb_group(run: Mapping[str, Any], group: str | None = None) -> str:
+    """The W&B group of a run: ``group`` if given, else the experiment preset, else ``<model>__<benchmark>``.
+
+    Parameters
+    ----------
+    run : mapping
+        ``run.json`` (needs ``groups``, ``model``, ``benchmark``).
+    group : str, optional
+        ``wandb.group`` from the config.
+    """
+    if group:
+        return str(group)
+    experiment = (run.get("groups") or {}).get("experiment")
+    if experiment:
+        return str(experiment)
+    return f"{run.get('model')}__{run.get('benchmark')}"
+
+
+def run_tags(run: Mapping[str, Any], extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Tags ``model:<m>``, ``method:<label>``, ``budget:<b>`` (``full`` without one), ``benchmark:<bench>``.
+
+    The method tag is the run name's method part (``random-stage=llm`` for a variant), so variants
+    filter apart; W&B caps a tag at 64 characters, longer ones are cut.
+    """
+    parts = str(run.get("name", "")).split("__")
+    label = parts[1] if len(parts) == 4 else run.get("method")
+    budget = run.get("budget")
+    tags = [
+        f"model:{run.get('model')}",
+        f"method:{label}",
+        f"budget:{'full' if budget is None else budget}",
+        f"benchmark:{run.get('benchmark')}",
+        *extra,
+    ]
+    return [t[:64] for t in tags]
+
+
+def _number_or_str(v: Any) -> Any:
+    if isinstance(v, bool) or v is None or isinstance(v, str):
+        return v
+    if isinstance(v, (int, float)):
+        return None if isinstance(v, float) and math.isnan(v) else v
+    return json.dumps(v, default=str)
+
+
+def _summary(run: Mapping[str, Any], metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The W&B summary of a run: ``metrics/*``, ``tokens/*``, ``timing/*`` and run facts."""
+    out: dict[str, Any] = {}
+    metrics = metrics or {}
+    for k, v in (metrics.get("metrics") or {}).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"metrics/{k}"] = v
+    for k, v in (run.get("metrics") or {}).items():  # headline metrics (None when not scored)
+        out[f"metrics/{k}"] = v
+    tokens = dict(metrics.get("tokens") or {})
+    for k in ("prefill_ms_mean", "total_ms_mean"):
+        if k in tokens:
+            out[f"timing/{k}"] = tokens.pop(k)
+    for k, v in tokens.items():
+        out[f"tokens/{k}"] = v
+    out["tokens/visual_tokens_llm_mean"] = run.get("visual_tokens_llm_mean", out.get("tokens/visual_tokens_llm_mean"))
+    out["tokens/layer_average_visual_tokens"] = run.get("layer_average_visual_tokens")
+    for k in ("eval_s", "wall_s"):
+        out[f"timing/{k}"] = run.get(k)
+    for k in ("num_samples", "skipped_samples", "random_weights", "device", "attn_implementation", "weights", "note"):
+        out[f"run/{k}"] = run.get(k)
+    return {k: _number_or_str(v) for k, v in out.items()}
+
+
+def _samples_table(samples_path: Path):
+    """``wandb.Table`` of ``samples.jsonl``: scalars as they are, lists / dicts as JSON text."""
+    import wandb
+
+    rows = [json.loads(line) for line in samples_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    columns: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in columns:
+                columns.append(k)
+    table = wandb.Table(columns=columns)
+    for r in rows:
+        table.add_data(*[_cell(r.get(c)) for c in columns])
+    return table
+
+
+def _cell(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return json.dumps(v, default=str)
+
+
+def log_run_dir(
+    run_dir: str | Path,
+    wandb_cfg: Mapping[str, Any] | None = None,
+    *,
+    results_dir: str | Path | None = None,
+) -> Path | None:
+    """Log one finished run directory to W&B as one run; returns the W&B run directory (``None`` when
+    ``wandb.mode=disabled``).
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        ``results/runs/<name>/`` with ``run.json``, ``config.yaml``, ``metrics.json``,
+        ``provenance.json``, ``samples.jsonl`` and ``lmms_eval/results.json``.
+    wandb_cfg : mapping, optional
+        The ``wandb:`` config block: ``project``, ``entity``, ``mode`` (offline | online | disabled),
+        ``group``, ``dir`` (W&B writes ``<dir>/wandb/offline-run-*``; default ``results_dir``, else the
+        parent of ``runs/``), ``log_samples``, ``tags``.
+    results_dir : str or Path, optional
+        Fallback for ``dir``.
+
+    Returns
+    -------
+    Path or None
+        ``<dir>/wandb/offline-run-<time>-<id>`` (offline) or ``run-...`` (online).
+
+    Raises
+    ------
+    ConfigError
+        Bad ``wandb.mode`` / ``wandb.tags``; a run directory without ``run.json``.
+    """
+    import wandb
+    from omegaconf import OmegaConf
+
+    run_dir = Path(run_dir)
+    settings = _wandb_settings(wandb_cfg)
+    run = _read_json(run_dir / "run.json")
+    if not isinstance(run, dict):
+        raise ConfigError(f"{run_dir} is not a finished run directory (no run.json)")
+    cfg_file = run_dir / "config.yaml"
+    cfg = OmegaConf.to_container(OmegaConf.load(cfg_file), resolve=False) if cfg_file.is_file() else {}
+    metrics = _read_json(run_dir / "metrics.json") or {}
+    provenance = _read_json(run_dir / "provenance.json") or {}
+    lmms_results = _read_json(run_dir / "lmms_eval" / "results.json")
+
+    wdir = settings["dir"] or results_dir or run_dir.parent.parent
+    wdir = Path(str(wdir)).expanduser()
+    wdir.mkdir(parents=True, exist_ok=True)
+    config = {
+        **cfg,
+        "groups": run.get("groups"),
+        "run_name": run.get("name"),
+        "budget": run.get("budget"),
+        "task": run.get("task"),
+        "provenance": provenance,
+    }
+    if wandb.run is not None:  # never log into someone else's open run
+        wandb.run.finish()
+    wrun = wandb.init(
+        project=settings["project"],
+        entity=settings["entity"],
+        mode=settings["mode"],
+        dir=str(wdir),
+        name=run.get("name"),
+        group=wandb_group(run, settings["group"]),
+        job_type="eval",
+        tags=run_tags(run, settings["tags"]),
+        config=config,
+        reinit="finish_previous",
+        settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
+    )
+    try:
+        wrun.summary.update(_summary(run, metrics))
+        if lmms_results and lmms_results.get("results"):
+            from lmms_eval.loggers import WandbLogger
+
+            lm_logger = WandbLogger()  # attaches to wrun (wandb.run is set): no second run
+            if lm_logger.run is not wrun:  # pragma: no cover - lmms-eval changed its attach rule
+                raise RuntimeError("lmms-eval's WandbLogger opened its own W&B run")
+            lm_logger.post_init(lmms_results)
+            lm_logger.log_eval_result()
+        samples = run_dir / "samples.jsonl"
+        if settings["log_samples"] and samples.is_file():
+            wrun.log({"samples": _samples_table(samples)})
+        out_dir = Path(wrun.settings.sync_dir) if settings["mode"] != "disabled" else None
+    finally:
+        wrun.finish()
+    return out_dir
+
+
+def log_finished_run(cfg: Mapping[str, Any], run_dir: str | Path) -> Path | None:
+    """The runner's hook: log ``run_dir`` to W&B when ``cfg["logger"] == "wandb"``; no-op for ``none``.
+
+    A W&B failure (e.g. ``mode=online`` without network) does not undo the run, which is already in
+    the results store: it prints one line on stderr and returns ``None``.
+
+    Parameters
+    ----------
+    cfg : mapping
+        The run's resolved config (``logger``, ``wandb``, ``results_dir``).
+    run_dir : str or Path
+        The finished run directory.
+
+    Returns
+    -------
+    Path or None
+        The W&B run directory, or ``None`` (logger none / disabled / failed).
+
+    Raises
+    ------
+    ConfigError
+        ``logger`` not in :data:`LOGGERS`, or a bad ``wandb`` block.
+    """
+    logger = cfg.get("logger") or "none"
+    if logger not in LOGGERS:
+        raise ConfigError(f"logger {logger!r} is invalid (use {' | '.join(LOGGERS)})")
+    if logger == "none":
+        return None
+    wcfg = cfg.get("wandb") or {}
+    _wandb_settings(wcfg)  # config errors are errors, not warnings
+    try:
+        out = log_run_dir(run_dir, wcfg, results_dir=cfg.get("results_dir"))
+    except Exception as exc:  # noqa: BLE001 - the results are written; W&B is a view of them
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"W&B logging of {run_dir} failed ({type(exc).__name__}: {first}); the run itself is saved", file=sys.stderr)
+        return None
+    if out is not None and _wandb_settings(wcfg)["mode"] == "offline":
+        print(f"W&B offline run: {out} (upload: wandb sync {out})", file=sys.stderr)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# reading offline runs back (no network)
+# --------------------------------------------------------------------------------------------------
+
+
+def _json_value(s: str) -> Any:
+    try:
+        return json.loads(s)
+    except ValueError:
+        return s
+
+
+def _set_nested(d: dict[str, Any], keys: list[str], value: Any) -> None:
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+    d[keys[-1]] = value
+
+
+def read_offline_run(path: str | Path) -> dict[str, Any]:
+    """What an offline W&B run recorded, read from its ``run-<id>.wandb`` transaction log.
+
+    Uses wandb's own log reader (``wandb.sdk.internal.datastore.DataStore``) and its ``Record``
+    protobuf; summary and config updates are folded in order, as the W&B backend does on sync.
+
+    Parameters
+    ----------
+    path : str or Path
+        An ``offline-run-*`` directory or its ``.wandb`` file.
+
+    Returns
+    -------
+    dict
+        ``{"id", "project", "name", "group", "job_type", "tags", "config", "summary", "history"}``;
+        ``history`` is the list of logged rows (``run.log``), table values as their JSON descriptors.
+
+    Raises
+    ------
+    FileNotFoundError
+        No ``.wandb`` file at ``path``.
+    """
+    from wandb.proto import wandb_internal_pb2 as pb
+    from wandb.sdk.internal import datastore
+
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.glob("*.wandb"))
+    if not files:
+        raise FileNotFoundError(f"no W&B transaction log (*.wandb) in {path}")
+    out: dict[str, Any] = {"config": {}, "summary": {}, "history": [], "tags": []}
+
+    def apply_config(cfg_record: Any) -> None:
+        for item in cfg_record.update:
+            keys = list(item.nested_key) or [item.key]
+            _set_nested(out["config"], keys, _json_value(item.value_json))
+        for item in cfg_record.remove:
+            keys = list(item.nested_key) or [item.key]
+            node = out["config"]
+            for k in keys[:-1]:
+                node = node.get(k, {})
+            node.pop(keys[-1], None)
+
+    ds = datastore.DataStore()
+    ds.open_for_scan(str(files[0]))
+    while True:
+        data = ds.scan_data()
+        if data is None:
+            break
+        rec = pb.Record()
+        rec.ParseFromString(data)
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            r = rec.run
+            out.update(id=r.run_id, project=r.project, name=r.display_name, group=r.run_group,
+                       job_type=r.job_type, tags=list(r.tags))
+            apply_config(r.config)
+        elif kind == "config":
+            apply_config(rec.config)
+        elif kind == "summary":
+            for item in rec.summary.update:
+                keys = list(item.nested_key) or [item.key]
+                _set_nested(out["summary"], keys, _json_value(item.value_json))
+        elif kind == "history":
+            row: dict[str, Any] = {}
+            for item in rec.history.item:
+                keys = list(item.nested_key) or [item.key]
+                _set_nested(row, keys, _json_value(item.value_json))
+            out["history"].append(row)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m apet_bench.wandb_logger RUN_DIR [RUN_DIR ...] [key=value ...]``: log finished run
+    directories to W&B after the fact (keys of the ``wandb:`` block, e.g. ``mode=online project=x``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = dict(a.split("=", 1) for a in argv if "=" in a and not Path(a).exists())
+    dirs = [a for a in argv if a not in {f"{k}={v}" for k, v in overrides.items()}]
+    if not dirs:
+        print("usage: python -m apet_bench.wandb_logger RUN_DIR [RUN_DIR ...] [mode=offline|online project=... group=...]",
+              file=sys.stderr)
+        return 2
+    overrides = {k: (v.lower() == "true" if k == "log_samples" else v) for k, v in overrides.items()}
+    try:
+        for d in dirs:
+            out = log_run_dir(d, overrides)
+            print(f"{d} -> {out}")
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""logger=wandb: a real run logged offline, read back from W&B's transaction log (no network)."""
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from apet_bench.config import ConfigError, compose
+from apet_bench.runner import execute
+from apet_bench.wandb_logger import log_finished_run, read_offline_run, run_tags, wandb_group
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb_env(monkeypatch, tmp_path):
+    for var in ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))  # never the user's settings
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+
+
+def test_run_with_logger_wandb_offline(tmp_path):
+    cfg = compose([
+        f"results_dir={tmp_path / 'results'}", f"cache_dir={tmp_path / 'cache'}",
+        "method=random", "budget=64", "limit=2", "logger=wandb", "wandb.log_samples=true",
+    ])
+    assert cfg.wandb.mode == "offline"  # the default, without WANDB_MODE
+    out = execute(cfg, choices={"model": "tiny_llava15", "method": "random", "benchmark": "demo", "experiment": None})
+    run_dir = Path(out.run_dir)
+    run = json.loads((run_dir / "run.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    offline = list((tmp_path / "results" / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1, offline  # ours only: lmms-eval's WandbLogger attached to it
+    rec = read_offline_run(offline[0])
+
+    # summary holds the metrics (headline and every lmms-eval metric), token accounting and timing
+    for name, value in metrics["metrics"].items():
+        if isinstance(value, (int, float)):
+            assert rec["summary"][f"metrics/{name}"] == pytest.approx(value)
+    assert run["metrics"] and all(rec["summary"][f"metrics/{m}"] == pytest.approx(v) for m, v in run["metrics"].items())
+    assert rec["summary"]["tokens/visual_tokens_llm_mean"] == metrics["tokens"]["visual_tokens_llm_mean"] == 64
+    assert rec["summary"]["tokens/visual_tokens_in_mean"] == 576
+    assert rec["summary"]["timing/prefill_ms_mean"] == pytest.approx(metrics["tokens"]["prefill_ms_mean"])
+    assert rec["summary"]["timing/eval_s"] == run["eval_s"]
+    # lmms-eval's own logger wrote its sanitized metrics into the same run
+    assert f"{run['task']}/mme_perception_score" in rec["summary"]
+
+    # config holds the resolved config, the group choices and provenance
+    resolved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+    for key in ("model", "method", "benchmark", "budget", "seed", "limit", "results_dir", "wandb"):
+        assert rec["config"][key] == resolved[key], key
+    assert rec["config"]["groups"] == run["groups"]
+    assert rec["config"]["provenance"] == json.loads((run_dir / "provenance.json").read_text())
+    assert rec["name"] == run["name"] and rec["group"] == "tiny_llava15__demo" and rec["job_type"] == "eval"
+    assert set(rec["tags"]) == {"model:tiny_llava15", "method:random", "budget:64", "benchmark:demo"}
+    # the per-sample table was logged
+    assert any("samples" in row for row in rec["history"])
+
+
+def test_logger_none_logs_nothing_and_bad_values_fail(tmp_path):
+    assert log_finished_run({"logger": "none", "results_dir": str(tmp_path)}, tmp_path) is None
+    assert not (tmp_path / "wandb").exists()
+    with pytest.raises(ConfigError, match="logger 'tensorboard'"):
+        log_finished_run({"logger": "tensorboard"}, tmp_path)
+    with pytest.raises(ConfigError, match="wandb.mode 'cloud'"):
+        log_finished_run({"logger": "wandb", "wandb": {"mode": "cloud"}}, tmp_path)
+
+
+def test_group_and_tags():
+    run = {"name": "m__random-stage=llm__144__mme", "model": "m", "method": "random", "budget": 144,
+           "benchmark": "mme", "groups": {"experiment": "table1"}}
+    assert wandb_group(run) == "table1"
+    assert wandb_group({**run, "groups": {}}) == "m__mme"
+    assert wandb_group(run, "mine") == "mine"
+    assert run_tags({**run, "budget": None}, ["x"]) == [
+        "model:m", "method:random-stage=llm", "budget:full", "benchmark:mme", "x"]
