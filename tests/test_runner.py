@@ -129,3 +129,17 @@ def test_method_variants_get_their_own_run_and_stage2_accounting(tmp_path):
         assert s["planned_layer_visual_tokens"] == [576, 576, 144, 144]
     run = json.loads((Path(out.run_dir) / "run.json").read_text())
     assert run["layer_average_visual_tokens"] == 360 and run["method_params"]["stage"] == "llm"
+
+
+def test_method_checks_model_config_before_loading(tmp_path, monkeypatch):
+    """A stage-2 layer beyond the model's decoder layers is refused by prepare_run (nothing loaded)."""
+    import apet_bench.runner as runner
+
+    def no_load(*a, **k):  # pragma: no cover - must not be reached
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(runner, "_load_adapter", no_load)
+    cfg = cfg_for(tmp_path, "method=random", "method.params.stage=llm", "method.params.layer=4", "budget=64")
+    with pytest.raises(ValueError, match=r"layer 4 is not usable on model 'tiny_llava15' with 4 decoder layers"):
+        execute(cfg)
+    assert not (tmp_path / "results" / "runs").exists() or not any((tmp_path / "results" / "runs").iterdir())

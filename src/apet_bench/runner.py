@@ -124,6 +124,11 @@ def prepare_run(cfg: DictConfig | dict[str, Any]) -> PreparedRun:
         budget = None  # nothing is compressed: recorded as no budget (run name says "full")
     elif budget is None:
         raise BudgetError(f"method {cfg['method']['name']!r} needs a budget (budget=null given)")
+    from apet_bench.methods import build_method
+
+    # The method's own checks against the model config (drop layers, schedules, [CLS]) before loading.
+    build_method(cfg["method"]["name"], budget=budget, seed=cfg.get("seed", 0),
+                 **(cfg["method"].get("params") or {})).check_model_config(cfg["model"])
     if cfg.get("on_corrupt_image") not in ("skip", "error"):
         raise ConfigError(f"on_corrupt_image {cfg.get('on_corrupt_image')!r} is invalid (use skip or error)")
     limit = cfg.get("limit")

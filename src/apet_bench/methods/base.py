@@ -269,6 +269,29 @@ class TokenCompressor:
         if note not in self.attention_notes:
             self.attention_notes.append(note)
 
+    def check_model_config(self, model_cfg: dict[str, Any]) -> None:
+        """Refuse a configuration this method cannot run on, **before** the model is loaded.
+
+        Called by :func:`apet_bench.runner.prepare_run` with the composed ``model`` config group
+        (``family``, ``num_layers``, ``visual_tokens``, ``max_visual_tokens``, ``tiny``, ...), so that
+        e.g. a drop layer beyond the model's decoder layers, a schedule that cannot reach the budget or
+        a [CLS]-based method on a tower without [CLS] fails in one line and nothing is loaded. Base:
+        a stage-2 ``layer`` field must satisfy ``1 <= layer < num_layers``.
+
+        Raises
+        ------
+        ValueError
+            One line naming the bad value.
+        """
+        n = model_cfg.get("num_layers")
+        layers = [] if n is None or self.stage not in ("llm", "both") else list(self.llm_layers())
+        for k in layers:
+            if not 1 <= int(k) < int(n):
+                raise ValueError(
+                    f"method {self.name!r}: layer {k} is not usable on model {model_cfg.get('name')!r} "
+                    f"with {n} decoder layers (stage 2 needs 1 <= layer < {n})"
+                )
+
     def reset(self) -> None:
         """Reset per-run state (random generators, counters); called when the context is entered."""
 
