@@ -1,0 +1,1067 @@
+"""Prefill TFLOPs of any model × method × budget, counted on full-size models built without weights.
+
+``python -m apet_bench.flops model=llava15 method=apet budget=64 [visual_tokens=576] [text_tokens=62]``
+prints a human-readable breakdown and, on its last line, one JSON object with ``vision_tflops``,
+``llm_tflops``, ``method_tflops``, ``total_tflops``, the token counts used (visual tokens in, the
+per-layer visual-token plan, text tokens), where the plan came from, and the convention.
+
+How a number is obtained (issue #8; transformers-hooks.md §4):
+
+1. **Per-layer token counts from the method's own code.** The method (any class in the registry,
+   ``apet_bench.methods.build_method``) runs once, through the adapter's real ``generate`` path, on a
+   *shape proxy*: the model's tiny random-weight variant (``models/tiny.py``) given the full-size
+   model's depths (32 / 28 decoder layers, 24 CLIP layers) and its visual-token geometry (LLaVA-1.5: a
+   336 px image -> 576 tokens; Qwen2.5-VL: an image of ``28h × 28w`` px -> ``h·w`` tokens). The
+   adapter measures the visual tokens at the input of every decoder layer
+   (``GenerationOutput.layer_visual_tokens``) and the method's plan (``TokenCompressor.plan``); we
+   also record the tokens entering every vision-encoder layer (methods that merge inside the ViT,
+   ToMe). A method whose class has not been registered yet but whose plan is documented in
+   design/methods.md (VisionZip §2.4, PDrop §5.3, SparseVLM §4.3, FastV §3.3) is counted from that
+   documented plan, and the report says so (``plan_source``).
+2. **FLOPs of the full-size model on the ``meta`` device.** The HF model class is built from its
+   published configuration (:func:`full_size_config`; the hub is unreachable, so the hyper-parameters
+   are written here from each checkpoint's ``config.json``) under ``torch.device("meta")``: no weights,
+   no memory. Each vision-encoder layer and each decoder layer is then called on meta tensors of its
+   own prefill length under :class:`torch.utils.flop_counter.FlopCounterMode`, with the real number of
+   text tokens (LLaVA-1.5 POPE prompt: 62 Llama-2 tokens, see :data:`POPE_TEXT_TOKENS`).
+3. **The method's own overhead** (ApET: FPS + ridge solve + error + merge; FastV / PDrop: the
+   attention rows they compute; VisionZip: the contextual-token matching; SparseVLM: raters, rows and
+   recycling) from the per-method formula registry :data:`METHOD_OVERHEAD` (:func:`register_overhead`),
+   reported as its own line.
+
+Convention (:data:`CONVENTION`, the paper's Table 7 and transformers-hooks.md §4.4): one multiply-add
+= 2 FLOPs (matmuls, convolutions, attention); element-wise ops (norms, activations, softmax, RoPE) and
+embedding look-ups are not counted; attention at full ``n²`` (no causal halving); the ``lm_head`` on the
+last prompt token only (``logits_to_keep=1`` as ``generate`` does); prefill only (no decode steps);
+vision encoder + projector, LLM and method overhead reported separately; total = their sum.
+Method overhead formulas count their element-wise terms too (documented per method).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from apet_bench.config import ConfigError
+
+__all__ = [
+    "CONVENTION",
+    "DOCUMENTED_PLANS",
+    "FAMILY_OF_MODEL",
+    "METHOD_OVERHEAD",
+    "POPE_TEXT_TOKENS",
+    "FlopsReport",
+    "TokenPlan",
+    "count_flops",
+    "count_llm_flops",
+    "count_vision_flops",
+    "full_size_config",
+    "llm_flops_formula",
+    "main",
+    "meta_model",
+    "register_overhead",
+    "token_plan",
+]
+
+TERA = 1e12
+
+#: The counting convention, printed with every number.
+CONVENTION: dict[str, str] = {
+    "flop": "1 multiply-add = 2 FLOPs (torch.utils.flop_counter on matmul/conv/sdpa); element-wise ops, norms, "
+    "softmax, RoPE and embedding look-ups not counted",
+    "attention": "full n^2 (QK^T and AV over all prompt tokens, no causal halving)",
+    "lm_head": "last prompt token only (logits_to_keep=1, as generate)",
+    "phase": "prefill only (vision encoder + projector + LLM prefill; no decode steps)",
+    "weights": "none: full-size HF model classes built on the meta device from the published configs",
+    "method": "method overhead from per-method formulas (apet_bench.flops.METHOD_OVERHEAD), its own line",
+}
+
+#: Text tokens of the LLaVA-1.5 POPE prompt (vicuna_v1 system prompt + "USER: <image>\\n{question}\\n
+#: Answer the question using a single word or phrase. ASSISTANT:"), BOS included, the ``<image>``
+#: placeholder excluded, tokenized with the real Llama-2 tokenizer
+#: (../shared/benchmarks/tokenizers/llama2/tokenizer.model, sentencepiece, each side of the placeholder
+#: tokenized separately as LLaVA's ``tokenizer_image_token``) over the 3000 questions of
+#: ``coco_pope_random.json``: min 61, max 64, mean 61.8, median 62. The default for the LLaVA family.
+POPE_TEXT_TOKENS: int = 62
+#: Default text tokens for Qwen2.5-VL: no Qwen tokenizer is available offline; 60 is the count with
+#: which the paper's 14.52 is reproduced at 729 visual tokens (transformers-hooks.md §4.3). The chat
+#: template's POPE prompt is about 40 Qwen2 BPE tokens by hand count; each text token adds ~0.015 TFLOPs.
+QWEN_DEFAULT_TEXT_TOKENS: int = 60
+
+#: Model config name -> family, for the full-size models this module counts (tiny variants included:
+#: ``model=tiny_llava15`` counts the *full-size* LLaVA-1.5-7B; the tiny model itself is not counted).
+FAMILY_OF_MODEL: dict[str, str] = {
+    "llava15": "llava15",
+    "llava_next": "llava_next",
+    "qwen25vl": "qwen25vl",
+    "video_llava": "video_llava",
+}
+
+#: Human-readable name of each full-size model.
+MODEL_TITLE: dict[str, str] = {
+    "llava15": "LLaVA-1.5-7B (llava-hf/llava-1.5-7b-hf)",
+    "llava_next": "LLaVA-NeXT-7B (llava-hf/llava-v1.6-vicuna-7b-hf)",
+    "qwen25vl": "Qwen2.5-VL-7B (Qwen/Qwen2.5-VL-7B-Instruct)",
+    "video_llava": "Video-LLaVA-7B (LanguageBind/Video-LLaVA-7B-hf), image input",
+}
+
+
+# ---------------------------------------------------------------------- full-size configurations
+def _vicuna7b_text(vocab_size: int = 32064) -> Any:
+    from transformers import LlamaConfig
+
+    # lmsys/vicuna-7b-v1.5 as shipped inside llava-hf/*-7b-hf config.json (vocab 32064 with the added
+    # <image>/<pad> tokens; 32000 in the original LLaVA repository: 0.002 % of the total, last token only).
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+
+
+def _clip_l14(image_size: int) -> Any:
+    from transformers import CLIPVisionConfig
+
+    # openai/clip-vit-large-patch14(-336): 24 layers, 1024 hidden, 4096 MLP, 16 heads, 14 px patches.
+    return CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=image_size,
+        patch_size=14,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    )
+
+
+def full_size_config(family: str) -> tuple[type, Any]:
+    """The HF model class and configuration of the full-size checkpoint of ``family``, built offline.
+
+    Hyper-parameters from each pinned checkpoint's ``config.json`` (configs/model/*.yaml): LLaVA-1.5-7B
+    = CLIP ViT-L/14-336 (24 layers, 1024 wide) + 2-layer GELU MLP projector + Vicuna-7B (32 layers,
+    4096 wide, 11008 MLP, 32 heads); LLaVA-NeXT-7B = the same with anyres pinpoints; Video-LLaVA-7B =
+    two CLIP ViT-L/14-224 towers + Vicuna-7B; Qwen2.5-VL-7B = window-attention ViT (depth 32, 1280 wide,
+    3420 MLP, 16 heads, window 112 px, full attention in blocks 7/15/23/31) + 2×2 merger + Qwen2.5-7B
+    (28 layers, 3584 wide, 18944 MLP, 28 heads / 4 KV heads, mRoPE sections [16, 24, 24]).
+
+    Parameters
+    ----------
+    family : str
+        ``llava15``, ``llava_next``, ``qwen25vl`` or ``video_llava``.
+
+    Returns
+    -------
+    (model_class, config)
+
+    Raises
+    ------
+    ConfigError
+        For an unknown family.
+    """
+    import transformers as tf
+
+    if family == "llava15":
+        cfg = tf.LlavaConfig(
+            vision_config=_clip_l14(336), text_config=_vicuna7b_text(), image_token_index=32000,
+            projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
+            image_seq_length=576,
+        )
+        return tf.LlavaForConditionalGeneration, cfg
+    if family == "llava_next":
+        cfg = tf.LlavaNextConfig(
+            vision_config=_clip_l14(336), text_config=_vicuna7b_text(), image_token_index=32000,
+            projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
+            image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+            image_seq_length=576,
+        )
+        return tf.LlavaNextForConditionalGeneration, cfg
+    if family == "video_llava":
+        cfg = tf.VideoLlavaConfig(
+            vision_config=_clip_l14(224), text_config=_vicuna7b_text(32064), image_token_index=32000,
+            video_token_index=32001, projector_hidden_act="gelu", vision_feature_layer=-2,
+            vision_feature_select_strategy="default", image_seq_length=256, video_seq_length=2056,
+        )
+        return tf.VideoLlavaForConditionalGeneration, cfg
+    if family == "qwen25vl":
+        cfg = tf.Qwen2_5_VLConfig(
+            text_config={
+                "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 128000,
+                "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+            },
+            vision_config={
+                "depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "in_channels": 3,
+                "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "hidden_act": "silu",
+            },
+            image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+        )
+        return tf.Qwen2_5_VLForConditionalGeneration, cfg
+    raise ConfigError(f"flops: unknown model family {family!r}; known: {', '.join(sorted(set(FAMILY_OF_MODEL.values())))}")
+
+
+@functools.lru_cache(maxsize=4)
+def meta_model(family: str, attn_implementation: str = "sdpa") -> Any:
+    """The full-size model of ``family`` on the ``meta`` device (no weights, ~0.1 s, ~0 bytes of parameters).
+
+    Parameters
+    ----------
+    family : str
+    attn_implementation : str
+        ``sdpa`` (default) or ``eager``; both give identical counts (transformers-hooks.md §4.1).
+
+    Returns
+    -------
+    transformers.PreTrainedModel
+        On ``meta``, eval mode, bf16 parameters (dtype does not change the count).
+    """
+    cls, cfg = full_size_config(family)
+    with torch.device("meta"):
+        model = cls._from_config(cfg, attn_implementation=attn_implementation, dtype=torch.bfloat16)
+    return model.eval()
+
+
+def _flops(fn: Callable[[], Any]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn()
+    return int(counter.get_total_flops())
+
+
+def _text_model(model: Any) -> Any:
+    return model.model.language_model
+
+
+# ---------------------------------------------------------------------- vision encoder
+def count_vision_flops(
+    family: str,
+    visual_tokens_in: int,
+    *,
+    vision_layer_tokens: Sequence[int] | None = None,
+    grid_hw: tuple[int, int] | None = None,
+) -> dict[str, int]:
+    """FLOPs of the full-size vision encoder + projector for one input, on meta.
+
+    Parameters
+    ----------
+    family : str
+    visual_tokens_in : int
+        Visual tokens the encoder + projector produce (576 for LLaVA-1.5; ``h·w`` for Qwen2.5-VL).
+    vision_layer_tokens : sequence of int, optional
+        LLaVA family: tokens (CLS included) entering each CLIP layer; default all ``patches + 1`` in all
+        24 layers (HF runs every layer, though LLaVA reads layer -2). ToMe-like methods change them.
+    grid_hw : (int, int), optional
+        Qwen2.5-VL: the merged-token grid ``(h, w)`` with ``h·w = visual_tokens_in`` (patch grid
+        ``2h × 2w``); default the most square factorisation.
+
+    Returns
+    -------
+    dict
+        ``{"encoder": int, "projector": int}`` FLOPs (LLaVA family; Qwen: ``encoder`` = ViT blocks and
+        patch embedding, ``projector`` = the 2×2 merger MLP).
+    """
+    model = meta_model(family)
+    if family == "qwen25vl":
+        return _qwen_vision_flops(model, visual_tokens_in, grid_hw)
+    vt = model.model.vision_tower
+    vcfg = vt.config
+    side = vcfg.image_size // vcfg.patch_size
+    n_tokens = side * side + 1
+    vm = getattr(vt, "vision_model", vt)  # transformers 5: CLIPVisionModel holds the transformer itself
+    layers = vm.encoder.layers
+    lengths = list(vision_layer_tokens) if vision_layer_tokens is not None else [n_tokens] * len(layers)
+    if len(lengths) != len(layers):
+        raise ValueError(f"flops: {len(lengths)} vision layer token counts for {len(layers)} CLIP layers")
+    pix = torch.empty(1, 3, vcfg.image_size, vcfg.image_size, device="meta", dtype=torch.bfloat16)
+    enc = _flops(lambda: vm.embeddings(pix))
+    per_len: dict[int, int] = {}
+    for n in lengths:
+        if n not in per_len:
+            h = torch.empty(1, int(n), vcfg.hidden_size, device="meta", dtype=torch.bfloat16)
+            per_len[n] = _flops(lambda h=h: layers[0](h, None))
+        enc += per_len[n]
+    feat = torch.empty(1, int(visual_tokens_in), vcfg.hidden_size, device="meta", dtype=torch.bfloat16)
+    proj = _flops(lambda: model.model.multi_modal_projector(feat))
+    return {"encoder": enc, "projector": proj}
+
+
+def _square_grid(n: int) -> tuple[int, int]:
+    h = int(math.isqrt(n))
+    while n % h:
+        h -= 1
+    return h, n // h
+
+
+def _qwen_vision_flops(model: Any, visual_tokens_in: int, grid_hw: tuple[int, int] | None) -> dict[str, int]:
+    """Qwen2.5-VL ViT (window attention) + merger on meta (transformers-hooks.md §4.1 gotcha 3)."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as mq
+
+    visual = model.model.visual
+    vcfg = visual.config
+    h, w = grid_hw if grid_hw is not None else _square_grid(int(visual_tokens_in))
+    if h * w != visual_tokens_in:
+        raise ValueError(f"flops: grid {h}x{w} does not hold {visual_tokens_in} visual tokens")
+    m = vcfg.spatial_merge_size
+    grid = torch.tensor([[1, h * m, w * m]])
+    n_patches = h * w * m * m
+    patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size**2
+    pix = torch.empty(n_patches, patch_dim, device="meta", dtype=torch.bfloat16)
+    ns = vars(mq)
+    pos = ns["get_vision_position_ids"](grid, m)
+    cu, _ = ns["get_vision_attention_seqlens"](grid, vcfg)
+    widx, cuw = ns["get_vision_window_index"](grid, spatial_merge_size=m, window_size=vcfg.window_size, patch_size=vcfg.patch_size)
+    merger = visual.merger
+    feat = torch.empty(n_patches, vcfg.hidden_size, device="meta", dtype=torch.bfloat16)
+    proj = _flops(lambda: merger(feat))
+    total = _flops(
+        lambda: visual(pix, grid_thw=grid, position_ids=pos.to("meta"), cu_seqlens=cu, window_index=widx.to("meta"),
+                       cu_window_seqlens=cuw)
+    )
+    return {"encoder": total - proj, "projector": proj}
+
+
+# ---------------------------------------------------------------------- LLM
+def count_llm_flops(family: str, layer_lengths: Sequence[int]) -> dict[str, int]:
+    """FLOPs of the full-size LLM prefill, each decoder layer at its own sequence length, on meta.
+
+    Parameters
+    ----------
+    family : str
+    layer_lengths : sequence of int
+        ``(num_layers,)`` tokens at the input of each decoder layer (text + visual tokens there).
+
+    Returns
+    -------
+    dict
+        ``{"decoder": int, "lm_head": int}`` FLOPs; ``lm_head`` on the last token only.
+
+    Raises
+    ------
+    ValueError
+        If the number of lengths differs from the decoder depth, or a length is not positive.
+    """
+    model = meta_model(family)
+    text = _text_model(model)
+    layers = text.layers
+    if len(layer_lengths) != len(layers):
+        raise ValueError(f"flops: {len(layer_lengths)} layer lengths for {len(layers)} decoder layers")
+    d = text.config.hidden_size
+    per_len: dict[int, int] = {}
+    total = 0
+    for n in layer_lengths:
+        n = int(n)
+        if n < 1:
+            raise ValueError(f"flops: decoder layer length {n} is not positive")
+        if n not in per_len:
+            per_len[n] = _decoder_layer_flops(family, text, n, d)
+        total += per_len[n]
+    last = torch.empty(1, 1, d, device="meta", dtype=torch.bfloat16)
+    head = _flops(lambda: model.lm_head(last))
+    return {"decoder": total, "lm_head": head}
+
+
+def _decoder_layer_flops(family: str, text: Any, n: int, d: int) -> int:
+    h = torch.empty(1, n, d, device="meta", dtype=torch.bfloat16)
+    if family == "qwen25vl":
+        pos = torch.zeros(3, 1, n, dtype=torch.long, device="meta")
+    else:
+        pos = torch.zeros(1, n, dtype=torch.long, device="meta")
+    cos_sin = text.rotary_emb(h, pos)
+    return _flops(lambda: text.layers[0](h, attention_mask=None, position_ids=None, position_embeddings=cos_sin))
+
+
+def llm_flops_formula(
+    n: int, *, hidden: int, kv_hidden: int, intermediate: int, qkv_bias: bool = False
+) -> int:
+    """Analytic FLOPs of one decoder layer at ``n`` tokens (the counter's formula, for tests / docs).
+
+    ``2n(2d² + 2d·d_kv + 3d·m) + 4n²d`` (q, o: d×d; k, v: d×d_kv; SwiGLU: 3 matrices d×m; QKᵀ and AV at
+    full n², 2 FLOPs per multiply-add; transformers-hooks.md §4.2). Biases (Qwen's q/k/v) are element-wise.
+    """
+    del qkv_bias
+    return 2 * n * (2 * hidden * hidden + 2 * hidden * kv_hidden + 3 * hidden * intermediate) + 4 * n * n * hidden
+
+
+# ---------------------------------------------------------------------- token plans
+@dataclass
+class TokenPlan:
+    """How many visual tokens are where during prefill, for one model × method × budget.
+
+    Attributes
+    ----------
+    visual_tokens_in : int
+        Visual tokens from the vision encoder + projector, before compression.
+    visual_tokens_llm : int
+        Visual tokens entering the LLM (after stage 1).
+    layer_visual_tokens : list of int
+        ``(num_layers,)`` visual tokens at the input of each decoder layer.
+    vision_layer_tokens : list of int or None
+        LLaVA family: tokens entering each CLIP layer (CLS included), when a method changes them.
+    source : str
+        Where the plan came from (the method's code on the shape proxy, or a documented plan).
+    variant : str
+        The method variant and plan it counts (e.g. ApET ``official``/``paper`` and its stage layout).
+    stage_counts : dict
+        Method-specific counts the overhead formulas read (e.g. ApET's vision / LLM-stage keeps).
+    """
+
+    visual_tokens_in: int
+    visual_tokens_llm: int
+    layer_visual_tokens: list[int]
+    vision_layer_tokens: list[int] | None = None
+    source: str = ""
+    variant: str = ""
+    stage_counts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mean_layer_visual_tokens(self) -> float:
+        """The paper's budget convention: visual tokens averaged over decoder layers (methods.md §0.2)."""
+        return sum(self.layer_visual_tokens) / max(1, len(self.layer_visual_tokens))
+
+
+def _proxy_model_cfg(family: str, num_layers: int, visual_tokens: int) -> tuple[dict[str, Any], tuple[int, int]]:
+    """Tiny-model config (real classes, real depths and visual geometry, tiny widths) and the image size."""
+    if family == "llava15":
+        tc = {"text_layers": num_layers, "vision_layers": 24, "max_position_embeddings": 8192}
+        return {"name": "flops_proxy_llava15", "family": family, "tiny": True, "device": "cpu", "dtype": "float32",
+                "num_layers": num_layers, "visual_tokens": 576, "tiny_config": tc}, (336, 336)
+    if family == "qwen25vl":
+        h, w = _square_grid(visual_tokens)
+        tc = {"text_layers": num_layers, "min_pixels": 256 * 28 * 28, "max_pixels": 2048 * 28 * 28}
+        return {"name": "flops_proxy_qwen25vl", "family": family, "tiny": True, "device": "cpu", "dtype": "float32",
+                "num_layers": num_layers, "visual_tokens": 2048, "tiny_config": tc}, (28 * w, 28 * h)
+    raise ConfigError(
+        f"flops: the method shape proxy supports llava15 and qwen25vl; {family!r} counts method=none only"
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _proxy_adapter(family: str, num_layers: int, visual_tokens: int) -> Any:
+    from apet_bench.models import load_model
+
+    cfg, _ = _proxy_model_cfg(family, num_layers, visual_tokens)
+    with _quiet():
+        return load_model(cfg)
+
+
+@contextlib.contextmanager
+def _quiet():
+    import logging
+    import warnings
+
+    prev = logging.getLogger("transformers").level
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            logging.getLogger("transformers").setLevel(prev)
+
+
+def _proxy_plan(family: str, num_layers: int, visual_tokens: int, method: Any) -> TokenPlan:
+    """Run ``method`` once on the shape proxy; read the per-layer visual tokens the adapter measured."""
+    from PIL import Image
+
+    adapter = _proxy_adapter(family, num_layers, visual_tokens)
+    _, size = _proxy_model_cfg(family, num_layers, visual_tokens)
+    rng = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(size[1], size[0], 3, generator=rng) * 255).to(torch.uint8).numpy()
+    image = Image.fromarray(pixels, "RGB")
+    vision_lengths: list[int | None] = []
+    handles = []
+    if family != "qwen25vl":
+        vt = adapter.vision_tower
+        clip_layers = list(getattr(vt, "vision_model", vt).encoder.layers)
+        vision_lengths = [None] * len(clip_layers)
+
+        def make(i: int) -> Callable[..., None]:
+            def hook(module: Any, args: tuple, kwargs: dict) -> None:
+                hs = args[0] if args else kwargs.get("hidden_states")
+                if vision_lengths[i] is None and hs is not None:
+                    vision_lengths[i] = int(hs.shape[-2])
+            return hook
+
+        handles = [layer.register_forward_pre_hook(make(i), with_kwargs=True) for i, layer in enumerate(clip_layers)]
+    try:
+        with _quiet():
+            out = adapter.generate([image], "Is there a bus in the image?", {"max_new_tokens": 1}, method)
+    finally:
+        for hd in handles:
+            hd.remove()
+    if out.visual_tokens_in != visual_tokens:
+        raise RuntimeError(f"flops: proxy produced {out.visual_tokens_in} visual tokens, expected {visual_tokens}")
+    planned = out.planned_layer_visual_tokens
+    measured = [int(v) for v in out.layer_visual_tokens]
+    full = vision_lengths[0] if vision_lengths else None
+    vis = [int(v) for v in vision_lengths] if vision_lengths and any(v != full for v in vision_lengths) else None
+    stage = _stage_counts(method, out)
+    src = (
+        f"measured: method {method.name!r} run through the adapter's generate on a tiny random-weight "
+        f"{family} shape proxy ({num_layers} decoder layers, {visual_tokens} visual tokens); "
+        f"plan() {'agrees' if planned == measured else 'differs: ' + str(planned)}"
+    )
+    return TokenPlan(out.visual_tokens_in, out.visual_tokens_llm, measured, vis, src, _variant_label(method, family, measured), stage)
+
+
+def _stage_counts(method: Any, out: Any) -> dict[str, Any]:
+    counts: dict[str, Any] = {"visual_tokens_in": out.visual_tokens_in, "visual_tokens_llm": out.visual_tokens_llm}
+    changes = [(i, a, b) for i, (a, b) in enumerate(zip(out.layer_visual_tokens, out.layer_visual_tokens[1:]), 1) if b != a]
+    counts["drops"] = [{"layer": i, "from": a, "to": b} for i, a, b in changes]
+    return counts
+
+
+def _variant_label(method: Any, family: str, layers: Sequence[int]) -> str:
+    if method.name == "none":
+        return "no compression"
+    runs = []
+    start = 0
+    for i in range(1, len(layers) + 1):
+        if i == len(layers) or layers[i] != layers[start]:
+            runs.append(f"{layers[start]} in L{start}-{i - 1}" if i - 1 > start else f"{layers[start]} in L{start}")
+            start = i
+    layout = ", ".join(runs)
+    variant = getattr(method, "variant", None)
+    extra = ""
+    if method.name == "apet" and family == "qwen25vl":
+        extra = (" (official: the layer-14 LLM stage is commented out in the released code, methods.md §1.5)"
+                 if variant == "official" else " (paper: layer-14 LLM stage on, methods.md §1.5)")
+    return (f"variant={variant}: " if variant else "") + f"plan {layout}{extra}"
+
+
+#: Documented plans of methods whose classes may not be registered yet: ``(method, family) ->
+#: fn(budget, visual_tokens, num_layers) -> (per-layer visual tokens, description)``, from design/methods.md.
+DOCUMENTED_PLANS: dict[tuple[str, str], Callable[[Any, int, int], tuple[list[int], str]]] = {}
+
+
+def _documented(method: str, family: str):
+    def deco(fn):
+        DOCUMENTED_PLANS[(method, family)] = fn
+        return fn
+    return deco
+
+
+def _stages(n: int, num_layers: int, drops: Sequence[tuple[int, int]]) -> list[int]:
+    """Per layer counts: ``n`` until each ``(layer, keep)`` drop (at the input of ``layer``)."""
+    out, cur, d = [], n, dict(drops)
+    for i in range(num_layers):
+        cur = d.get(i, cur)
+        out.append(cur)
+    return out
+
+
+@_documented("visionzip", "llava15")
+def _visionzip_llava(budget: Any, n: int, num_layers: int) -> tuple[list[int], str]:
+    table = {64: (54, 10), 128: (108, 20), 192: (162, 30)}
+    if budget not in table:
+        raise ConfigError(f"flops: VisionZip's documented LLaVA-1.5 budgets are 64/128/192, not {budget!r}")
+    dom, ctx = table[budget]
+    return [dom + ctx] * num_layers, f"documented plan methods.md §2.4: dominant {dom} (incl. CLS) + contextual {ctx}, before the LLM"
+
+
+@_documented("visionzip", "qwen25vl")
+def _visionzip_qwen(budget: Any, n: int, num_layers: int) -> tuple[list[int], str]:
+    if not isinstance(budget, float):
+        raise ConfigError(f"flops: VisionZip's documented Qwen2.5-VL budgets are ratios (0.2 / 0.1), not {budget!r}")
+    dom, ctx = int(0.75 * budget * n), int(0.25 * budget * n)
+    return [dom + ctx] * num_layers, f"documented plan methods.md §2.5 [derived]: dominant {0.75 * budget:.1%} + contextual {0.25 * budget:.1%}"
+
+
+@_documented("pdrop", "llava15")
+def _pdrop_llava(budget: Any, n: int, num_layers: int) -> tuple[list[int], str]:
+    lam = {192: (0.56, 0.313, 0.175), 128: (0.42, 0.176, 0.074), 64: (0.19, 0.037, 0.007)}
+    if budget not in lam:
+        raise ConfigError(f"flops: PDrop's documented LLaVA-1.5 budgets are 64/128/192, not {budget!r}")
+    r = lam[budget]
+    drops = [(2, int(n * r[0])), (8, int(n * r[1])), (16, int(n * r[2]))]
+    return _stages(n, num_layers, drops), f"documented plan methods.md §5.3: layer_list [2,8,16], ratios {list(r)}"
+
+
+@_documented("pdrop", "qwen25vl")
+def _pdrop_qwen(budget: Any, n: int, num_layers: int) -> tuple[list[int], str]:
+    lam = {0.2: 0.35, 0.1: 0.113}
+    if budget not in lam:
+        raise ConfigError(f"flops: PDrop's documented Qwen2.5-VL budgets are 0.2 / 0.1, not {budget!r}")
+    x = lam[budget]
+    drops = [(2, int(n * x)), (8, int(n * x * x)), (16, int(n * x ** 3))]
+    return _stages(n, num_layers, drops), f"documented plan methods.md §5.3 [derived]: layer_list [2,8,16], λ={x}"
+
+
+@_documented("sparsevlm", "llava15")
+def _sparsevlm_llava(budget: Any, n: int, num_layers: int) -> tuple[list[int], str]:
+    sched = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
+    if budget not in sched:
+        raise ConfigError(f"flops: SparseVLM's documented LLaVA-1.5 budgets are 64/128/192, not {budget!r}")
+    s = sched[budget]
+    # prunes the *output* of layers 2, 6, 15 -> inputs of layers 3, 7, 16 (recycled clusters not counted)
+    return _stages(n, num_layers, [(3, s[0]), (7, s[1]), (16, s[2])]), (
+        f"documented plan methods.md §4.3 (v1.5): keep {list(s)} after layers 2/6/15, recycled clusters not counted"
+    )
+
+
+@_documented("sparsevlm", "qwen25vl")
+def _sparsevlm_qwen(budget: Any, n: int, num_layers: int) -> tuple[list[int], str]:
+    fr = {0.2: ((3, 0.34), (6, 0.125), (14, 0.041)), 0.1: ((2, 0.093), (6, 0.034), (14, 0.011))}
+    if budget not in fr:
+        raise ConfigError(f"flops: SparseVLM's documented Qwen2.5-VL budgets are 0.2 / 0.1, not {budget!r}")
+    drops = [(layer, int(n * f)) for layer, f in fr[budget]]
+    return _stages(n, num_layers, drops), "documented plan methods.md §4.4 [derived] (equivalent average)"
+
+
+@_documented("fastv", "llava15")
+def _fastv_llava(budget: Any, n: int, num_layers: int) -> tuple[list[int], str]:
+    keep = int(budget) if isinstance(budget, int) else int(budget * n)
+    return _stages(n, num_layers, [(2, keep)]), f"documented plan methods.md §3.3: K=2, keep {keep} after layer 2"
+
+
+@_documented("fastv", "qwen25vl")
+def _fastv_qwen(budget: Any, n: int, num_layers: int) -> tuple[list[int], str]:
+    keep = int(budget) if isinstance(budget, int) else int(budget * n)
+    return _stages(n, num_layers, [(2, keep)]), f"documented plan methods.md §3.3: K=2, keep {keep} after layer 2"
+
+
+def _registered(method: str) -> bool:
+    from apet_bench.methods import available_methods
+
+    try:
+        return method in available_methods()
+    except Exception:  # noqa: BLE001 - a broken baseline must not stop FLOPs of the others
+        return False
+
+
+def token_plan(
+    model: str,
+    method: str,
+    budget: int | float | None,
+    *,
+    visual_tokens: int | None = None,
+    params: Mapping[str, Any] | None = None,
+    allow_documented: bool = True,
+) -> TokenPlan:
+    """The per-layer visual-token plan of ``method`` on the full-size ``model``.
+
+    Parameters
+    ----------
+    model : str
+        Model config name (``llava15``, ``qwen25vl``, ...).
+    method : str
+        Registry name. A registered method runs on the shape proxy (module docstring, step 1); an
+        unregistered one with a :data:`DOCUMENTED_PLANS` entry uses that (``source`` says so).
+    budget : int or float or None
+        Visual-token budget (``apet_bench.budget``); ignored by ``none``.
+    visual_tokens : int, optional
+        Visual tokens of the input (LLaVA-1.5: 576, fixed; Qwen2.5-VL: 256..2048, default 729).
+    params : mapping, optional
+        Method hyper-parameters (default: ``configs/method/<method>.yaml`` ``params``).
+    allow_documented : bool
+        Whether an unregistered method may fall back to its documented plan.
+
+    Returns
+    -------
+    TokenPlan
+
+    Raises
+    ------
+    ConfigError
+        Unknown model, unregistered method without a documented plan, bad visual-token count.
+    """
+    family = _family(model)
+    num_layers = _text_model(meta_model(family)).config.num_hidden_layers
+    n = _default_visual_tokens(family, visual_tokens)
+    if method == "none":
+        return TokenPlan(n, n, [n] * num_layers, None, "no compression", "no compression")
+    if not _registered(method):
+        fn = DOCUMENTED_PLANS.get((method, family)) if allow_documented else None
+        if fn is None:
+            raise ConfigError(f"flops: method {method!r} is not registered and has no documented plan for {family!r}")
+        layers, desc = fn(budget, n, num_layers)
+        return TokenPlan(n, layers[0], layers, None, f"class not registered yet; {desc}", desc,
+                         {"visual_tokens_in": n, "visual_tokens_llm": layers[0]})
+    from apet_bench.methods import build_method
+
+    kwargs = dict(_method_params(method) if params is None else params)
+    m = build_method(method, budget=budget, **kwargs) if budget is not None else build_method(method, **kwargs)
+    return _proxy_plan(family, num_layers, n, m)
+
+
+def _method_params(method: str) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    from apet_bench.config import config_dir
+
+    path = config_dir() / "method" / f"{method}.yaml"
+    if not path.is_file():
+        return {}
+    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return dict(cfg.get("params") or {})  # type: ignore[union-attr]
+
+
+def _family(model: str) -> str:
+    name = model[5:] if model.startswith("tiny_") else model
+    if name not in FAMILY_OF_MODEL:
+        raise ConfigError(f"flops: unknown model {model!r}; known: {', '.join(FAMILY_OF_MODEL)}")
+    return FAMILY_OF_MODEL[name]
+
+
+def _default_visual_tokens(family: str, visual_tokens: int | None) -> int:
+    fixed = {"llava15": 576, "video_llava": 256}
+    if visual_tokens is not None and (isinstance(visual_tokens, bool) or not isinstance(visual_tokens, int) or visual_tokens < 1):
+        raise ConfigError(f"flops: visual_tokens {visual_tokens!r} is not a positive integer")
+    if family in fixed:
+        if visual_tokens is not None and visual_tokens != fixed[family]:
+            raise ConfigError(f"flops: visual_tokens {visual_tokens} is not possible for {family} (always {fixed[family]} per image)")
+        return fixed[family]
+    if family == "qwen25vl":
+        n = 729 if visual_tokens is None else visual_tokens
+        if not 256 <= n <= 2048:
+            raise ConfigError(f"flops: visual_tokens {n} is outside Qwen2.5-VL's 256..2048 (min/max_pixels of the paper)")
+        return n
+    if family == "llava_next":
+        if visual_tokens is None:
+            raise ConfigError("flops: llava_next needs visual_tokens=<n> (anyres: 2928 for a 672x672 image)")
+        return visual_tokens
+    raise ConfigError(f"flops: unknown family {family!r}")
+
+
+# ---------------------------------------------------------------------- method overhead
+#: ``method name -> fn(family, plan, text_tokens, method_params) -> {term: FLOPs}``.
+METHOD_OVERHEAD: dict[str, Callable[[str, TokenPlan, int, Mapping[str, Any]], dict[str, int]]] = {}
+
+
+def register_overhead(name: str) -> Callable:
+    """Decorator registering the overhead formula of method ``name`` in :data:`METHOD_OVERHEAD`."""
+
+    def deco(fn: Callable) -> Callable:
+        METHOD_OVERHEAD[name] = fn
+        return fn
+
+    return deco
+
+
+def _dims(family: str) -> dict[str, int]:
+    model = meta_model(family)
+    tc = _text_model(model).config
+    out = {"d": tc.hidden_size, "layers": tc.num_hidden_layers}
+    if family == "qwen25vl":
+        out["dv"] = tc.hidden_size  # ApET runs on the post-merger tokens (methods.md §1.5)
+    else:
+        vc = model.model.vision_tower.config
+        out["dv"] = vc.hidden_size
+        out["dk_vision"] = vc.hidden_size // vc.num_attention_heads
+        out["vision_tokens"] = (vc.image_size // vc.patch_size) ** 2
+        out["proj"] = 2 * (vc.hidden_size * tc.hidden_size + tc.hidden_size * tc.hidden_size)
+    return out
+
+
+def apet_stage_flops(n: int, d: int, keep: int, m: int) -> dict[str, int]:
+    """FLOPs of one ApET compression of ``n`` tokens of width ``d`` to ``keep`` with ``m`` basis tokens.
+
+    Terms (``apet_bench.apet`` and the official ``fps`` / ``linalg.solve`` / ``token_merging``;
+    multiply-add = 2): FPS ``3·m·n·d`` (difference, square, accumulate per basis step); Gram ``2m²d``;
+    right-hand sides ``S Xᵀ`` ``2mnd``; solve ``(2/3)m³ + 2m²n``; reconstruction ``A S`` ``2nmd``;
+    error (residual, square, sum) ``3nd``; merge: cosine similarity of the ``n - keep`` dropped tokens
+    against the ``keep - m`` targets ``2(n-keep)(keep-m)d`` + norms ``3nd`` + the means ``(n-keep)d``.
+    Top-k, argmax and gathers are not counted.
+
+    Returns
+    -------
+    dict
+        ``{"fps", "solve", "error", "merge"}`` FLOPs.
+    """
+    if keep >= n or n <= 0:
+        return {"fps": 0, "solve": 0, "error": 0, "merge": 0}
+    m = min(m, keep)
+    dropped, targets = n - keep, max(1, keep - m)
+    return {
+        "fps": 3 * m * n * d,
+        "solve": 2 * m * m * d + 2 * m * n * d + int(2 * m**3 / 3) + 2 * m * m * n + 2 * n * m * d,
+        "error": 3 * n * d,
+        "merge": 2 * dropped * targets * d + 3 * n * d + dropped * d,
+    }
+
+
+@register_overhead("apet")
+def _apet_overhead(family: str, plan: TokenPlan, text_tokens: int, params: Mapping[str, Any]) -> dict[str, int]:
+    dims = _dims(family)
+    m = int(params.get("num_basis", 10))
+    n_in, n_llm = plan.visual_tokens_in, plan.visual_tokens_llm
+    out: dict[str, int] = {}
+    for k, v in apet_stage_flops(n_in, dims["dv"], n_llm, m).items():
+        out[f"vision_stage_{k}"] = v
+    if "proj" in dims and n_llm < n_in:
+        # our adapter projects all tokens (counted in vision_tflops), ApET re-projects the kept
+        # pre-projector tokens (methods/apet.py _vision_image); the official code projects once.
+        out["vision_stage_reprojection"] = dims["proj"] * n_llm
+    for drop in plan.stage_counts.get("drops", []):
+        for k, v in apet_stage_flops(drop["from"], dims["d"], drop["to"], m).items():
+            out[f"llm_stage_L{drop['layer']}_{k}"] = v
+    return out
+
+
+def _attention_row_flops(seq: int, d: int, rows: int) -> int:
+    """``rows`` query rows against ``seq`` keys, all heads: ``2·rows·seq·d`` (QKᵀ only; softmax element-wise)."""
+    return 2 * rows * seq * d
+
+
+@register_overhead("fastv")
+def _fastv_overhead(family: str, plan: TokenPlan, text_tokens: int, params: Mapping[str, Any]) -> dict[str, int]:
+    d = _dims(family)["d"]
+    out = {}
+    for drop in plan.stage_counts.get("drops", []) or _drops_of(plan):
+        out[f"attention_row_L{drop['layer'] - 1}"] = _attention_row_flops(drop["from"] + text_tokens, d, 1)
+    return out
+
+
+@register_overhead("pdrop")
+def _pdrop_overhead(family: str, plan: TokenPlan, text_tokens: int, params: Mapping[str, Any]) -> dict[str, int]:
+    return {k.replace("attention_row", "last_instruction_row"): v for k, v in _fastv_overhead(family, plan, text_tokens, params).items()}
+
+
+@register_overhead("sparsevlm")
+def _sparsevlm_overhead(family: str, plan: TokenPlan, text_tokens: int, params: Mapping[str, Any]) -> dict[str, int]:
+    d = _dims(family)["d"]
+    n = plan.visual_tokens_llm
+    out = {"raters": 2 * n * text_tokens * d}
+    for drop in plan.stage_counts.get("drops", []) or _drops_of(plan):
+        # rater rows (about half of the text tokens) against the layer's keys; recycling DPC-KNN on the
+        # top 30 % of the pruned tokens (pairwise distances)
+        out[f"rater_rows_L{drop['layer'] - 1}"] = _attention_row_flops(drop["from"] + text_tokens, d, max(1, text_tokens // 2))
+        r = int(0.3 * (drop["from"] - drop["to"])) + 1
+        out[f"recycling_L{drop['layer'] - 1}"] = 3 * r * r * d
+    return out
+
+
+@register_overhead("visionzip")
+def _visionzip_overhead(family: str, plan: TokenPlan, text_tokens: int, params: Mapping[str, Any]) -> dict[str, int]:
+    dims = _dims(family)
+    n, k = plan.visual_tokens_in, plan.visual_tokens_llm
+    ctx = max(1, k // 6)  # 10 of 64 contextual (methods.md §2.4)
+    rest = max(0, n - (k - ctx))
+    dk = dims.get("dk_vision", 64) if family != "qwen25vl" else 80
+    return {"cls_row_scores": n * 16, "contextual_matching": 2 * rest * ctx * dk + 3 * rest * dk}
+
+
+@register_overhead("tome")
+def _tome_overhead(family: str, plan: TokenPlan, text_tokens: int, params: Mapping[str, Any]) -> dict[str, int]:
+    lens = plan.vision_layer_tokens or []
+    dk = _dims(family).get("dk_vision", 64)
+    total = 0
+    for a, b in zip(lens, lens[1:]):
+        if b < a:
+            total += 2 * (a // 2) * (a - a // 2) * dk  # bipartite similarity A·Bᵀ on head-mean keys
+    return {"bipartite_matching": total}
+
+
+def _drops_of(plan: TokenPlan) -> list[dict[str, int]]:
+    L = plan.layer_visual_tokens
+    return [{"layer": i, "from": L[i - 1], "to": L[i]} for i in range(1, len(L)) if L[i] != L[i - 1]]
+
+
+# ---------------------------------------------------------------------- the report
+@dataclass
+class FlopsReport:
+    """Prefill TFLOPs of one model × method × budget (see the module docstring for how)."""
+
+    model: str
+    model_title: str
+    method: str
+    budget: int | float | None
+    variant: str
+    plan_source: str
+    visual_tokens_in: int
+    visual_tokens_llm: int
+    layer_visual_tokens: list[int]
+    mean_layer_visual_tokens: float
+    text_tokens: int
+    text_tokens_source: str
+    vision_tflops: float
+    llm_tflops: float
+    method_tflops: float
+    total_tflops: float
+    vision_breakdown: dict[str, float]
+    llm_breakdown: dict[str, float]
+    method_breakdown: dict[str, float]
+    vision_layer_tokens: list[int] | None = None
+    convention: dict[str, str] = field(default_factory=lambda: dict(CONVENTION))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (every field)."""
+        return dataclasses.asdict(self)
+
+
+def count_flops(
+    model: str,
+    method: str = "none",
+    budget: int | float | None = None,
+    *,
+    visual_tokens: int | None = None,
+    text_tokens: int | None = None,
+    params: Mapping[str, Any] | None = None,
+    allow_documented: bool = True,
+) -> FlopsReport:
+    """Prefill TFLOPs of ``model`` under ``method`` at ``budget``: vision, LLM, method overhead, total.
+
+    Parameters
+    ----------
+    model : str
+        ``llava15``, ``qwen25vl`` (any method); ``llava_next``, ``video_llava`` (``none`` only). A
+        ``tiny_`` prefix is accepted and counts the full-size model.
+    method : str
+        Registry name (``none``, ``apet``, the baselines as they land) or a documented plan.
+    budget : int or float or None
+        Tokens (int, the paper's average over decoder layers) or a retention ratio (float).
+    visual_tokens : int, optional
+        Visual tokens of the input (Qwen2.5-VL default 729, the count that reproduces Table 7).
+    text_tokens : int, optional
+        Text tokens of the prompt; default :data:`POPE_TEXT_TOKENS` (LLaVA family) or
+        :data:`QWEN_DEFAULT_TEXT_TOKENS`.
+    params : mapping, optional
+        Method hyper-parameters (default: its config file's ``params``).
+    allow_documented : bool
+        Fall back to :data:`DOCUMENTED_PLANS` for unregistered methods.
+
+    Returns
+    -------
+    FlopsReport
+        ``total_tflops == vision_tflops + llm_tflops + method_tflops`` (rounding aside, 1e-9).
+
+    Raises
+    ------
+    ConfigError
+        One line naming the bad model / method / budget / token count.
+    """
+    family = _family(model)
+    if method != "none":
+        from apet_bench.budget import validate_budget
+
+        if budget is None:
+            raise ConfigError(f"flops: method {method!r} needs budget=<int tokens | ratio in (0, 1]>")
+        budget = validate_budget(budget)
+    if text_tokens is not None and (isinstance(text_tokens, bool) or not isinstance(text_tokens, int) or text_tokens < 1):
+        raise ConfigError(f"flops: text_tokens {text_tokens!r} is not a positive integer")
+    if text_tokens is None:
+        if family == "qwen25vl":
+            text_tokens, tsrc = QWEN_DEFAULT_TEXT_TOKENS, "default for Qwen2.5-VL (reproduces the paper's 14.52 at 729 visual tokens; no Qwen tokenizer offline)"
+        else:
+            text_tokens, tsrc = POPE_TEXT_TOKENS, "LLaVA-1.5 POPE prompt, real Llama-2 tokenizer, median over coco_pope_random (61..64)"
+    else:
+        tsrc = "given"
+    mparams = dict(_method_params(method) if params is None else params)
+    plan = token_plan(model, method, budget if method != "none" else None, visual_tokens=visual_tokens,
+                      params=mparams, allow_documented=allow_documented)
+    if isinstance(budget, int) and method != "none" and budget > plan.visual_tokens_in:
+        raise ConfigError(f"flops: budget {budget} is above the {plan.visual_tokens_in} visual tokens of {model}")
+    with _quiet():
+        vision = count_vision_flops(family, plan.visual_tokens_in, vision_layer_tokens=plan.vision_layer_tokens)
+        llm = count_llm_flops(family, [text_tokens + v for v in plan.layer_visual_tokens])
+    overhead_fn = METHOD_OVERHEAD.get(method)
+    overhead = overhead_fn(family, plan, text_tokens, mparams) if overhead_fn else {}
+    v_t = sum(vision.values()) / TERA
+    l_t = sum(llm.values()) / TERA
+    m_t = sum(overhead.values()) / TERA
+    return FlopsReport(
+        model=model,
+        model_title=MODEL_TITLE[family],
+        method=method,
+        budget=budget if method != "none" else None,
+        variant=plan.variant,
+        plan_source=plan.source,
+        visual_tokens_in=plan.visual_tokens_in,
+        visual_tokens_llm=plan.visual_tokens_llm,
+        layer_visual_tokens=plan.layer_visual_tokens,
+        mean_layer_visual_tokens=round(plan.mean_layer_visual_tokens, 3),
+        text_tokens=text_tokens,
+        text_tokens_source=tsrc,
+        vision_tflops=v_t,
+        llm_tflops=l_t,
+        method_tflops=m_t,
+        total_tflops=v_t + l_t + m_t,
+        vision_breakdown={k: v / TERA for k, v in vision.items()},
+        llm_breakdown={k: v / TERA for k, v in llm.items()},
+        method_breakdown={k: v / TERA for k, v in overhead.items()},
+        vision_layer_tokens=plan.vision_layer_tokens,
+    )
+
+
+# ---------------------------------------------------------------------- CLI
+_KEYS = ("model", "method", "budget", "visual_tokens", "text_tokens")
+
+
+def _parse(argv: Sequence[str]) -> dict[str, Any]:
+    import yaml
+
+    args: dict[str, Any] = {}
+    params: dict[str, Any] = {}
+    for a in argv:
+        if "=" not in a:
+            raise ConfigError(f"flops: argument {a!r} is not key=value (keys: {', '.join(_KEYS)}, method.params.<p>)")
+        k, v = a.split("=", 1)
+        if k.startswith("method.params."):
+            params[k[len("method.params."):]] = yaml.safe_load(v)
+            continue
+        if k not in _KEYS:
+            raise ConfigError(f"flops: unknown key {k!r}; keys: {', '.join(_KEYS)}, method.params.<p>")
+        args[k] = yaml.safe_load(v) if k in ("budget", "visual_tokens", "text_tokens") else v
+    if "model" not in args:
+        raise ConfigError("flops: model=<name> is required (llava15, qwen25vl, llava_next, video_llava)")
+    if params:
+        args["params"] = {**_method_params(args.get("method", "none")), **params}
+    return args
+
+
+def format_report(r: FlopsReport) -> str:
+    """Human-readable lines of a report (the JSON line follows them in :func:`main`)."""
+    budget = "full" if r.budget is None else r.budget
+    lines = [
+        f"{r.model_title} + {r.method} @ {budget}: {r.total_tflops:.3f} TFLOPs prefill "
+        f"(meta device, no weights; {r.variant})",
+        f"  visual tokens: {r.visual_tokens_in} in, {r.visual_tokens_llm} enter the LLM, "
+        f"{r.mean_layer_visual_tokens:g} per decoder layer on average; text tokens {r.text_tokens} ({r.text_tokens_source})",
+        f"  vision encoder + projector {r.vision_tflops:.4f} | LLM {r.llm_tflops:.4f} | method overhead {r.method_tflops:.6f}",
+        f"  plan: {r.plan_source}",
+        "  convention: " + "; ".join(f"{k}: {v}" for k, v in r.convention.items()),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry: print the breakdown, then one JSON line; bad input -> one line on stderr, exit 2."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = _parse(argv)
+        report = count_flops(
+            args["model"], args.get("method", "none"), args.get("budget"),
+            visual_tokens=args.get("visual_tokens"), text_tokens=args.get("text_tokens"), params=args.get("params"),
+        )
+    except (ConfigError, ValueError, KeyError) as e:
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    print(json.dumps(report.to_dict()))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
