@@ -1,0 +1,56 @@
+"""``python -m apet_bench.tables table1|...|table6|all [model=<name>[,<name>]] [results_dir=results] [out_dir=...]``
+
+Prints each table (markdown) with the paper's numbers beside ours, writes markdown/CSV/LaTeX under
+``<results_dir>/tables/``, and lists run directories that were left out (half-written / corrupt).
+Other ``key=value`` arguments (the sweep's Hydra overrides, e.g. ``data_root=...``, ``limit=...``)
+are accepted and ignored, so ``make table1 ARGS=...`` can pass the same overrides to both steps.
+Exit 2 on an unknown table name.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from . import TABLES
+from .build import build_table
+from .runs import load_runs_report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    names = [a for a in args if "=" not in a and not a.startswith("-")]
+    opts = dict(a.split("=", 1) for a in args if "=" in a)
+    if not names:
+        print(f"usage: python -m apet_bench.tables {{{'|'.join(TABLES)}|all}} [model=...] [results_dir=...]", file=sys.stderr)
+        return 2
+    wanted: list[str] = []
+    for n in names:
+        if n == "all":
+            wanted += [t for t in TABLES if t not in wanted]
+        elif n in TABLES:
+            wanted.append(n)
+        else:
+            print(f"apet-bench tables: error: unknown table {n!r} (available: {', '.join(TABLES)}, all)", file=sys.stderr)
+            return 2
+    results_dir = Path(opts.get("results_dir", "results"))
+    out_dir = Path(opts.get("out_dir", results_dir / "tables"))
+    model = opts.get("model")
+    model_list = [m for m in model.split(",") if m] if model else None
+    df, problems = load_runs_report(results_dir, include_failed=True)
+    runs = df[df["status"] == "complete"]
+    failures = df[df["status"] != "complete"]
+    for name in wanted:
+        table = build_table(name, runs, failures=failures, model=model_list)
+        written = table.write(out_dir)
+        print(table.to_markdown())
+        print(f"written: {', '.join(str(p) for p in written)}\n", flush=True)
+    if problems:
+        print(f"left out {len(problems)} run director{'y' if len(problems) == 1 else 'ies'} under {results_dir / 'runs'}:")
+        for p in problems:
+            print(f"  {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
