@@ -5,3 +5,4 @@ Each module registers its method class with :func:`apet_bench.methods.register_m
 registry imports this package, so a new file here only needs to be imported below.
 None has landed yet (issue #5).
 """
+from apet_bench.baselines import visionzip  # noqa: E402,F401  (issue #5: VisionZip)
