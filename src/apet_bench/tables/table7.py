@@ -1,0 +1,249 @@
+"""Table 7 (efficiency): LLaVA-1.5-7B and Qwen2.5-VL-7B × {vanilla, SparseVLM, PDrop, VisionZip, ApET}.
+
+``python -m apet_bench.tables.table7 [--out results/tables] [--no-timing] [--backend sdpa] [--warmup 3]
+[--repeats 10] [--max-new-tokens 16]`` (``make table7``) writes ``table7.md`` and ``table7.csv`` under
+``--out`` and prints the markdown.
+
+Columns, in the paper's layout with our numbers beside the paper's:
+
+* **TFLOPs** (everywhere): prefill TFLOPs of the full-size model counted on the ``meta`` device
+  (:func:`apet_bench.flops.count_flops`: vision encoder + projector + LLM + the method's own overhead;
+  1 multiply-add = 2 FLOPs, full n² attention, lm_head on the last token, prefill only), with the
+  per-layer visual-token plan of each method from its own code (registered methods) or from its
+  documented plan in design/methods.md (methods whose class has not landed; the row says so).
+  ``FLOPs Δ`` = vanilla TFLOPs / method TFLOPs (the physical ceiling of the prefill speed-up).
+* **Total time / prefill time** (where CUDA is present): the latency protocol of
+  :mod:`apet_bench.latency` (full-size architecture, random bf16 weights unless a checkpoint is
+  available, the backend given, CUDA events, warm-up, medians, fixed output length). Per sample, in
+  ms; the paper's total time is a whole POPE run (mm:ss), so compare the Δ ratios. On a machine
+  without CUDA the timing cells read ``no GPU``.
+
+Paper numbers: Table 7 of the ApET paper (A100, POPE), kept here (:data:`PAPER_TABLE7`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MODELS", "PAPER_TABLE7", "ROWS", "build_table7", "main"]
+
+#: Table 7 of the ApET paper (``../shared/paper/ApET-paper.txt`` lines 218-232): per model, per method:
+#: (token, total time mm:ss, total Δ, prefill ms, prefill Δ, TFLOPs). A100, POPE.
+PAPER_TABLE7: dict[str, dict[str, tuple[str, str, float, float, float, float]]] = {
+    "llava15": {
+        "none": ("100%", "14:47", 1.00, 86.9, 1.00, 8.82),
+        "sparsevlm": ("11.1%", "13:32", 1.09, 77.8, 1.12, 2.31),
+        "pdrop": ("11.1%", "11:15", 1.31, 69.2, 1.26, 2.16),
+        "visionzip": ("11.1%", "10:36", 1.39, 64.4, 1.35, 2.03),
+        "apet": ("11.1%", "10:08", 1.46, 62.8, 1.38, 2.09),
+    },
+    "qwen25vl": {
+        "none": ("100%", "34:14", 1.00, 158.5, 1.00, 14.52),
+        "sparsevlm": ("10%", "33:36", 1.02, 136.8, 1.16, 5.97),
+        "pdrop": ("10%", "32:20", 1.06, 125.5, 1.26, 5.85),
+        "visionzip": ("10%", "30:06", 1.14, 119.3, 1.33, 5.68),
+        "apet": ("10%", "26:18", 1.30, 104.7, 1.51, 5.70),
+    },
+}
+
+#: Models of Table 7: config name -> (title, budget of the compressed rows, visual tokens counted).
+MODELS: dict[str, tuple[str, Any, int]] = {
+    "llava15": ("LLaVA-1.5-7B", 64, 576),
+    "qwen25vl": ("Qwen2.5-VL-7B", 0.1, 729),
+}
+
+#: Rows per model: (label, method, method params override). Qwen's ApET appears twice: the paper
+#: variant (layer-14 LLM stage on, the plan the paper's 5.70 counts) and the official code (the
+#: layer-14 call is commented out, methods.md §1.5).
+ROWS: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
+    "llava15": [
+        ("LLaVA-1.5-7B", "none", {}),
+        ("+ SparseVLM", "sparsevlm", {}),
+        ("+ PDrop", "pdrop", {}),
+        ("+ VisionZip", "visionzip", {}),
+        ("+ ApET (ours)", "apet", {}),
+    ],
+    "qwen25vl": [
+        ("Qwen2.5-VL-7B", "none", {}),
+        ("+ SparseVLM", "sparsevlm", {}),
+        ("+ PDrop", "pdrop", {}),
+        ("+ VisionZip", "visionzip", {}),
+        ("+ ApET (ours), paper variant", "apet", {"variant": "paper"}),
+        ("+ ApET (ours), official code", "apet", {"variant": "official"}),
+    ],
+}
+
+
+def _fmt(x: Any, spec: str = ".2f") -> str:
+    if x is None or x == "":
+        return ""
+    if isinstance(x, str):
+        return x
+    return format(x, spec)
+
+
+def build_table7(
+    *, timing: bool = True, backend: str = "sdpa", warmup: int = 3, repeats: int = 10, max_new_tokens: int = 16,
+    models: Sequence[str] = tuple(MODELS),
+) -> tuple[Any, dict[str, Any]]:
+    """Build Table 7 as a ``pandas.DataFrame`` plus a header dict (device, how each column was obtained).
+
+    Parameters
+    ----------
+    timing : bool
+        Measure times when CUDA is present (otherwise the cells read ``no GPU``).
+    backend, warmup, repeats, max_new_tokens :
+        Latency protocol settings (:func:`apet_bench.latency.measure_latency`).
+    models : sequence of str
+        Subset of :data:`MODELS`.
+
+    Returns
+    -------
+    (pandas.DataFrame, dict)
+    """
+    import pandas as pd
+    import torch
+
+    from apet_bench.flops import _registered, count_flops
+
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name(0) if cuda else "CPU (no GPU)"
+    rows: list[dict[str, Any]] = []
+    for model in models:
+        title, budget, vt = MODELS[model]
+        paper = PAPER_TABLE7[model]
+        base_flops = None
+        base_time: dict[str, float] | None = None
+        adapter = None
+        for label, method, override in ROWS[model]:
+            p = paper[method]
+            registered = method == "none" or _registered(method)
+            row: dict[str, Any] = {
+                "model": title, "method": label, "token": p[0],
+                "paper_total_time": p[1], "paper_total_speedup": p[2], "paper_prefill_ms": p[3],
+                "paper_prefill_speedup": p[4], "paper_tflops": p[5],
+            }
+            try:
+                from apet_bench.flops import _method_params
+
+                params = {**_method_params(method), **override} if method != "none" else {}
+                r = count_flops(model, method, None if method == "none" else budget, visual_tokens=vt, params=params)
+                row.update(
+                    tflops=r.total_tflops, vision_tflops=r.vision_tflops, llm_tflops=r.llm_tflops,
+                    method_tflops=r.method_tflops, visual_tokens_per_layer=r.mean_layer_visual_tokens,
+                    text_tokens=r.text_tokens, variant_plan=r.variant,
+                    plan_source=("no compression" if method == "none" else
+                                 "measured: the method's own code on the shape proxy" if registered
+                                 else "class not registered yet: FLOPs from its documented plan (methods.md)"),
+                )
+                if method == "none":
+                    base_flops = r.total_tflops
+                row["flops_speedup"] = base_flops / r.total_tflops if base_flops else None
+                row["tflops_vs_paper_pct"] = 100.0 * (r.total_tflops - p[5]) / p[5]
+            except Exception as e:  # noqa: BLE001 - one row failing must not sink the table
+                row.update(tflops=None, variant_plan="", plan_source=f"missing: {str(e).splitlines()[0]}")
+            if not (timing and cuda):
+                row.update(prefill_ms="no GPU", total_ms="no GPU", prefill_speedup="", total_speedup="")
+            elif not registered:
+                row.update(prefill_ms="missing: not registered", total_ms="missing: not registered",
+                           prefill_speedup="", total_speedup="")
+            else:
+                try:
+                    from apet_bench.latency import _method_for, build_latency_adapter, measure_latency
+
+                    if adapter is None:
+                        adapter, weights = build_latency_adapter(model, backend, "cuda")
+                    m = _method_for(method, None if method == "none" else budget, override)
+                    lat = measure_latency(adapter, m, weights=weights, warmup=warmup, repeats=repeats,
+                                          max_new_tokens=max_new_tokens, visual_tokens=vt)
+                    if method == "none":
+                        base_time = {"prefill": lat.prefill_ms, "total": lat.total_ms}
+                    row.update(prefill_ms=lat.prefill_ms, total_ms=lat.total_ms, peak_memory_mib=lat.peak_memory_mib,
+                               weights=lat.weights)
+                    if base_time:
+                        row.update(prefill_speedup=base_time["prefill"] / lat.prefill_ms,
+                                   total_speedup=base_time["total"] / lat.total_ms)
+                except Exception as e:  # noqa: BLE001
+                    row.update(prefill_ms=f"failed: {str(e).splitlines()[0][:80]}", total_ms="", prefill_speedup="",
+                               total_speedup="")
+            rows.append(row)
+        del adapter
+    header = {
+        "device": device,
+        "timing": (f"measured: latency protocol, backend {backend}, {warmup} warm-up + median of {repeats}, "
+                   f"{max_new_tokens} generated tokens, per sample (ms); full-size architecture with random bf16 "
+                   "weights unless a checkpoint is available" if (timing and cuda) else
+                   "no GPU on this machine: timing cells read 'no GPU' (run make table7 on a CUDA machine)"),
+        "flops": ("prefill TFLOPs of the full-size models on the meta device (apet_bench.flops): 1 multiply-add = "
+                  "2 FLOPs, full n^2 attention, lm_head on the last token, prefill only, vision + LLM + method "
+                  "overhead; LLaVA-1.5: 576 visual + 62 text tokens (POPE prompt, real Llama-2 tokenizer); "
+                  "Qwen2.5-VL: 729 visual + 60 text tokens"),
+        "paper": "ApET paper Table 7 (A100, POPE); its total time is a whole POPE run (mm:ss)",
+    }
+    return pd.DataFrame(rows), header
+
+
+def to_markdown(df: Any, header: dict[str, Any]) -> str:
+    """Markdown of Table 7 (one table per model) with the header lines."""
+    lines = ["# Table 7: efficiency (prefill TFLOPs, prefill and total time)", ""]
+    lines += [f"- **{k}**: {v}" for k, v in header.items()]
+    for model in df["model"].unique():
+        sub = df[df["model"] == model]
+        lines += ["", f"## {model}", "",
+                  "| Methods | Token | Total time (paper) | Δ (paper) | Total ms (ours) | Δ (ours) | Prefill ms (paper) "
+                  "| Δ (paper) | Prefill ms (ours) | Δ (ours) | TFLOPs (paper) | TFLOPs (ours) | vs paper | FLOPs Δ (ours) "
+                  "| variant / plan counted | plan source |",
+                  "|" + "---|" * 16]
+        for _, r in sub.iterrows():
+            cells = [
+                r["method"], r["token"], r["paper_total_time"], f"{r['paper_total_speedup']:.2f}×",
+                _fmt(r.get("total_ms"), ".1f"), _fmt(r.get("total_speedup")) + ("×" if isinstance(r.get("total_speedup"), float) else ""),
+                f"{r['paper_prefill_ms']:.1f}", f"{r['paper_prefill_speedup']:.2f}×",
+                _fmt(r.get("prefill_ms"), ".1f"), _fmt(r.get("prefill_speedup")) + ("×" if isinstance(r.get("prefill_speedup"), float) else ""),
+                f"{r['paper_tflops']:.2f}", _fmt(r.get("tflops"), ".3f"),
+                (f"{r['tflops_vs_paper_pct']:+.1f} %" if isinstance(r.get("tflops_vs_paper_pct"), float) else ""),
+                (f"{r['flops_speedup']:.2f}×" if isinstance(r.get("flops_speedup"), float) else ""),
+                str(r.get("variant_plan", "")), str(r.get("plan_source", "")),
+            ]
+            lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI (``make table7``): build, write ``table7.md`` / ``table7.csv``, print the markdown."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    ap = argparse.ArgumentParser(prog="python -m apet_bench.tables.table7", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="results/tables", help="output directory (default results/tables)")
+    ap.add_argument("--no-timing", action="store_true", help="FLOPs only, even where CUDA is present")
+    ap.add_argument("--backend", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"])
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
+    args = ap.parse_args(sys.argv[1:] if argv is None else list(argv))
+    models = [m for m in args.models.split(",") if m]
+    bad = [m for m in models if m not in MODELS]
+    if bad:
+        print(f"error: table7: unknown model {bad[0]!r} (choose from {', '.join(MODELS)})", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    df, header = build_table7(timing=not args.no_timing, backend=args.backend, warmup=args.warmup,
+                              repeats=args.repeats, max_new_tokens=args.max_new_tokens, models=models)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = to_markdown(df, header)
+    (out / "table7.md").write_text(md)
+    df.to_csv(out / "table7.csv", index=False)
+    print(md)
+    print(f"wrote {out / 'table7.md'} and {out / 'table7.csv'} in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
