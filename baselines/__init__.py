@@ -6,3 +6,4 @@ registry imports this package, so a new file here only needs to be imported belo
 None has landed yet (issue #5).
 """
 from apet_bench.baselines import visionzip  # noqa: E402,F401  (issue #5: VisionZip)
+from apet_bench.baselines import downsample  # noqa: E402,F401  (issue #5: downsample reference row)
