@@ -1,0 +1,149 @@
+"""Prefill TFLOPs on meta-device full-size models (apet_bench.flops, issue #8).
+
+Pinned at a stated prompt length: LLaVA-1.5-7B with 576 visual tokens and 62 text tokens (the POPE
+prompt's median length under the real Llama-2 tokenizer; the figure needs no file from ../shared).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from apet_bench import flops
+from apet_bench.config import ConfigError
+
+LLAVA_TEXT = 62  # stated prompt length (POPE prompt, Llama-2 tokenizer, median over coco_pope_random)
+
+
+@pytest.fixture(scope="module")
+def llava_none():
+    return flops.count_flops("llava15", "none", text_tokens=LLAVA_TEXT)
+
+
+@pytest.fixture(scope="module")
+def llava_apet64():
+    return flops.count_flops("llava15", "apet", 64, text_tokens=LLAVA_TEXT)
+
+
+def test_llava_vanilla_pinned_and_within_1pct_of_paper(llava_none):
+    # 8.883 TFLOPs at 576 + 62 tokens (vision 0.406, LLM 8.477); paper Table 7: 8.82
+    assert llava_none.total_tflops == pytest.approx(8.8831, abs=5e-4)
+    assert abs(llava_none.total_tflops - 8.82) / 8.82 < 0.01
+    assert llava_none.vision_tflops == pytest.approx(0.4061, abs=5e-4)
+    assert llava_none.layer_visual_tokens == [576] * 32
+    assert llava_none.text_tokens == LLAVA_TEXT
+
+
+def test_llava_apet64_pinned_and_within_5pct_of_paper(llava_apet64):
+    r = llava_apet64
+    # the method's own code gives the official split: 96 visual tokens in layers 0-15, 32 from layer 16
+    assert r.layer_visual_tokens == [96] * 16 + [32] * 16
+    assert r.mean_layer_visual_tokens == 64
+    assert r.total_tflops == pytest.approx(2.051, abs=2e-3)
+    assert abs(r.total_tflops - 2.09) / 2.09 < 0.05
+    assert "vision_stage_fps" in r.method_breakdown and any(k.startswith("llm_stage_L16") for k in r.method_breakdown)
+    assert 0 < r.method_tflops < 0.01  # ApET's overhead is tiny next to the prefill
+
+
+def test_visionzip64_within_5pct_of_paper():
+    r = flops.count_flops("llava15", "visionzip", 64, text_tokens=LLAVA_TEXT)
+    assert r.layer_visual_tokens == [64] * 32
+    assert abs(r.total_tflops - 2.03) / 2.03 < 0.05
+
+
+def test_documented_plan_used_when_class_is_absent(monkeypatch):
+    monkeypatch.setattr(flops, "_registered", lambda name: False)
+    r = flops.count_flops("llava15", "visionzip", 64, text_tokens=LLAVA_TEXT)
+    assert "not registered" in r.plan_source and "§2.4" in r.plan_source
+    assert r.layer_visual_tokens == [64] * 32
+    with pytest.raises(ConfigError, match="documented LLaVA-1.5 budgets"):
+        flops.count_flops("llava15", "visionzip", 100, text_tokens=LLAVA_TEXT)
+
+
+def test_additivity(llava_none, llava_apet64):
+    for r in (llava_none, llava_apet64):
+        assert r.total_tflops == pytest.approx(r.vision_tflops + r.llm_tflops + r.method_tflops, rel=1e-12)
+        assert r.vision_tflops == pytest.approx(sum(r.vision_breakdown.values()), rel=1e-12)
+        assert r.llm_tflops == pytest.approx(sum(r.llm_breakdown.values()), rel=1e-12)
+        assert r.method_tflops == pytest.approx(sum(r.method_breakdown.values()), rel=1e-12)
+
+
+def test_monotone_in_budget(llava_none, llava_apet64):
+    t = [llava_apet64.total_tflops] + [flops.count_flops("llava15", "apet", b, text_tokens=LLAVA_TEXT).total_tflops
+                                       for b in (128, 192)]
+    assert t[0] < t[1] < t[2] < llava_none.total_tflops
+    # and in the text length
+    assert flops.count_flops("llava15", "none", text_tokens=LLAVA_TEXT + 10).total_tflops > llava_none.total_tflops
+
+
+def test_counter_matches_analytic_layer_formula():
+    lengths = [638] * 16 + [158] * 16
+    got = flops.count_llm_flops("llava15", lengths)
+    want = sum(flops.llm_flops_formula(n, hidden=4096, kv_hidden=4096, intermediate=11008) for n in lengths)
+    assert got["decoder"] == want
+    assert got["lm_head"] == 2 * 4096 * 32064  # last token only
+
+
+def test_apet_stage_formula_covers_counted_matmuls():
+    """The formula's matmul terms are at least what FlopCounterMode sees in the real primitive."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from apet_bench.apet import apet_compress
+
+    x = torch.randn(1, 576, 1024)
+    with FlopCounterMode(display=False) as c:
+        apet_compress(x, 96, num_basis=10, basis="fps", variant="official", generator=torch.Generator().manual_seed(0))
+    counted = c.get_total_flops()
+    terms = flops.apet_stage_flops(576, 1024, 96, 10)
+    assert counted > 0
+    assert sum(terms.values()) >= counted
+    assert flops.apet_stage_flops(96, 4096, 96, 10) == {"fps": 0, "solve": 0, "error": 0, "merge": 0}
+
+
+def test_qwen_vanilla_and_apet_variants():
+    none = flops.count_flops("qwen25vl", "none")  # 729 visual + 60 text tokens by default
+    assert none.visual_tokens_in == 729 and none.text_tokens == 60
+    assert abs(none.total_tflops - 14.52) / 14.52 < 0.01
+    paper = flops.count_flops("qwen25vl", "apet", 0.1, params={"variant": "paper", "basis": "fps", "num_basis": 10})
+    assert paper.layer_visual_tokens == [109] * 14 + [36] * 14
+    assert abs(paper.total_tflops - 5.70) / 5.70 < 0.05
+    assert "variant=paper" in paper.variant
+    official = flops.count_flops("qwen25vl", "apet", 0.1)
+    assert official.layer_visual_tokens == [109] * 28  # layer-14 stage commented out (methods.md §1.5)
+    assert "official" in official.variant and official.total_tflops > paper.total_tflops
+    assert official.vision_tflops == pytest.approx(none.vision_tflops)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["model=nope"], "unknown model 'nope'"),
+        (["model=llava15", "method=apet", "budget=0"], "budget"),
+        (["model=llava15", "method=apet", "budget=1000"], "1000"),
+        (["model=llava15", "method=apet"], "needs budget"),
+        (["model=llava15", "visual_tokens=300"], "visual_tokens 300"),
+        (["model=qwen25vl", "visual_tokens=100"], "visual_tokens 100"),
+        (["model=llava15", "text_tokens=-3"], "text_tokens -3"),
+        (["model=llava15", "method=nosuch", "budget=64"], "nosuch"),
+        (["model=llava15", "colour=red"], "unknown key 'colour'"),
+        (["llava15"], "not key=value"),
+        ([], "model=<name> is required"),
+    ],
+)
+def test_cli_bad_input_one_line(capsys, argv, needle):
+    assert flops.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert needle in err
+
+
+def test_cli_last_line_is_json(capsys):
+    assert flops.main(["model=llava15", "method=apet", "budget=64", "text_tokens=62"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    d = json.loads(last)
+    for key in ("vision_tflops", "llm_tflops", "method_tflops", "total_tflops", "visual_tokens_in",
+                "layer_visual_tokens", "text_tokens", "convention", "variant", "plan_source"):
+        assert key in d
+    assert d["total_tflops"] == pytest.approx(2.051, abs=2e-3)
