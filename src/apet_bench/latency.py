@@ -188,7 +188,7 @@ def _random_full_size(cfg: Mapping[str, Any], attn: str, dev: torch.device) -> t
         model = cls._from_config(full, attn_implementation=attn, dtype=torch.bfloat16)
     model.eval()
     model.generation_config = tiny.model.generation_config
-    spec = ModelSpec.from_mapping({**{k: v for k, v in cfg.items() if k in ("name", "family")},
+    spec = ModelSpec.from_mapping({**{k: v for k, v in cfg.items() if k in ("name", "family", "hf_id", "revision")},
                                    "tiny": False, "dtype": "bfloat16", "attn_implementation": attn, "device": str(dev)})
     weights = (f"random bf16 weights in the full-size {cls.__name__} architecture (no checkpoint here; timing does "
                "not depend on weight values at a fixed output length); tiny word-level tokenizer")
