@@ -1,0 +1,424 @@
+"""SparseVLM (``method=sparsevlm``, baselines/sparsevlm.py; issue #5, methods.md §4).
+
+Schedules: the official per-budget counts at the official layers (full-size numbers checked against
+methods.md §4.3 on a fake 32-layer model; plan == measured on the four tiny models). Crafted inputs:
+text raters, rater scores, DPC-KNN recycling, one whole pruning step with known scores. Fidelity: a
+hand-written loop of the official v1.5 algorithm (full eager attention, physical re-layout of the
+sequence, contiguous positions) gives the same first-token logits as the method on the tiny LLaVA-1.5.
+sdpa == eager selections; bad configurations refused before loading; end to end through ``execute``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_image
+from test_model_matrix import get_adapter
+from test_stage2 import count_hooks
+
+from apet_bench.budget import BudgetError
+from apet_bench.config import compose
+from apet_bench.methods import available_methods, build_method
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_module():
+    """``apet_bench.baselines.sparsevlm``; straight from baselines/ if the package name is shadowed."""
+    try:
+        return importlib.import_module("apet_bench.baselines.sparsevlm")
+    except ImportError:
+        spec = importlib.util.spec_from_file_location("apet_bench.baselines.sparsevlm", REPO / "baselines" / "sparsevlm.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+        return mod
+
+
+S = _load_module()
+SHARED = Path(os.environ.get("APET_BENCH_TEST_DATA_ROOT", REPO.parent / "shared" / "benchmarks"))
+GEN = {"max_new_tokens": 2}
+Q = "What is in the image?"
+
+
+def fake(family: str, num_layers: int):
+    return SimpleNamespace(family=family, num_layers=num_layers, position_encoding="rope-1d")
+
+
+# ---------------------------------------------------------------------- registration and config
+def test_registered_and_yaml_builds():
+    from omegaconf import OmegaConf
+
+    assert "sparsevlm" in available_methods()
+    cfg = OmegaConf.to_container(compose(["method=sparsevlm", "budget=192"]), resolve=True)
+    assert cfg["method"]["available"] is True
+    m = build_method("sparsevlm", budget=192, **cfg["method"]["params"])
+    assert isinstance(m, S.SparseVLMCompressor)
+    assert m.stage == "llm" and m.needs_attention_weights and m.recycle
+
+
+# ---------------------------------------------------------------------- official schedules (full size)
+@pytest.mark.parametrize("budget,counts", [(192, (300, 200, 110)), (128, (303, 110, 36)),
+                                           (96, (238, 48, 26)), (64, (66, 30, 17))])
+def test_full_size_llava15_schedule_is_official(budget, counts):
+    """methods.md §4.3: layers 2/6/15 of 32; without recycling the counts are the table's exactly."""
+    m = build_method("sparsevlm", budget=budget, recycle=False)
+    plan = m.plan(fake("llava15", 32), 576)
+    assert plan == [576] * 3 + [counts[0]] * 4 + [counts[1]] * 9 + [counts[2]] * 16
+    sched = S.resolve_schedule("llava15", 32, budget)
+    assert sched.layers == (2, 6, 15) and sched.source == "code"
+
+
+def test_full_size_recycling_counts_and_official_accounting():
+    """v1.5 adds int(int(0.3 p) + 1) / 10) + 1 clusters per pruning: 192 -> 309 / 204 / 113 (issue #33's ~204).
+
+    Hand arithmetic: 576-300 = 276 pruned -> 83 recycled -> 9 clusters; 309-200 = 109 -> 33 -> 4;
+    204-110 = 94 -> 29 -> 3. Official "Equal Tokens" (output counts) = 192.03, true input mean = 206.5.
+    """
+    plan = build_method("sparsevlm", budget=192).plan(fake("llava15", 32), 576)
+    assert plan == [576] * 3 + [309] * 4 + [204] * 9 + [113] * 16
+    assert sum(plan) / 32 == 206.5
+    assert S.official_equal_tokens(plan) == pytest.approx(192.03125)
+    for budget in (128, 96, 64):  # the official log lands within one token of each budget
+        p = build_method("sparsevlm", budget=budget).plan(fake("llava15", 32), 576)
+        assert budget <= S.official_equal_tokens(p) < budget + 1 < sum(p) / 32
+    assert [S.recycled_clusters(p) for p in (0, 1, 2, 276, 109, 94)] == [0, 1, 1, 9, 4, 3]
+
+
+def test_full_size_other_models():
+    # LLaVA-NeXT 640 / 320 at N = 2880: the LLaVA-1.5 128 / 64 schedules x 5 (methods.md §4.4 [derived])
+    m = build_method("sparsevlm", budget=640, recycle=False)
+    assert m.plan(fake("llava_next", 32), 2880)[3:17:4] == [1515, 1515, 550, 550]
+    assert m.plan(fake("llava_next", 32), 2880)[-1] == 180
+    assert build_method("sparsevlm", budget=320, recycle=False).plan(fake("llava_next", 32), 2880)[-1] == 85
+    # Qwen2.5-VL-7B (28 layers): 20 % prunes at 2/5/13, 10 % at 1/5/13; the true mean is the budget
+    for ratio, first in ((0.2, 3), (0.1, 2)):
+        plan = build_method("sparsevlm", budget=ratio, recycle=False).plan(fake("qwen25vl", 28), 1000)
+        assert plan[:first] == [1000] * first and plan[first] < 1000
+        assert sum(plan) / 28 == pytest.approx(ratio * 1000, rel=0.01)
+    assert S.resolve_schedule("qwen25vl", 28, 0.2).layers == (2, 5, 13)
+    assert S.resolve_schedule("qwen25vl", 28, 0.1).layers == (1, 5, 13)
+    # Video-LLaVA: one pruning at layer 1 keeping 256 of 2048 (+ recycling of 1792 -> 54 clusters)
+    plan = build_method("sparsevlm", budget=256).plan(fake("video_llava", 32), 2048)
+    assert plan[:2] == [2048, 2048] and plan[2:] == [256 + 54] * 30
+
+
+def test_layer_mapping():
+    assert S.scale_layers((2, 6, 15), 32, 32) == (2, 6, 15)
+    assert S.scale_layers((2, 6, 15), 28, 32) == (2, 5, 13)
+    assert S.scale_layers((2, 6, 15), 4, 32) == (0, 1, 2)
+    assert S.scale_layers((1,), 4, 32) == (0,)
+    with pytest.raises(ValueError, match="do not fit a model with 3 decoder layers"):
+        S.scale_layers((2, 6, 15), 3, 32)
+
+
+# ---------------------------------------------------------------------- crafted inputs
+def test_text_raters_are_the_above_mean_relevant_text_tokens():
+    """Text tokens 1 and 3 align with every visual token; 0, 2, 4 are orthogonal -> raters {1, 3}."""
+    e = torch.eye(8)
+    visual = torch.stack([e[0] * 5 + e[1] * 0.1 * i for i in range(6)])  # all along axis 0
+    text = torch.stack([e[2], e[0], e[3], e[0] * 0.9, e[4]])
+    assert S.select_text_raters(visual, text).tolist() == [1, 3]
+    # swapping the text order moves the raters with it; equal relevance gives no rater
+    assert S.select_text_raters(visual, text[[1, 0, 2, 4, 3]]).tolist() == [0, 4]
+    assert S.select_text_raters(visual, torch.stack([e[0], e[0]])).numel() == 0
+
+
+def test_rater_scores_average_heads_then_raters_on_visual_columns():
+    att = torch.zeros(2, 3, 10)  # heads, rows, seq
+    att[0, 0, 4], att[1, 0, 4] = 1.0, 0.0  # head mean 0.5 on column 4 for row 0
+    att[:, 2, 6] = 0.8  # row 2 -> column 6
+    att[:, 1, 5] = 1.0  # row 1 is not a rater: ignored
+    s = S.rater_scores(att, torch.tensor([0, 2]), torch.tensor([4, 5, 6]))
+    torch.testing.assert_close(s, torch.tensor([0.25, 0.0, 0.4]))
+
+
+def test_dpc_knn_merge_recovers_separated_clusters():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(7, 16, generator=g) * 0.01 + 5.0
+    b = torch.randn(5, 16, generator=g) * 0.01 - 5.0
+    x = torch.cat([a, b])[torch.randperm(12, generator=g)]
+    merged, centres, assign = S.dpc_knn_merge(x, 2, generator=torch.Generator().manual_seed(1))
+    groups = [set(torch.nonzero(assign == i).flatten().tolist()) for i in range(2)]
+    side = x[:, 0] > 0
+    assert {frozenset(gr) for gr in groups} == {frozenset(torch.nonzero(side).flatten().tolist()),
+                                                frozenset(torch.nonzero(~side).flatten().tolist())}
+    for i in range(2):
+        members = x[assign == i]
+        torch.testing.assert_close(merged[i], members.sum(0) / (members.shape[0] + 1e-6))
+        assert int(assign[centres[i]]) == i
+    with pytest.raises(ValueError, match="cluster_num 13"):
+        S.dpc_knn_merge(x, 13)
+
+
+def _attached(budget, family="llava15", num_layers=4, **params):
+    m = build_method("sparsevlm", budget=budget, **params)
+    m.reset()
+    m._adapter = SimpleNamespace(family=family, num_layers=num_layers,
+                                 position_encoding="mrope-3d" if family == "qwen25vl" else "rope-1d")
+    return m
+
+
+@pytest.mark.parametrize("placement", ["after_kept", "centre"])
+def test_one_pruning_step_keeps_top_scored_and_recycles(placement):
+    """A 40-token visual span at columns 3..42 with known scores, schedule [10]: the 10 top-scored stay in
+    order, the top int(0.3 * 30) + 1 = 10 pruned ones become int(10 / 10) + 1 = 2 DPC-KNN clusters."""
+    n, hid = 40, 8
+    pos = torch.arange(3, 3 + n)
+    seq = 3 + n + 4  # 3 prefix + visual + 4 text
+    hidden = torch.randn(1, seq, hid, generator=torch.Generator().manual_seed(0))
+    score = torch.randperm(n, generator=torch.Generator().manual_seed(1)).float()  # distinct scores
+    att = torch.zeros(1, 2, 4, seq)
+    att[0, :, :, pos] = score / score.sum()  # every text row, every head -> same distribution
+    m = _attached(64, layers=[0], schedule=[10], placement=placement)
+    m._raters, m._num_text, m._n0 = torch.tensor([1, 3]), 4, n
+    sel = m.select_llm_tokens(hidden, [pos], layer_idx=1, attention=att)
+    top = pos[torch.topk(score, 10).indices].sort().values
+    rec = m.last_record[0]
+    assert rec["kept"].tolist() == top.tolist()
+    pruned = torch.tensor([p for p in pos.tolist() if p not in set(top.tolist())])
+    recycled = pruned[torch.topk(score[pruned - 3], 10).indices]
+    assert rec["recycled"].tolist() == recycled.tolist()
+    merged, centres, _ = S.dpc_knn_merge(hidden[0, recycled], 2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(rec["merged"], merged)
+    kp, hs = sel.keep_positions[0], sel.hidden_states[0]
+    assert kp.numel() == 12 and hs.shape == (12, hid)
+    if placement == "centre":  # kept tokens in their slots, each cluster at its centre's column
+        assert kp[:10].tolist() == top.tolist() and kp[10:].tolist() == recycled[centres].tolist()
+        torch.testing.assert_close(hs[:10], hidden[0, top])
+        torch.testing.assert_close(hs[10:], merged)
+    else:  # official order: in slot order, the 10 kept tokens then the 2 clusters
+        assert kp.tolist() == sorted(kp.tolist())
+        torch.testing.assert_close(hs, torch.cat([hidden[0, top], merged]))
+        if int(top.max()) < int(pruned[-2]):  # slots = kept + the last 2 pruned columns
+            assert kp[:10].tolist() == top.tolist() and kp[10:].tolist() == pruned[-2:].tolist()
+
+
+def test_no_recycling_keeps_schedule_only():
+    n = 30
+    pos = torch.arange(2, 2 + n)
+    hidden = torch.randn(1, 2 + n + 3, 4)
+    att = torch.rand(1, 2, 3, 2 + n + 3)
+    m = _attached(64, layers=[0], schedule=[7], recycle=False)
+    m._raters, m._num_text, m._n0 = torch.tensor([0, 2]), 3, n
+    sel = m.select_llm_tokens(hidden, [pos], layer_idx=1, attention=att)
+    s = att[0][:, [0, 2]][:, :, pos].mean(0).mean(0)
+    assert sel.hidden_states is None
+    assert sel.keep_positions[0].tolist() == pos[torch.topk(s, 7).indices].sort().values.tolist()
+
+
+# ---------------------------------------------------------------------- fidelity to the official loop
+def _official_reference_logits(adapter, image, question, budget, seed):
+    """The official v1.5 prefill re-written as a plain loop (modelling_sparse_llama.py): full eager attention
+    in every layer, raters on the input embeddings, prune each pruning layer's output, recycled clusters
+    physically inserted after the kept visual tokens, positions 0..L'-1. Returns the last token's logits."""
+    lm = adapter.model.model.language_model
+    inputs = adapter.prepare_inputs([image], adapter.build_prompt(question, num_images=1))
+    grab = {}
+
+    def pre(mod, args, kwargs):
+        grab.setdefault("x", (args[0] if args else kwargs["hidden_states"]).clone())
+
+    h = adapter.decoder_layers[0].register_forward_pre_hook(pre, with_kwargs=True)
+    with torch.inference_mode():
+        adapter.model(**inputs)
+    h.remove()
+    x = grab["x"]
+    vis = adapter.visual_positions(inputs["input_ids"])[0]
+    v0, nv = int(vis[0]), int(vis.numel())
+    t0 = v0 + nv
+    r = torch.softmax(x[0, v0:t0].float() @ x[0, t0:].float().T, dim=1).mean(0)
+    raters = torch.nonzero(r > r.mean()).flatten() + t0  # fixed offset from the end of the visual span
+    from_end = raters - x.shape[1]
+    sched, prune = S.V15_SCHEDULES[budget], (0, 1, 2)
+    gen = torch.Generator().manual_seed(seed)
+    hidden = x
+    with torch.inference_mode():
+        for i, layer in enumerate(adapter.decoder_layers):
+            L = hidden.shape[1]
+            pos_ids = torch.arange(L)[None]
+            pe = lm.rotary_emb(hidden, pos_ids)
+            mask = torch.full((L, L), torch.finfo(torch.float32).min).triu(1)[None, None]
+            seen = {}
+            hk = layer.self_attn.register_forward_hook(lambda mod, a, o: seen.setdefault("w", o[1]))
+            out = layer(hidden, attention_mask=mask, position_ids=pos_ids, position_embeddings=pe)
+            hk.remove()
+            hidden = out[0] if isinstance(out, tuple) else out
+            if i in prune:
+                w = seen["w"][0].float().mean(0)  # (L, L) head mean
+                rel = w[from_end + L][:, v0:v0 + nv].mean(0)
+                k = min(sched[prune.index(i)], nv - 1)
+                keep = torch.zeros(nv, dtype=torch.bool)
+                keep[torch.topk(rel, k).indices] = True
+                pruned = torch.nonzero(~keep).flatten()
+                m = int(pruned.numel() * 0.3) + 1
+                rec = pruned[torch.topk(rel[pruned], m).indices]
+                c = int(m / 10) + 1
+                merged, _, _ = S.dpc_knn_merge(hidden[0, v0 + rec], c, generator=gen)
+                kept = torch.nonzero(keep).flatten() + v0
+                hidden = torch.cat([hidden[:, :v0], hidden[:, kept], merged[None], hidden[:, v0 + nv:]], dim=1)
+                nv = k + c
+        return adapter.model.lm_head(lm.norm(hidden)[:, -1]).float()
+
+
+@pytest.mark.parametrize("budget", [192, 64])
+def test_matches_official_loop_on_tiny_llava15(budget):
+    adapter = get_adapter("tiny_llava15", "eager")
+    image = make_image(5)
+    ref = _official_reference_logits(adapter, image, Q, budget, seed=3)
+    m = build_method("sparsevlm", budget=budget, seed=3)
+    out = adapter.generate([image], Q, {"max_new_tokens": 1, "output_logits": True}, m)
+    torch.testing.assert_close(out.logits[0].float(), ref, atol=1e-4, rtol=1e-4)
+    # and the logits do depend on the recycled tokens' placement / the kept set
+    other = adapter.generate([image], Q, {"max_new_tokens": 1, "output_logits": True},
+                             build_method("sparsevlm", budget=budget, seed=3, recycle=False))
+    assert not torch.allclose(other.logits[0].float(), ref, atol=1e-4)
+
+
+# ---------------------------------------------------------------------- tiny models: plan == measured, sdpa == eager
+TINY = {
+    "tiny_llava15": ([192, 128, 64], lambda: [make_image(1, (64, 48))]),
+    "tiny_qwen25vl": ([0.2, 0.1], lambda: [make_image(3, (224, 224))]),
+    "tiny_video_llava": ([256], lambda: [(np.random.default_rng(3).random((8, 48, 64, 3)) * 255).astype("uint8")]),
+    # 640/320/160 need the real geometry (end to end below); here the 128 schedule's ratio on <= 336 tokens
+    "tiny_llava_next": ([128 / 576], lambda: [make_image(2, (224, 224))]),
+}
+
+
+@pytest.mark.parametrize("model", list(TINY))
+def test_tiny_plan_equals_measured_and_sdpa_equals_eager(model):
+    budgets, visuals = TINY[model]
+    for budget in budgets:
+        outs, recs = [], []
+        for attn in ("sdpa", "eager"):
+            a = get_adapter(model, attn)
+            m = build_method("sparsevlm", budget=budget, seed=0)
+            hooks = count_hooks(a.model)
+            out = a.generate(visuals(), Q, GEN, m)
+            assert count_hooks(a.model) == hooks
+            assert out.layer_visual_tokens == out.planned_layer_visual_tokens, (model, attn, budget)
+            n = out.visual_tokens_llm
+            assert out.layer_visual_tokens[0] == n and out.layer_visual_tokens[1] < n
+            backends = out.attention_backends["llm_layers"]
+            assert all("rows" in b for b in backends[:3]) and backends[3] == attn
+            outs.append(out)
+            recs.append(m.last_record)
+        assert outs[0].kept_indices == outs[1].kept_indices
+        for r_s, r_e in zip(*recs):
+            assert r_s["kept"].tolist() == r_e["kept"].tolist()
+            torch.testing.assert_close(r_s["scores"], r_e["scores"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model", ["tiny_llava15", "tiny_qwen25vl"])
+def test_rater_rows_equal_eager_attention(model):
+    """The recomputed rows at the first pruning layer equal eager ``output_attentions`` within 1e-5."""
+    from test_stage2 import check_attention_rows_match_eager
+
+    sdpa, eager = get_adapter(model, "sdpa"), get_adapter(model, "eager")
+    image = TINY[model][1]()
+    inputs = sdpa.prepare_inputs(image, sdpa.build_prompt(Q, num_images=1))
+    m = build_method("sparsevlm", budget=TINY[model][0][0])
+    with m(sdpa):
+        sdpa.visual_context = __import__("apet_bench.models.base", fromlist=["VisualContext"]).VisualContext(sdpa, inputs)
+        req = m.attention_request(1)
+    assert req.layer == 0 and isinstance(req.rows, tuple) and req.rows[-1] == -1
+    vis = sdpa.visual_positions(inputs["input_ids"])[0]
+    assert len(req.rows) == inputs["input_ids"].shape[1] - 1 - int(vis[-1])
+    check_attention_rows_match_eager(sdpa, eager, inputs, 0, req.rows)
+
+
+def test_same_seed_same_output_and_model_restored():
+    a = get_adapter("tiny_llava15", "sdpa")
+    img = [make_image(4)]
+    base = a.generate(img, Q, {"max_new_tokens": 3, "output_logits": True})
+    outs = [a.generate(img, Q, {"max_new_tokens": 3}, build_method("sparsevlm", budget=128, seed=7)) for _ in range(2)]
+    assert outs[0].output_ids == outs[1].output_ids and outs[0].kept_indices == outs[1].kept_indices
+    after = a.generate(img, Q, {"max_new_tokens": 3, "output_logits": True})
+    assert after.output_ids == base.output_ids
+    for x, y in zip(base.logits, after.logits):
+        assert torch.equal(x, y)
+
+
+def test_batch_size_above_one_refused():
+    m = _attached(64)
+    with pytest.raises(ValueError, match="batch size 1"):
+        m.select_llm_tokens(torch.zeros(2, 5, 4), [torch.arange(2), torch.arange(2)], layer_idx=1,
+                            attention=torch.zeros(2, 1, 1, 5))
+
+
+# ---------------------------------------------------------------------- bad configuration, before loading
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["model=tiny_llava15", "budget=100"], r"no schedule for budget 100 \(schedules exist for 192, 128, 96, 64, 32"),
+        (["model=tiny_llava_next", "budget=200"], r"no schedule for budget 200 .*640, 320"),
+        (["model=tiny_qwen25vl", "budget=0.3"], r"no schedule for budget 0.3 .*retention ratios 0.2, 0.1"),
+        (["model=tiny_llava15", "budget=64", "method.params.layers=[2,6,15]"], r"layers \[2, 6, 15\] must be .* \[0, 2\]"),
+        (["model=tiny_llava15", "budget=64", "method.params.schedule=[30,40,10]"], r"schedule \[30, 40, 10\] must be"),
+        (["model=tiny_llava15", "budget=64", "method.params.schedule=[30,10]"], r"schedule \[30, 10\] has 2 counts"),
+        (["model=tiny_llava15", "budget=64", "method.params.positions=sideways"], r"positions 'sideways'"),
+        (["model=tiny_llava15", "budget=64", "method.params.recycle=maybe"], r"recycle 'maybe'"),
+    ],
+)
+def test_bad_configuration_refused_before_loading(tmp_path, monkeypatch, overrides, match):
+    import apet_bench.runner as runner
+
+    def no_load(*a, **k):  # pragma: no cover - must not be reached
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(runner, "_load_adapter", no_load)
+    cfg = compose(["method=sparsevlm", "benchmark=demo", f"results_dir={tmp_path}", *overrides])
+    with pytest.raises(ValueError, match=match) as err:
+        runner.execute(cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_full_size_bad_layers_refused():
+    with pytest.raises(ValueError, match="layers \\[2, 6, 31\\] must be"):
+        build_method("sparsevlm", budget=192, layers=[2, 6, 31]).check_model_config(
+            {"name": "llava15", "family": "llava15", "num_layers": 32})
+    with pytest.raises(BudgetError):
+        build_method("sparsevlm", budget=None)
+    build_method("sparsevlm", budget=192).check_model_config({"name": "llava15", "family": "llava15", "num_layers": 32})
+
+
+# ---------------------------------------------------------------------- end to end through execute
+E2E = [
+    ("tiny_llava15", [192, 128, 64], "mme", []),
+    ("tiny_llava_next", [640, 320, 160], "mme", ["+model.tiny_config.image_size=336", "model.visual_tokens=2928"]),
+    ("tiny_qwen25vl", [0.2, 0.1], "mme", []),
+    ("tiny_video_llava", [256], "tgif_qa", []),
+]
+
+
+@pytest.mark.parametrize("model,budgets,bench,extra", E2E, ids=[e[0] for e in E2E])
+def test_end_to_end(tmp_path, model, budgets, bench, extra):
+    from omegaconf import OmegaConf
+
+    import apet_bench.runner as runner
+
+    if not (SHARED / bench).is_dir():
+        pytest.skip(f"no {bench} data at {SHARED}")
+    for budget in budgets:
+        cfg = compose([f"model={model}", *extra, "method=sparsevlm", f"budget={budget}", f"benchmark={bench}",
+                       f"data_root={SHARED}", "limit=2", f"results_dir={tmp_path / 'results'}",
+                       f"cache_dir={tmp_path / 'cache'}"])
+        out = runner.execute(cfg)
+        assert out.status == "finished"
+        samples = [json.loads(x) for x in (Path(out.run_dir) / "samples.jsonl").read_text().splitlines()]
+        assert len(samples) == 2
+        for s in samples:
+            assert s["layer_visual_tokens"] == s["planned_layer_visual_tokens"]
+            n = s["layer_visual_tokens"][0]
+            assert s["layer_visual_tokens"][1] < n and len(s["kept_indices"][0]) == s["layer_visual_tokens"][-1]
+        adapter = runner._load_adapter(OmegaConf.to_container(cfg.model, resolve=True))
+        assert count_hooks(adapter.model) == 0
