@@ -176,7 +176,8 @@ def plot_accuracy_efficiency(df, model: str, benchmark: str, out_dir: str | Path
                     ax.plot(xs, ys, "*", ms=11, color=colours[label], label="none (no compression)")
                     continue
                 ax.plot(xs, ys, "o-", color=colours[label], label=label, ms=4)
-                for xv, yv, b in zip(xs, ys, pts["budget"]):
+                budgets = pts["budget_label"] if "budget_label" in pts else pts["budget"]
+                for xv, yv, b in zip(xs, ys, budgets):
                     ax.annotate(str(b), (xv, yv), textcoords="offset points", xytext=(3, 3), fontsize=6,
                                 color=colours[label])
             if xl is None:
