@@ -8,3 +8,5 @@ None has landed yet (issue #5).
 from apet_bench.baselines import visionzip  # noqa: E402,F401  (issue #5: VisionZip)
 from apet_bench.baselines import downsample  # noqa: E402,F401  (issue #5: downsample reference row)
 from apet_bench.baselines import sparsevlm  # noqa: E402,F401  (issue #5: SparseVLM)
+from apet_bench.baselines import fastv  # noqa: E402,F401  (issue #5: FastV)
+from apet_bench.baselines import pdrop  # noqa: E402,F401  (issue #5: PyramidDrop)
