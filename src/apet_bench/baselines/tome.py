@@ -599,7 +599,7 @@ class ToMeCompressor(TokenCompressor):
             geo = self._geometry(adapter, tower)
             state = _TowerState(kind)
             self._states[id(tower)] = state
-            layers = tower.vision_model.encoder.layers
+            layers = _encoder_layers(tower)
             for i in range(min(geo.merge_layers, len(layers))):
                 layer = layers[i]
                 layer.forward = types.MethodType(_make_forward(self, state, i), layer)
@@ -755,6 +755,12 @@ class ToMeCompressor(TokenCompressor):
         checked in the tower against the merged count), the same in every layer (stage 1 only)."""
         n = int(num_visual_tokens) if self._planned is None else int(self._planned)
         return [n] * adapter.num_layers
+
+
+def _encoder_layers(tower: nn.Module) -> nn.ModuleList:
+    """The CLIP tower's encoder layers (``tower.encoder.layers`` in transformers 5, ``tower.vision_model.encoder.layers`` before)."""
+    inner = getattr(tower, "vision_model", tower)
+    return inner.encoder.layers
 
 
 def _order_rows(rep: torch.Tensor, spatial: bool) -> tuple[torch.Tensor, torch.Tensor]:
