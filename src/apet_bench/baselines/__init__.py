@@ -1,3 +1,12 @@
-"""The five baselines of issue #5 (FastV, SparseVLM, PDrop, VisionZip, ToMe); importing this package registers them."""
+"""Baseline compression methods (FastV, SparseVLM, PDrop, VisionZip, ToMe), one file each.
 
-from apet_bench.baselines import tome  # noqa: F401  (ToMe, methods.md §6)
+Installed as ``apet_bench.baselines`` (a top-level module named ``baselines`` is taken on PyPI).
+Each module registers its method class with :func:`apet_bench.methods.register_method`; the
+registry imports this package, so a new file here only needs to be imported below.
+None has landed yet (issue #5).
+"""
+from apet_bench.baselines import visionzip  # noqa: E402,F401  (issue #5: VisionZip)
+from apet_bench.baselines import downsample  # noqa: E402,F401  (issue #5: downsample reference row)
+from apet_bench.baselines import sparsevlm  # noqa: E402,F401  (issue #5: SparseVLM)
+from apet_bench.baselines import fastv  # noqa: E402,F401  (issue #5: FastV)
+from apet_bench.baselines import pdrop  # noqa: E402,F401  (issue #5: PyramidDrop)
