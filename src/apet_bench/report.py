@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["results_table", "print_results_table"]
+__all__ = ["results_table", "print_results_table", "print_failure_summary"]
 
 
 def results_table(outcomes: Iterable[Any]):
@@ -52,6 +52,30 @@ def print_results_table(outcomes: Iterable[Any]) -> str:
         lines.append("NOTE: random-weight pipeline check - scores come from lmms-eval's scoring of a randomly "
                      "initialised model and are not accuracy numbers.")
     lines.append("scores: lmms-eval task scoring (run dirs under results/runs/ hold metrics, samples, provenance)")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def print_failure_summary(outcomes: Iterable[Any]) -> str:
+    """Print the cells that could not run, grouped by reason (``missing``: absent data / not available /
+    bad input; ``failed``: the evaluation raised); returns the text ("" when every run finished)."""
+    bad = []
+    for o in outcomes:
+        o = o if isinstance(o, dict) else vars(o)
+        if o.get("status") in ("missing", "failed"):
+            bad.append((o.get("status"), o.get("error") or "?", o.get("name")))
+    if not bad:
+        return ""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for status, err, name in bad:
+        groups.setdefault((status, err), []).append(str(name))
+    lines = ["", f"apet-bench: {len(bad)} run(s) could not run "
+             f"({sum(s == 'missing' for s, _, _ in bad)} missing, {sum(s == 'failed' for s, _, _ in bad)} failed):"]
+    for (status, err), names in sorted(groups.items(), key=lambda kv: (kv[0][0], -len(kv[1]))):
+        shown = ", ".join(names[:3]) + (f", ... ({len(names)} runs)" if len(names) > 3 else "")
+        lines.append(f"  {status}: {err}\n      {shown}")
+    lines.append("  (recorded under results/runs/ with the reason; the tables show these cells as missing)")
     text = "\n".join(lines)
     print(text, flush=True)
     return text

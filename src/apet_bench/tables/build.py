@@ -157,14 +157,22 @@ def _given(v: Any) -> bool:
         return True
 
 
-def _metric_value(run: Any, metric: str, scale: float) -> tuple[float | None, str | None]:
-    total = 0.0
+def _metric_value(run: Any, metric: str, scale: float) -> tuple[float | None, str | None, list[str]]:
+    """``(value in the paper's unit, reason when None, notes)``; a ``a+b`` metric sums the parts present
+    (MME perception + cognition: a run whose data or limit reaches no cognition subtask gives
+    perception alone, with a note)."""
+    total, absent, present = 0.0, [], 0
     for part in metric.split("+"):
         v = run.get(METRIC_PREFIX + part)
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return None, f"run {run['name']} has no metric {part!r}"
+        if not _given(v):
+            absent.append(part)
+            continue
         total += float(v)
-    return total * scale, None
+        present += 1
+    if not present:
+        return None, f"run {run['name']} has no metric {' / '.join(absent)}", []
+    notes = [f"without {', '.join(absent)} (no such samples in the run)"] if absent else []
+    return total * scale, None, notes
 
 
 def build_table(name: str, runs: Any, *, failures: Any = None, model: str | list[str] | None = None,
@@ -258,7 +266,7 @@ def build_table(name: str, runs: Any, *, failures: Any = None, model: str | list
             run = lookup(p["model"], p["method"], p["budget"], col["benchmark"])
             value, reason, cell_notes = None, None, []
             if run is not None:
-                value, reason = _metric_value(run, col["metric"], float(col.get("scale", 1)))
+                value, reason, cell_notes = _metric_value(run, col["metric"], float(col.get("scale", 1)))
                 if _given(run.get("limit")):
                     cell_notes.append(f"limit={int(run['limit'])}: first {int(run['limit'])} samples only, not the full benchmark")
                 if _given(run.get("random_weights")) and bool(run.get("random_weights")):
