@@ -62,10 +62,18 @@ class AttentionRequest:
         Query rows: ``"last"`` (the last token of the sequence, i.e. the last prompt token during
         prefill: left padding keeps it in the last column for every row), ``"all"``, an int or a
         sequence of ints (negative counts from the end), indices into that layer's prefill sequence.
+    pre_drop : bool
+        ``False`` (default, FastV): the rows are recorded while layer ``layer`` runs its prefill, so
+        ``layer`` must lie before the drop layer. ``True`` (PyramidDrop, ``Cooperx521/PyramidDrop``
+        ``llava/model/modeling_llama_pdrop.py`` ``pdrop_rank_drop``): ``layer`` is the drop layer K
+        itself, and the rows are computed from layer K's ``input_layernorm``, q/k projections and RoPE
+        applied to K's input **before** the drop (:meth:`AttentionRowCapture.probe`); layer K then
+        runs on the reduced sequence as usual.
     """
 
     layer: int
     rows: RowSpec = "last"
+    pre_drop: bool = False
 
 
 def resolve_rows(rows: RowSpec, seq_len: int, device: torch.device | None = None) -> torch.Tensor:
@@ -178,15 +186,24 @@ def attention_rows(
 
 
 def _rows_attention_forward(module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
-    """The registered wrapper: run the module's real backend, then record the requested rows."""
+    """The registered wrapper: run the module's real backend, then record the requested rows.
+
+    During :meth:`AttentionRowCapture.probe` the backend is skipped: only the rows are recorded and a
+    zero ``(batch, q_len, heads, head_dim)`` output is returned (the probe's output is discarded).
+    """
     capture: AttentionRowCapture = getattr(module, _CAPTURE_ATTR)
+    if capture._probing:
+        capture._record(query, key, attention_mask, kwargs, module)
+        b, h, q_len, _ = query.shape
+        return query.new_zeros((b, q_len, h, value.shape[-1])), None
     private = module.config
     module.config = capture._original_config  # backends such as flash read module.config
     try:
         out = capture._inner(module, query, key, value, attention_mask, *args, **kwargs)
     finally:
         module.config = private
-    capture._record(query, key, attention_mask, kwargs, module)
+    if capture.record_forward:
+        capture._record(query, key, attention_mask, kwargs, module)
     return out
 
 
@@ -216,6 +233,9 @@ class AttentionRowCapture:
         See :class:`AttentionRequest`.
     callback : callable, optional
         ``callback(probs)`` with each record, ``probs`` ``(batch, num_heads, num_rows, kv_len)`` float32.
+    record_forward : bool
+        ``True`` (default): record at every prefill forward of the layer. ``False``: record only in
+        :meth:`probe` (PyramidDrop-style rows of a drop layer's pre-drop input).
 
     Attributes
     ----------
@@ -246,6 +266,7 @@ class AttentionRowCapture:
         layer: int,
         rows: RowSpec = "last",
         callback: Callable[[torch.Tensor], Any] | None = None,
+        record_forward: bool = True,
     ) -> None:
         layers = getattr(adapter_or_layers, "decoder_layers", adapter_or_layers)
         layers = list(layers)  # type: ignore[arg-type]
@@ -257,6 +278,8 @@ class AttentionRowCapture:
         self.layer = layer
         self.rows = rows
         self.callback = callback
+        self.record_forward = bool(record_forward)
+        self._probing = False
         self.probs: torch.Tensor | None = None
         self.rows_index: torch.Tensor | None = None
         self._attn = attn
@@ -292,6 +315,46 @@ class AttentionRowCapture:
         self._original_config = None
         self._inner = None
 
+    def probe(self, hidden_states: torch.Tensor, **attn_kwargs: Any) -> torch.Tensor:
+        """Attention rows of this layer for ``hidden_states``, without running its attention backend.
+
+        Calls the layer's ``self_attn`` module itself (so its own q/k projections, biases and RoPE,
+        1-D or Qwen2.5-VL's mRoPE, are applied exactly as in its forward) with no KV cache; the wrapper
+        records the requested rows from the query/key states it receives and skips the backend. Cost:
+        the module's q/k/v/o projections of ``seq_len`` tokens plus ``O(heads x rows x seq_len x
+        head_dim)`` for the rows; no ``seq_len x seq_len`` attention. The official PyramidDrop code
+        likewise projects q/k/v of every token and scores one query row (``pdrop_rank_drop``).
+
+        Parameters
+        ----------
+        hidden_states : torch.Tensor
+            ``(batch, seq_len, hidden_size)``: the layer's **normed** input (``input_layernorm`` applied).
+        **attn_kwargs
+            What the layer would pass to ``self_attn``: ``position_embeddings`` (cos, sin) of these
+            ``seq_len`` tokens, ``attention_mask`` (4-D, 2-D or ``None``), ``position_ids``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(batch, num_heads, num_rows, seq_len)`` float32 probabilities (also in :attr:`probs`).
+
+        Raises
+        ------
+        RuntimeError
+            Outside the ``with`` block.
+        """
+        if self._original_config is None:
+            raise RuntimeError(f"AttentionRowCapture.probe at layer {self.layer} needs the capture to be entered")
+        self._probing = True
+        try:
+            self.clear()
+            self._attn(hidden_states=hidden_states, past_key_values=None, **attn_kwargs)
+        finally:
+            self._probing = False
+        if self.probs is None:
+            raise RuntimeError(f"the probe of decoder layer {self.layer} recorded no attention rows")
+        return self.probs
+
     def clear(self) -> None:
         """Forget the latest record."""
         self.probs = None
@@ -321,6 +384,8 @@ def _impl_of(module: nn.Module) -> str | None:
     capture = getattr(module, _CAPTURE_ATTR, None)
     if capture is not None and capture._original_config is not None:
         inner = capture._original_config._attn_implementation or "eager"
+        if not capture.record_forward:
+            return f"{inner} + rows {capture.rows!r} of the pre-drop input recomputed ({ROWS_ATTN_IMPLEMENTATION})"
         return f"{inner} + rows {capture.rows!r} recomputed ({ROWS_ATTN_IMPLEMENTATION})"
     return impl
 

@@ -25,7 +25,9 @@ stay, this module does everything else:
 
 The per-layer KV cache lengths then differ (``[591, 591, 159, 159]``), which only ``DynamicCache``
 allows (a static cache sizes every layer alike: a clear error is raised). Several drop layers (PDrop-
-style schedules) compose: each selects among the visual tokens still present. Rows of a batch must
+style schedules) compose: each selects among the visual tokens still present. Attention rows come
+from layer ``K - 1``'s prefill (FastV) or, for a ``pre_drop`` request, from layer K's own norm, q/k
+projections and RoPE applied to its input before the drop (PyramidDrop; ``AttentionRowCapture.probe``). Rows of a batch must
 keep the same number of tokens (fixed-count methods on a left-padded batch); use batch size 1 for
 adaptive counts. ``K = 0`` is not supported (layer 0's cache length sizes the decode masks).
 """
@@ -186,7 +188,8 @@ class LLMStageSurgery:
     ------
     ValueError
         On enter: no drop layer, a drop layer outside ``1 <= K < num_layers``, an attention request
-        at or above its drop layer (or across another drop layer). During generation: a static cache,
+        at or above its drop layer (or across another drop layer), a ``pre_drop`` request
+        (:class:`~apet_bench.attention.AttentionRequest`, PyramidDrop) naming another layer than its drop layer. During generation: a static cache,
         a forward without ``input_ids``, a malformed selection, rows keeping different counts.
 
     Examples
@@ -220,7 +223,13 @@ class LLMStageSurgery:
                 req = method.attention_request(k)
                 before = [j for j in drops if j < k]
                 lowest = before[-1] if before else 0
-                if not lowest <= req.layer < k:
+                if getattr(req, "pre_drop", False):
+                    if req.layer != k:
+                        raise ValueError(
+                            f"attention request at layer {req.layer} for drop layer {k}: a pre_drop request "
+                            f"reads the drop layer itself (layer {k})"
+                        )
+                elif not lowest <= req.layer < k:
                     raise ValueError(
                         f"attention request at layer {req.layer} for drop layer {k}: it must be in [{lowest}, {k}) "
                         "(at or after the previous drop, before this one)"
@@ -250,9 +259,13 @@ class LLMStageSurgery:
         try:
             from apet_bench.attention import AttentionRowCapture
 
+            modes: dict[int, bool] = {}
             for req in self._requests.values():
+                pre = bool(getattr(req, "pre_drop", False))
+                if modes.setdefault(req.layer, pre) != pre:
+                    raise ValueError(f"layer {req.layer} is requested both as a pre-drop probe and as a recorded layer")
                 if req.layer not in self._captures:
-                    cap = AttentionRowCapture(self.adapter, req.layer, req.rows)
+                    cap = AttentionRowCapture(self.adapter, req.layer, req.rows, record_forward=not pre)
                     cap.__enter__()
                     self._captures[req.layer] = cap
             self._handles.append(self.adapter.model.register_forward_pre_hook(self._on_model, with_kwargs=True))
@@ -314,7 +327,7 @@ class LLMStageSurgery:
             )
         hidden = args[0] if args else kwargs["hidden_states"]
         if i in self.layers and any(int(v.numel()) for v in self._visual):
-            hidden = self._drop(i, hidden)
+            hidden = self._drop(i, hidden, kwargs)
         if self._cur is None:  # nothing dropped (no visual tokens)
             if args:
                 return (hidden, *args[1:]), kwargs
@@ -322,7 +335,15 @@ class LLMStageSurgery:
         idx = self._cur
         self._layer_index[i] = idx
         self.layer_lengths[i] = int(idx.shape[1])
-        full = self._full_len
+        new = self._gathered_kwargs(kwargs, idx)
+        if args:
+            return (hidden, *args[1:]), new
+        new["hidden_states"] = hidden
+        return args, new
+
+    def _gathered_kwargs(self, kwargs: dict, idx: torch.Tensor) -> dict:
+        """The layer kwargs (RoPE cos/sin, position ids, mask) of the original sequence gathered to columns ``idx``."""
+        full = int(self._full_len or 0)
         new = dict(kwargs)
         # Positions: gathered at the kept columns (original positions), or, with renumbering, the
         # first L' columns' positions (0..L'-1 for an unpadded row: the compacted numbering).
@@ -340,17 +361,30 @@ class LLMStageSurgery:
         mask = kwargs.get("attention_mask")
         if mask is not None:
             new["attention_mask"] = _gather_mask_prefill(mask, idx, full)
-        if args:
-            return (hidden, *args[1:]), new
-        new["hidden_states"] = hidden
-        return args, new
+        return new
 
-    def _drop(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+    def _probe(self, i: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Rows of drop layer ``i``'s own attention on its pre-drop input (a ``pre_drop`` request).
+
+        The layer's ``input_layernorm`` is applied to ``hidden`` and its ``self_attn`` probed with the
+        RoPE / positions / mask of the columns present before this drop (previous drops applied).
+        """
+        layer = self.adapter.decoder_layers[i]
+        norm = getattr(layer, "input_layernorm", None)
+        if norm is None:
+            raise ValueError(f"decoder layer {i} ({type(layer).__name__}) has no input_layernorm to probe its attention")
+        cur = self._gathered_kwargs(kwargs, self._cur) if self._cur is not None else dict(kwargs)
+        attn_kwargs = {k: cur[k] for k in ("position_embeddings", "attention_mask", "position_ids") if k in cur}
+        return self._captures[i].probe(norm(hidden), **attn_kwargs)
+
+    def _drop(self, i: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         assert self._visual is not None
         seq_len = int(hidden.shape[1])
         attention = None
         if i in self._requests:
             cap = self._captures[self._requests[i].layer]
+            if getattr(self._requests[i], "pre_drop", False):
+                self._probe(i, hidden, kwargs)
             if cap.probs is None or cap.probs.shape[-1] != seq_len:
                 raise RuntimeError(f"attention rows for drop layer {i} were not recorded in this prefill")
             attention = cap.probs
