@@ -288,6 +288,8 @@ def _runs(results_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
 def bias_table(results_dir: str | Path, *, model: str | None = None, benchmark: str | None = None):
     """Positional bias of every finished run under ``results_dir/runs`` that reports kept indices.
 
+    ``model`` / ``benchmark``: only these (comma-separated names).
+
     Returns
     -------
     table : pandas.DataFrame
@@ -299,8 +301,10 @@ def bias_table(results_dir: str | Path, *, model: str | None = None, benchmark: 
     import pandas as pd
 
     rows, biases = [], {}
+    models = set(model.split(",")) if model else None
+    benches = set(benchmark.split(",")) if benchmark else None
     for run_dir, run in _runs(Path(results_dir)):
-        if (model and run.get("model") != model) or (benchmark and run.get("benchmark") != benchmark):
+        if (models and run.get("model") not in models) or (benches and run.get("benchmark") not in benches):
             continue
         kept, n, left_out = run_kept_sets(run_dir)
         if not kept:
@@ -394,7 +398,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "bias.csv", index=False)
-    (out / "bias.md").write_text(table.to_markdown(index=False) + "\n", encoding="utf-8")
+    try:
+        md = table.to_markdown(index=False)  # needs tabulate (an lmms-eval dependency)
+    except ImportError:  # pragma: no cover
+        md = "```\n" + table.to_string(index=False) + "\n```"
+    (out / "bias.md").write_text(md + "\n", encoding="utf-8")
     for (model, bench, budget), grp in table.groupby(["model", "benchmark", "budget"], dropna=False):
         plot_bias({r: biases[r] for r in grp["run"]}, out / f"kept_by_position__{model}__{bench}__{budget}",
                   title=f"{model} on {bench}, budget {budget}: kept probability by position"

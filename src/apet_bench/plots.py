@@ -21,6 +21,7 @@ dashed horizontal reference. Runs are read with :func:`apet_bench.tables.load_ru
 reader). TFLOPs per (model, method, params, budget) are cached in ``<out_dir>/.flops_cache.json``
 (a count runs the method once on a shape proxy: seconds per cell). An ``index.md`` lists the figures.
 Scores of random-weight runs are a pipeline check, never accuracy, and the figure title says so.
+The positional-bias report of the same runs (:mod:`apet_bench.bias`) goes to ``<out_dir>/bias/``.
 """
 
 from __future__ import annotations
@@ -258,6 +259,14 @@ def main(argv: Sequence[str] | None = None) -> int:
              f"`{results_dir / 'runs'}`.", "", "| model | benchmark | runs | x axis | figure |", "|---|---|---|---|---|"]
     lines += [f"| {m} | {b} | {n} | {x} | [{p.name}]({p.name}) ([svg]({p.with_suffix('.svg').name})) |"
               for m, b, p, x, n in written]
+    from apet_bench import bias
+
+    bias_args = [f"results_dir={results_dir}", f"out={out_dir / 'bias'}"]
+    bias_args += [f"{k}={opts[k]}" for k in ("model", "benchmark") if opts.get(k)]
+    bias.main(bias_args)  # the positional-bias table and kept-probability-by-position figures
+    if (out_dir / "bias" / "bias.md").is_file():
+        lines += ["", "Positional bias of the kept visual tokens (`python -m apet_bench.bias`): "
+                  "[bias.md](bias/bias.md), figures `bias/kept_by_position__*.png`."]
     (out_dir / "index.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return 0
 

@@ -518,9 +518,11 @@ def _overlay(ax: Any, result: TokenMapResult, mm: MethodMap) -> None:
     ax.add_collection(PatchCollection(rects, facecolor="none", edgecolor=colours, linewidth=1.0))
 
 
-def _method_title(mm: MethodMap) -> str:
+def _method_title(mm: MethodMap, result: TokenMapResult | None = None) -> str:
     n = len(mm.kept_indices) if mm.kept_indices is not None else mm.visual_tokens_llm
     s = f"{mm.method}: {n} of {mm.visual_tokens_in} kept"
+    if result is not None and len(result.cell_of) < mm.visual_tokens_in and mm.grid_state is not None:
+        s += f"\n(drawn: {result.info.get('segment')}, {len(mm.highlighted_cells)} of its {len(result.cell_of)})"
     if mm.stage1_kept is not None:
         s += f"\n({len(mm.stage1_kept)} after the vision stage)"
     if mm.merge_colour_index is not None:
@@ -561,13 +563,13 @@ def render_token_maps(result: TokenMapResult, out_dir: str | Path, stem: str) ->
     axes[0, 0].axis("off")
     for ax, mm in zip(axes[0, 1:], result.methods):
         _overlay(ax, result, mm)
-        ax.set_title(_method_title(mm), fontsize=8)
+        ax.set_title(_method_title(mm, result), fontsize=8)
     fig.suptitle(f"Kept visual tokens per method: {note}", fontsize=9)
     save(fig, "token_maps")
     for mm in result.methods:
         fig, ax = plt.subplots(figsize=(4, 4.2))
         _overlay(ax, result, mm)
-        ax.set_title(_method_title(mm) + f"\n{note}", fontsize=7)
+        ax.set_title(_method_title(mm, result) + f"\n{note}", fontsize=7)
         save(fig, mm.method)
 
     panels = [
@@ -590,7 +592,7 @@ def render_token_maps(result: TokenMapResult, out_dir: str | Path, stem: str) ->
         ax.imshow(result.image, extent=(0, W, H, 0))
         im = ax.imshow(data, extent=(0, W, H, 0), cmap="jet", alpha=0.55, interpolation="nearest")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
-    fig.suptitle(f"Attention maps vs approximation error (paper Fig. 2): {note}", fontsize=9)
+    fig.suptitle(f"Attention maps vs approximation error (paper Fig. 2): {note}", fontsize=9, y=1.04)
     save(fig, "error_vs_attention")
 
     def grid_list(a: np.ndarray | None) -> list | None:
