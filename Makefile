@@ -23,9 +23,12 @@ test: $(STAMP)
 ## ARGS are extra Hydra overrides for the sweep; TABLE_ARGS extra options for the aggregator.
 ARGS ?=
 TABLE_ARGS ?=
+## The sweep runs through apet_bench.sweep (same config as run.py; a cell that cannot run is recorded as
+## missing with its reason instead of ending the sweep); table5/table6 also run their Qwen2.5-VL half.
 table1 table2 table3 table4 table5 table6: $(STAMP)
-	$(PY) run.py experiment=$@ $(ARGS) || true
-	$(PY) -m apet_bench.tables $@ $(TABLE_ARGS)
+	$(PY) -m apet_bench.sweep experiment=$@ $(ARGS) || true
+	if [ -f configs/experiment/$@_qwen.yaml ]; then $(PY) -m apet_bench.sweep experiment=$@_qwen $(ARGS) || true; fi
+	$(PY) -m apet_bench.tables $@ $(ARGS) $(TABLE_ARGS)
 
 ## Table 7 (efficiency): meta-device TFLOPs everywhere, GPU timing where a GPU is present.
 table7: $(STAMP)

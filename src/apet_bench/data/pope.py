@@ -146,7 +146,8 @@ def scan_pope(cfg: Mapping[str, Any], data_root: str | os.PathLike | None) -> PO
     images_subdir = str(cfg.get("images_subdir", "coco/val2014"))
     random_file = str(cfg.get("random_file", "coco_pope_random_2910_llava.json"))
     if data_root is None:
-        raise DataError(f"data_root is None: POPE needs {subdir}/coco_pope_*.json and the COCO val2014 images in {images_subdir}/")
+        raise DataError(f"data_root is None: benchmark {str(cfg.get('name', 'pope'))!r} needs {subdir}/coco_pope_*.json "
+                        f"and the COCO val2014 images in {images_subdir}/")
     root = Path(os.path.expanduser(str(data_root))).resolve()
     if not root.is_dir():
         raise DataError(f"POPE data_root {root} does not exist or is not a directory")

@@ -10,16 +10,20 @@ from typing import Any
 
 from . import demo as _demo
 from . import mme as _mme
+from . import pope as _pope
 from . import tgif as _tgif
+from . import videoqa as _videoqa
 from ._core import DataError, FileHasher, PreparedTask, check_task_name, fingerprint_of, materialize
 
-CONVERTERS = ("mme", "demo", "tgif")
+CONVERTERS = ("mme", "demo", "tgif", "pope", "videoqa")
+SCORINGS = ("exact_match", "judge")
+SOURCES = ("local", "hub")
 ON_CORRUPT = ("skip", "error")
 
 
 def _default_task_name(converter: str, name: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_") or converter
-    return f"apet_{slug}_local" if converter in ("mme", "tgif") else f"apet_{slug}"
+    return f"apet_{slug}_local" if converter in ("mme", "tgif", "pope", "videoqa") else f"apet_{slug}"
 
 
 def prepare_benchmark(
@@ -95,7 +99,18 @@ def prepare_benchmark(
         raise DataError(f"bench_cfg must be a mapping, got {type(bench_cfg).__name__}")
     if on_corrupt_image not in ON_CORRUPT:
         raise DataError(f"on_corrupt_image must be 'skip' or 'error', got {on_corrupt_image!r}")
-    converter = bench_cfg.get("converter") or bench_cfg.get("name")
+    source = bench_cfg.get("source") or "local"
+    if source not in SOURCES:
+        raise DataError(f"benchmark source {source!r} is invalid (local = converter from data_root, hub = lmms-eval's task)")
+    converter = bench_cfg.get("converter") or (None if source == "hub" else bench_cfg.get("name"))
+    if source == "local" and not converter:
+        raise DataError(f"benchmark {bench_cfg.get('name')!r} has no local converter; use benchmark.source=hub")
+    if source == "hub":
+        if cache_dir is None:
+            raise DataError("cache_dir is None: a directory for the generated tasks is required")
+        from .hub import prepare_hub
+
+        return prepare_hub(bench_cfg, Path(os.path.expanduser(str(cache_dir))).resolve())
     if converter not in CONVERTERS:
         raise DataError(f"unknown data converter {converter!r} in bench_cfg (known: {', '.join(CONVERTERS)})")
     name = str(bench_cfg.get("name") or converter)
@@ -118,10 +133,29 @@ def prepare_benchmark(
         def build():
             return _mme.build_mme(scan, on_corrupt_image)
 
+    elif converter == "pope":
+        scan = _pope.scan_pope(bench_cfg, data_root)
+        items = _pope.fingerprint_items(scan, hasher)
+        render_yaml = _pope.render_pope_yaml
+
+        def build():
+            return _pope.build_pope(scan, on_corrupt_image)
+
+    elif converter == "videoqa":
+        scan = _videoqa.scan_videoqa(bench_cfg, data_root)
+        items = _videoqa.fingerprint_items(scan, hasher)
+        render_yaml = _videoqa.render_judge_yaml
+
+        def build():
+            return _videoqa.build_videoqa(scan, on_corrupt_image)
+
     elif converter == "tgif":
         scan = _tgif.scan_tgif(bench_cfg, data_root)
         items = _tgif.fingerprint_items(scan, hasher)
-        render_yaml = _tgif.render_tgif_task_yaml
+        scoring = bench_cfg.get("scoring") or "exact_match"
+        if scoring not in SCORINGS:
+            raise DataError(f"benchmark scoring {scoring!r} is invalid (exact_match or judge)")
+        render_yaml = _videoqa.render_judge_yaml if scoring == "judge" else _tgif.render_tgif_task_yaml
 
         def build():
             return _tgif.build_tgif(scan, on_corrupt_image)
