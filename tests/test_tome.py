@@ -42,6 +42,8 @@ SHARED = Path(os.environ.get("APET_BENCH_TEST_DATA_ROOT", REPO.parent / "shared"
 GEN = {"max_new_tokens": 2}
 Q = "What is in the image?"
 DEEP = "+model.tiny_config.vision_layers=24"  # the real ViT-L depth: 23 merging layers before hidden_states[-2]
+#: tiny LLaVA-NeXT with the real 336 px crops (576 patches; up to 2928 tokens, so 640 fits) and tower depth
+NEXT336 = ["+model.tiny_config.image_size=336", DEEP, "model.visual_tokens=2928"]
 
 #: methods.md §6.2 [derived] r lists for LLaVA-1.5 (576 patches + CLS over CLIP layers 0..22).
 DOC_SCHEDULES = {
@@ -391,7 +393,7 @@ def test_llava_next_per_crop_with_unpadding():
 
 def test_llava_next_real_geometry_exact():
     """336 px crops (576 patches), 24-layer tower: 672 x 672 -> 5 crops x b + 48 newlines, no unpadding."""
-    adapter = _load(["model=tiny_llava_next", "+model.tiny_config.image_size=336", DEEP, "model.visual_tokens=2928"])
+    adapter = _load(["model=tiny_llava_next", *NEXT336])
     for budget, b in ((640, 128), (160, 32)):
         out = adapter.generate([make_image(2, (672, 672))], Q, GEN, build_method("tome", budget=budget))
         assert out.visual_tokens_in == 2928
@@ -414,7 +416,7 @@ def test_qwen_post_merger_passes(budget):
 # ====================================================================== end to end through the runner
 E2E = [
     ("tiny_llava15", [DEEP], (192, 128, 64), "mme"),
-    ("tiny_llava_next", [], (640, 320, 160), "mme"),
+    ("tiny_llava_next", NEXT336, (640, 320, 160), "mme"),
     ("tiny_qwen25vl", [], (0.2, 0.1), "mme"),
     ("tiny_video_llava", [DEEP], (256,), "tgif_qa"),
 ]
@@ -444,5 +446,6 @@ def test_end_to_end(tmp_path, model, extra, budgets, bench):
                 assert layers == [256] * 4
             elif model == "tiny_qwen25vl":
                 assert layers == [round(budget * s["visual_tokens_in"])] * 4
-            else:  # 64 patches per crop: 640 / 320 keep all, 160 keeps <= 32 per crop
-                assert layers[0] == s["visual_tokens_in"] if budget >= 320 else layers[0] < s["visual_tokens_in"]
+            else:  # <= budget / 5 per crop (unpadding may drop whole groups) + the image_newline tokens
+                # at most 5 crops (2x2 grid + base) and 72 newlines (3x1 grid: 72 feature rows)
+                assert budget // 5 < layers[0] <= 5 * (budget // 5) + 72 and layers[0] < s["visual_tokens_in"]
