@@ -244,3 +244,63 @@ def test_hooks_removed_none_unchanged_and_seed_deterministic(model):
     assert one.visual_tokens_llm < ref.visual_tokens_llm
     after = a.generate(visual, "What?", gen, build_method("none"))
     assert all(torch.equal(x, y) for x, y in zip(ref.logits, after.logits))
+
+
+# ---------------------------------------------------------------------- per-model layouts
+def _stage_one(a, visuals, method, question="q"):
+    from apet_bench.models.base import VisualContext
+
+    inputs = a.prepare_inputs(visuals, a.build_prompt(question, num_images=len(visuals)))
+    a.visual_context = VisualContext(a, inputs)
+    with torch.inference_mode(), method(a):
+        _, sels = a.apply_visual_stage(inputs, method)
+        vf = a.visual_context.vision_features  # pre-projector features (a second tower pass)
+        tokens = a.encode_images(inputs)
+    return inputs, sels, vf, tokens
+
+
+def test_next_official_layout_base_then_grid_raster_cls_contextual():
+    a = adapter("tiny_llava_next")
+    m = build_method("visionzip", budget=160)  # 32 per crop = 27 + 5 (of 1 + 64)
+    inputs, sels, vf, _ = _stage_one(a, [make_image(6, (100, 60))], m)
+    vf = vf[0]  # (C, 64, D_v): projector input = layer -2 output without [CLS]
+    C = int(vf.shape[0])
+    rows, cols = a.visual_layout(inputs)[0].crop_grid
+    assert C == 1 + rows * cols and sels[0].num_tokens == 32 * C and sels[0].kept_indices is None
+    rec = m.records
+    assert len(rec) == C and all(len(r["dominant"]) == 27 and len(r["targets"]) == 5 for r in rec)
+    with torch.inference_mode():
+        proj = a.project_visual(vf)  # (C, 64, D)
+    out = sels[0].features
+    base_dom = torch.tensor(rec[0]["dominant"][1:]) - 1
+    assert torch.allclose(out[1:27], proj[0][base_dom], atol=1e-5)  # base: [CLS, dominant patches, contextual]
+    side = int(a.patches_per_side)
+    cells = []
+    for c in range(1, C):
+        cr, cc = divmod(c - 1, cols)
+        for p in (torch.tensor(rec[c]["dominant"][1:]) - 1).tolist():
+            cells.append(((cr * side + p // side) * cols * side + cc * side + p % side, c, p))
+    cells.sort()
+    grid = torch.stack([proj[c][p] for _, c, p in cells])
+    assert torch.allclose(out[32 : 32 + len(cells)], grid, atol=1e-5)  # grid crops' dominant patches, full-grid raster
+    assert out.shape[0] == 32 + len(cells) + (C - 1) + 5 * (C - 1)  # then the crops' CLS, then their contextual
+
+
+def test_video_frames_keep_indices_and_rows():
+    a = adapter("tiny_video_llava")
+    rng = np.random.default_rng(4)
+    clip = VideoClip((rng.random((8, 48, 64, 3)) * 255).astype("uint8"))
+    m = build_method("visionzip", budget=256)
+    out = a.generate([clip], "What happens?", GEN, m)
+    kept = out.kept_indices[0]
+    assert len(kept) == 256 and len(set(kept)) == 256
+    assert all(kept[f * 32] == f * 257 for f in range(8))  # each frame's [CLS] first
+    assert all(len(r["dominant"]) == 27 and len(r["targets"]) == 5 for r in m.records)
+
+
+def test_two_images_each_get_the_budget():
+    a = adapter("tiny_llava15")
+    m = build_method("visionzip", budget=64)
+    out = a.generate([make_image(1, (60, 60)), make_image(2, (50, 70))], "Compare.", GEN, m)
+    assert out.visual_tokens_llm == 128 and len(m.records) == 2
+    assert m.records[0]["dominant"] != m.records[1]["dominant"]
