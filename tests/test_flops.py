@@ -147,3 +147,15 @@ def test_cli_last_line_is_json(capsys):
                 "layer_visual_tokens", "text_tokens", "convention", "variant", "plan_source"):
         assert key in d
     assert d["total_tflops"] == pytest.approx(2.051, abs=2e-3)
+
+
+def test_overheads_of_attention_based_methods_follow_their_code():
+    """VisionZip on Qwen2.5-VL recomputes the last ViT block's full attention (methods.md §2.5), so its own
+    overhead dwarfs ApET's; on LLaVA only the [CLS] row is recomputed."""
+    vz_qwen = flops.count_flops("qwen25vl", "visionzip", 0.1)
+    apet_qwen = flops.count_flops("qwen25vl", "apet", 0.1)
+    S = 4 * 729
+    assert vz_qwen.method_breakdown["vit_attention_recompute"] == pytest.approx(2 * S * S * 1280 / 1e12)
+    assert vz_qwen.method_tflops > 10 * apet_qwen.method_tflops
+    vz_llava = flops.count_flops("llava15", "visionzip", 64, text_tokens=LLAVA_TEXT)
+    assert "cls_row_recompute" in vz_llava.method_breakdown and vz_llava.method_tflops < 0.01

@@ -294,15 +294,22 @@ def count_vision_flops(
         raise ValueError(f"flops: {len(lengths)} vision layer token counts for {len(layers)} CLIP layers")
     pix = torch.empty(1, 3, vcfg.image_size, vcfg.image_size, device="meta", dtype=torch.bfloat16)
     enc = _flops(lambda: vm.embeddings(pix))
-    per_len: dict[int, int] = {}
     for n in lengths:
-        if n not in per_len:
-            h = torch.empty(1, int(n), vcfg.hidden_size, device="meta", dtype=torch.bfloat16)
-            per_len[n] = _flops(lambda h=h: layers[0](h, None))
-        enc += per_len[n]
-    feat = torch.empty(1, int(visual_tokens_in), vcfg.hidden_size, device="meta", dtype=torch.bfloat16)
+        enc += _clip_layer_flops(family, int(n))
+    # the projector sees CLIP's layer -2 output (CLS dropped): fewer tokens when a method merged inside CLIP
+    n_proj = int(lengths[-1]) - 1 if vision_layer_tokens is not None else int(visual_tokens_in)
+    feat = torch.empty(1, n_proj, vcfg.hidden_size, device="meta", dtype=torch.bfloat16)
     proj = _flops(lambda: model.model.multi_modal_projector(feat))
     return {"encoder": enc, "projector": proj}
+
+
+@functools.lru_cache(maxsize=256)
+def _clip_layer_flops(family: str, n: int) -> int:
+    """One CLIP encoder layer at ``n`` tokens on meta (identical layers share the count)."""
+    vt = meta_model(family).model.vision_tower
+    layer = getattr(vt, "vision_model", vt).encoder.layers[0]
+    h = torch.empty(1, n, vt.config.hidden_size, device="meta", dtype=torch.bfloat16)
+    return _flops(lambda: layer(h, None))
 
 
 def _square_grid(n: int) -> tuple[int, int]:
@@ -313,7 +320,13 @@ def _square_grid(n: int) -> tuple[int, int]:
 
 
 def _qwen_vision_flops(model: Any, visual_tokens_in: int, grid_hw: tuple[int, int] | None) -> dict[str, int]:
-    """Qwen2.5-VL ViT (window attention) + merger on meta (transformers-hooks.md §4.1 gotcha 3)."""
+    """Qwen2.5-VL ViT (window attention) + merger on meta (transformers-hooks.md §4.1 gotcha 3), cached."""
+    return dict(_qwen_vision_flops_cached(int(visual_tokens_in), grid_hw))
+
+
+@functools.lru_cache(maxsize=64)
+def _qwen_vision_flops_cached(visual_tokens_in: int, grid_hw: tuple[int, int] | None) -> tuple[tuple[str, int], ...]:
+    model = meta_model("qwen25vl")
     from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as mq
 
     visual = model.model.visual
@@ -337,7 +350,7 @@ def _qwen_vision_flops(model: Any, visual_tokens_in: int, grid_hw: tuple[int, in
         lambda: visual(pix, grid_thw=grid, position_ids=pos.to("meta"), cu_seqlens=cu, window_index=widx.to("meta"),
                        cu_window_seqlens=cuw)
     )
-    return {"encoder": total - proj, "projector": proj}
+    return (("encoder", total - proj), ("projector", proj))
 
 
 # ---------------------------------------------------------------------- LLM
@@ -373,11 +386,17 @@ def count_llm_flops(family: str, layer_lengths: Sequence[int]) -> dict[str, int]
         if n < 1:
             raise ValueError(f"flops: decoder layer length {n} is not positive")
         if n not in per_len:
-            per_len[n] = _decoder_layer_flops(family, text, n, d)
+            per_len[n] = _decoder_layer_flops_cached(family, n)
         total += per_len[n]
     last = torch.empty(1, 1, d, device="meta", dtype=torch.bfloat16)
     head = _flops(lambda: model.lm_head(last))
     return {"decoder": total, "lm_head": head}
+
+
+@functools.lru_cache(maxsize=512)
+def _decoder_layer_flops_cached(family: str, n: int) -> int:
+    text = _text_model(meta_model(family))
+    return _decoder_layer_flops(family, text, n, text.config.hidden_size)
 
 
 def _decoder_layer_flops(family: str, text: Any, n: int, d: int) -> int:
@@ -764,6 +783,8 @@ def _dims(family: str) -> dict[str, int]:
     out = {"d": tc.hidden_size, "layers": tc.num_hidden_layers}
     if family == "qwen25vl":
         out["dv"] = tc.hidden_size  # ApET runs on the post-merger tokens (methods.md §1.5)
+        out["vit_hidden"] = model.model.visual.config.hidden_size
+        out["vit_heads"] = model.model.visual.config.num_heads
     else:
         vc = model.model.vision_tower.config
         out["dv"] = vc.hidden_size
@@ -837,28 +858,54 @@ def _pdrop_overhead(family: str, plan: TokenPlan, text_tokens: int, params: Mapp
     return {k.replace("attention_row", "last_instruction_row"): v for k, v in _fastv_overhead(family, plan, text_tokens, params).items()}
 
 
+#: Text tokens before the visual span (LLaVA vicuna_v1: system prompt + "USER: " = 35 with BOS,
+#: methods.md §0.1; Qwen2.5-VL chat template up to ``<|vision_start|>``: about 15). Methods whose raters /
+#: query rows are the tokens after the image (SparseVLM) read ``text_tokens - this``.
+TEXT_BEFORE_IMAGE: dict[str, int] = {"llava15": 35, "llava_next": 35, "video_llava": 35, "qwen25vl": 15}
+
+
 @register_overhead("sparsevlm")
 def _sparsevlm_overhead(family: str, plan: TokenPlan, text_tokens: int, params: Mapping[str, Any]) -> dict[str, int]:
+    """Raters ``V·Tᵀ`` on the input embeddings (``2·n·t·d``), the rows of every token after the visual span
+    at each pruning layer (``2·t·seq·d``, computed by the shared row capture), DPC-KNN recycling of the
+    ``m = int(0.3 p) + 1`` best pruned tokens (pairwise distances ``2m²d``, density/means element-wise);
+    baselines/sparsevlm.py, methods.md §4.2."""
     d = _dims(family)["d"]
     n = plan.visual_tokens_llm
-    out = {"raters": 2 * n * text_tokens * d}
+    t_after = max(1, text_tokens - TEXT_BEFORE_IMAGE.get(family, 0))
+    out = {"raters": 2 * n * t_after * d}
     for drop in plan.stage_counts.get("drops", []) or _drops_of(plan):
-        # rater rows (about half of the text tokens) against the layer's keys; recycling DPC-KNN on the
-        # top 30 % of the pruned tokens (pairwise distances)
-        out[f"rater_rows_L{drop['layer'] - 1}"] = _attention_row_flops(drop["from"] + text_tokens, d, max(1, text_tokens // 2))
-        r = int(0.3 * (drop["from"] - drop["to"])) + 1
-        out[f"recycling_L{drop['layer'] - 1}"] = 3 * r * r * d
+        seq = drop["from"] + text_tokens
+        out[f"rater_rows_L{drop['layer'] - 1}"] = _attention_row_flops(seq, d, t_after)
+        # tokens kept + recycled clusters enter the next layer; recycle only what was pruned
+        pruned = max(0, drop["from"] - drop["to"])
+        m = int(0.3 * pruned) + 1 if pruned else 0
+        out[f"recycling_L{drop['layer'] - 1}"] = 2 * m * m * d
     return out
 
 
 @register_overhead("visionzip")
 def _visionzip_overhead(family: str, plan: TokenPlan, text_tokens: int, params: Mapping[str, Any]) -> dict[str, int]:
+    """What baselines/visionzip.py recomputes besides the forward pass.
+
+    LLaVA family (``cls_attention_row`` at CLIP layer 22): ``q_proj`` of the [CLS] row ``2·dv²``, ``k_proj`` of
+    all ``n + 1`` tokens ``2(n+1)dv²``, the [CLS] scores ``2(n+1)dv``; contextual matching on head-mean
+    keys ``2·rest·ctx·dk``. Qwen2.5-VL (``qwen_attention_received``, methods.md §2.5): the last ViT block's
+    ``qkv`` over all ``S = 4n`` patches ``2·S·dv·3dv`` and its full ``QKᵀ`` ``2·S²·dv`` (every query row
+    is needed: the recomputation the paper blames for VisionZip's Qwen slow-down), then the same matching.
+    Contextual count: 10 of 64 (methods.md §2.4), i.e. ``k // 6``."""
     dims = _dims(family)
     n, k = plan.visual_tokens_in, plan.visual_tokens_llm
-    ctx = max(1, k // 6)  # 10 of 64 contextual (methods.md §2.4)
+    ctx = max(1, k // 6)
     rest = max(0, n - (k - ctx))
-    dk = dims.get("dk_vision", 64) if family != "qwen25vl" else 80
-    return {"cls_row_scores": n * 16, "contextual_matching": 2 * rest * ctx * dk + 3 * rest * dk}
+    if family == "qwen25vl":
+        dv, heads = dims["vit_hidden"], dims["vit_heads"]
+        S = 4 * n
+        return {"vit_qkv_recompute": 2 * S * dv * 3 * dv, "vit_attention_recompute": 2 * S * S * dv,
+                "contextual_matching": 2 * rest * ctx * (dv // heads)}
+    dv, dk = dims["dv"], dims["dk_vision"]
+    return {"cls_row_recompute": 2 * dv * dv + 2 * (n + 1) * dv * dv + 2 * (n + 1) * dv,
+            "contextual_matching": 2 * rest * ctx * dk}
 
 
 @register_overhead("tome")
