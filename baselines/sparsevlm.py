@@ -69,6 +69,8 @@ __all__ = [
     "recycled_clusters",
     "resolve_schedule",
     "scale_layers",
+    "rope_gravity",
+    "select_heads_by_mass",
     "select_text_raters",
     "tokens_after_prune",
 ]
@@ -87,6 +89,19 @@ V15_SCHEDULES: dict[int, tuple[int, ...]] = {
     64: (66, 30, 17),
     32: (33, 15, 9),
 }
+#: SparseVLM+ (``USE_VERSION=2_0``) keep counts [code] ``score.py``; 32 [derived] as for v1.5.
+V20_SCHEDULES: dict[int, tuple[int, ...]] = {
+    192: (300, 200, 118),
+    128: (238, 108, 60),
+    96: (246, 54, 28),
+    64: (66, 34, 20),
+    32: (33, 17, 10),
+}
+#: Heads kept by SparseVLM+'s ``select_attn_head_by_sum`` on the 32-head LLaVA-1.5-7B [code]; other head
+#: counts keep the same share, ``max(1, round(14 H / 32))`` [derived].
+V20_HEADS = 14
+V20_REFERENCE_HEADS = 32
+VERSIONS = ("1.5", "2.0")
 #: Sources of :data:`V15_SCHEDULES` entries.
 V15_SOURCES: dict[int, str] = {192: "code", 128: "code", 96: "code", 64: "code", 32: "derived"}
 #: LLaVA-NeXT's reference span (methods.md §0.3: 5 x 576): its budgets 640/320/160 are the retentions
@@ -250,6 +265,7 @@ def resolve_schedule(
     layers: Sequence[int] | None = None,
     schedule: Sequence[int] | None = None,
     visual_tokens: int | None = None,
+    version: str = "1.5",
 ) -> Schedule:
     """The pruning layers and keep counts SparseVLM uses for ``budget`` on a model.
 
@@ -268,6 +284,9 @@ def resolve_schedule(
         Absolute keep counts after each pruning layer overriding the table (non-increasing, >= 1).
     visual_tokens : int, optional
         Unused by the tables; kept for messages.
+    version : {"1.5", "2.0"}
+        ``"2.0"``: the SparseVLM+ table (:data:`V20_SCHEDULES`) for the LLaVA families; refused on
+        Qwen2.5-VL (its gravity correction is defined for 1-D RoPE only).
 
     Returns
     -------
@@ -281,6 +300,13 @@ def resolve_schedule(
         Bad ``layers`` / ``schedule`` (lengths, order, range) or a model too shallow for the layers.
     """
     n_layers = int(num_layers)
+    if version not in VERSIONS:
+        raise ValueError(f"method 'sparsevlm': version {version!r} is not one of {list(VERSIONS)}")
+    if version == "2.0" and family == "qwen25vl":
+        raise ValueError(
+            "method 'sparsevlm' on qwen25vl: version 2.0 (SparseVLM+) corrects attention by a 1-D RoPE pattern; "
+            "no mRoPE port exists (use version 1.5)"
+        )
     if schedule is not None:
         counts = tuple(int(c) for c in schedule)
         if layers is None:
@@ -322,7 +348,7 @@ def resolve_schedule(
     if family not in ("llava15", "llava_next"):
         raise ValueError(f"method 'sparsevlm': no schedules for model family {family!r}; pass schedule=[...]")
     key = _reference_key(budget, family, visual_tokens)
-    counts = V15_SCHEDULES[key]
+    counts = (V20_SCHEDULES if version == "2.0" else V15_SCHEDULES)[key]
     lay = _check_layers(layers, n_layers, family) if layers is not None else scale_layers(OFFICIAL_LAYERS, n_layers, 32)
     if len(lay) != len(counts):
         raise ValueError(f"{_name(family)}: layers {list(lay)} must be {len(counts)} pruning layers")
@@ -382,6 +408,53 @@ def rater_scores(attention: torch.Tensor, rater_rows: torch.Tensor, visual_colum
     a = attention.float().mean(0)  # (rows, seq)
     a = a.index_select(0, rater_rows.to(a.device)).index_select(1, visual_columns.to(a.device))
     return a.mean(0)
+
+
+def rope_gravity(query_positions: torch.Tensor, key_positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """SparseVLM+'s RoPE-only attention pattern ("gravity", ``modelling_sparse_llama.py`` under ``V2_0``).
+
+    The official code rotates all-ones queries and keys with the layer's RoPE and takes
+    ``q kᵀ / √d``; for 1-D RoPE that equals ``Σ_i 2 cos((m - n) θ_i) / √d`` (``d = 2 len(θ)``), computed
+    here in closed form.
+
+    Parameters
+    ----------
+    query_positions, key_positions : torch.Tensor
+        ``(R,)`` and ``(L,)`` RoPE positions.
+    inv_freq : torch.Tensor
+        ``(d / 2,)`` RoPE frequencies θ of the layer.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(R, L)`` float32.
+    """
+    theta = inv_freq.float().to(query_positions.device)
+    delta = (query_positions.float()[:, None] - key_positions.float()[None, :].to(query_positions.device))
+    d = 2 * theta.numel()
+    return (2.0 * torch.cos(delta[..., None] * theta)).sum(-1) / (d**0.5)
+
+
+def select_heads_by_mass(attention: torch.Tensor, rater_rows: torch.Tensor, visual_columns: torch.Tensor,
+                         num_heads: int) -> torch.Tensor:
+    """SparseVLM+'s ``select_attn_head_by_sum``: the heads with the largest rater->visual attention sum.
+
+    Parameters
+    ----------
+    attention : torch.Tensor
+        ``(heads, rows, seq_len)``.
+    rater_rows, visual_columns : torch.Tensor
+        Indices into rows / columns.
+    num_heads : int
+        Heads to keep.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(num_heads,)`` long head indices, by decreasing mass (``topk`` order).
+    """
+    mass = attention.float().index_select(1, rater_rows).index_select(2, visual_columns).sum((1, 2))
+    return torch.topk(mass, min(int(num_heads), mass.numel())).indices
 
 
 def dpc_knn_merge(
@@ -448,11 +521,16 @@ class SparseVLMCompressor(TokenCompressor):
         The paper's budget (required): LLaVA-1.5 192/128/96/64, LLaVA-NeXT 640/320/160, Video-LLaVA 256
         tokens; Qwen2.5-VL 0.2/0.1. Selects the schedule (:func:`resolve_schedule`), see the module and
         ``configs/method/sparsevlm.yaml`` for every number and its source.
-    recycle : bool
-        v1.5 token recycling (default ``True``); ``False`` = plain pruning (the v2.0 / SparseVLM+ choice).
+    version : {"1.5", "2.0"}
+        ``"1.5"`` (default): the main branch's v1.5 algorithm. ``"2.0"``: SparseVLM+ (``USE_VERSION=2_0``,
+        methods.md §4.2): its schedules (:data:`V20_SCHEDULES`), attention divided by the RoPE-only pattern
+        (:func:`rope_gravity`), the 14 of 32 heads with the largest rater->visual mass
+        (:func:`select_heads_by_mass`), no recycling, original positions. LLaVA families / Video-LLaVA only.
+    recycle : bool or None
+        Token recycling; ``None`` (default) = as the version does (1.5: on, 2.0: off).
     positions : {"auto", "renumber", "original"}
-        ``auto``: renumbered (official v1.x) on 1-D RoPE models, original positions on Qwen2.5-VL's mRoPE
-        (methods.md §4.4 port).
+        ``auto``: renumbered for v1.5 on 1-D RoPE models (official v1.x); original positions for v2.0
+        (official) and on Qwen2.5-VL's mRoPE (methods.md §4.4 port).
     placement : {"auto", "after_kept", "centre"}
         Where recycled tokens go. ``after_kept`` (official): right after the kept visual tokens (in the
         slots of the last pruned tokens; kept tokens re-slotted in order if needed, which renumbered
@@ -478,7 +556,8 @@ class SparseVLMCompressor(TokenCompressor):
     slots alive after the last pruning: kept tokens and the slots holding recycled tokens.
     """
 
-    recycle: bool = True
+    version: str = "1.5"
+    recycle: bool | None = None
     positions: str = "auto"
     placement: str = "auto"
     layers: list[int] | None = None  # type: ignore[assignment]
@@ -491,6 +570,7 @@ class SparseVLMCompressor(TokenCompressor):
     _raters: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     _num_text: int | None = field(default=None, init=False, repr=False, compare=False)
     _n0: int | None = field(default=None, init=False, repr=False, compare=False)
+    _orig: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     _input_ids: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     _mask: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     #: Per pruning: ``{"layer", "scores", "kept", "recycled", "centres"}`` of the last prefill (tests, figures).
@@ -500,8 +580,12 @@ class SparseVLMCompressor(TokenCompressor):
         super().__post_init__()
         if self.budget is None:
             raise BudgetError(f"method {self.name!r} needs a budget (an int token count or a float in (0, 1])")
-        if not isinstance(self.recycle, bool):
-            raise ValueError(f"method {self.name!r}: recycle {self.recycle!r} is not true/false")
+        if isinstance(self.version, float):
+            self.version = f"{self.version:.1f}"
+        if self.version not in VERSIONS:
+            raise ValueError(f"method {self.name!r}: version {self.version!r} is not one of {list(VERSIONS)}")
+        if self.recycle is not None and not isinstance(self.recycle, bool):
+            raise ValueError(f"method {self.name!r}: recycle {self.recycle!r} is not true/false/null")
         if self.positions not in POSITIONS:
             raise ValueError(f"method {self.name!r}: positions {self.positions!r} is not one of {list(POSITIONS)}")
         if self.placement not in PLACEMENTS:
@@ -525,7 +609,13 @@ class SparseVLMCompressor(TokenCompressor):
     # ------------------------------------------------------------------ configuration
     def schedule_for(self, family: str, num_layers: int) -> Schedule:
         """:func:`resolve_schedule` with this method's budget and overrides."""
-        return resolve_schedule(family, num_layers, self.budget, layers=self.layers, schedule=self.schedule)  # type: ignore[arg-type]
+        return resolve_schedule(family, num_layers, self.budget, layers=self.layers, schedule=self.schedule,  # type: ignore[arg-type]
+                                version=self.version)
+
+    @property
+    def recycling(self) -> bool:
+        """Whether pruned tokens are recycled: :attr:`recycle`, or the version's choice when ``None``."""
+        return self.version == "1.5" if self.recycle is None else bool(self.recycle)
 
     def check_model_config(self, model_cfg: dict[str, Any]) -> None:
         """Refuse, before loading, a budget without a schedule or layers the model cannot hold (one line)."""
@@ -546,6 +636,8 @@ class SparseVLMCompressor(TokenCompressor):
         if self.positions == "renumber":
             return True
         if self.positions == "original":
+            return False
+        if self.version == "2.0":
             return False
         adapter = self._adapter
         return adapter is None or getattr(adapter, "position_encoding", "rope-1d") == "rope-1d"
@@ -568,7 +660,7 @@ class SparseVLMCompressor(TokenCompressor):
     def reset(self) -> None:
         """Seed the CPU generator of the DPC-KNN noise; forget the last sample."""
         self._generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        self._raters = self._num_text = self._n0 = None
+        self._raters = self._num_text = self._n0 = self._orig = None
         self.last_record = []
 
     def attach(self, adapter: Any) -> None:
@@ -589,7 +681,7 @@ class SparseVLMCompressor(TokenCompressor):
         mask = kwargs.get("attention_mask")
         self._input_ids = ids
         self._mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
-        self._raters = self._num_text = self._n0 = None
+        self._raters = self._num_text = self._n0 = self._orig = None
         self.last_record = []
 
     def _on_layer0(self, module: Any, args: tuple, kwargs: dict) -> None:
@@ -601,6 +693,11 @@ class SparseVLMCompressor(TokenCompressor):
         hidden = args[0] if args else kwargs["hidden_states"]
         if hidden.shape[0] != 1:
             raise ValueError(f"method {self.name!r} supports batch size 1 (as the official code), got {hidden.shape[0]}")
+        pos_ids = kwargs.get("position_ids")
+        if isinstance(pos_ids, torch.Tensor) and pos_ids.ndim == 2:
+            self._orig = pos_ids[0].detach().to(hidden.device)  # RoPE positions of the columns (1-D RoPE)
+        else:
+            self._orig = torch.arange(hidden.shape[1], device=hidden.device)
         vis = self._adapter.visual_positions(self._input_ids, self._mask)[0].to(hidden.device)
         self._n0 = int(vis.numel())
         if self._n0 == 0:
@@ -642,7 +739,7 @@ class SparseVLMCompressor(TokenCompressor):
         out = []
         for i in range(adapter.num_layers):
             if i in drops and n > 0:
-                n = tokens_after_prune(n, s.keep(drops[i], n0), recycle=self.recycle)
+                n = tokens_after_prune(n, s.keep(drops[i], n0), recycle=self.recycling)
             out.append(n)
         return out
 
@@ -698,6 +795,9 @@ class SparseVLMCompressor(TokenCompressor):
                 f"method {self.name!r}: {probs.shape[1]} attention rows for {self._num_text} text tokens after the "
                 "visual span (use a KV cache: without one every decode step is a new prefill)"
             )
+        heads = None
+        if self.version == "2.0":
+            probs, heads = self._v20_correct(probs, raters, pos, int(hidden_states.shape[1]))
         scores = rater_scores(probs, raters, pos)
         n0 = self._n0 if self._n0 is not None else n
         k = max(0, min(s.keep(stage, n0), n - 1))
@@ -707,9 +807,13 @@ class SparseVLMCompressor(TokenCompressor):
         kept_local = torch.nonzero(is_kept).flatten()  # sequence order (the official boolean mask)
         pruned_local = torch.nonzero(~is_kept).flatten()
         record: dict[str, Any] = {"layer": int(layer_idx) - 1, "scores": scores.cpu(), "kept": pos[kept_local].cpu()}
+        if heads is not None:
+            record["heads"] = heads.cpu()
         self.last_record.append(record)
-        if not self.recycle or pruned_local.numel() == 0:
-            return LLMSelection(pos.index_select(0, kept_local.to(pos.device))[None])
+        if not self.recycling or pruned_local.numel() == 0:
+            hosts = pos.index_select(0, kept_local.to(pos.device))
+            self._track(int(hidden_states.shape[1]), pos, hosts)
+            return LLMSelection(hosts[None])
         m = int(pruned_local.numel() * RECYCLE_SHARE) + 1
         order = torch.topk(scores.index_select(0, pruned_local), m).indices
         recycled_local = pruned_local.index_select(0, order)  # score order, as the official topk
@@ -729,4 +833,36 @@ class SparseVLMCompressor(TokenCompressor):
             hosts = torch.cat([kept_cols, extra]).sort().values
             content = torch.cat([kept_hidden, merged.to(kept_hidden.dtype)])
         record["slots"] = hosts.cpu()
+        self._track(int(hidden_states.shape[1]), pos, hosts)
         return LLMSelection(hosts[None], content[None])
+
+    def _track(self, seq_len: int, pos: torch.Tensor, hosts: torch.Tensor) -> None:
+        """Follow the RoPE positions of the surviving columns (needed by v2.0's gravity correction)."""
+        if self._orig is None or int(self._orig.numel()) != seq_len:
+            return
+        keep = torch.ones(seq_len, dtype=torch.bool, device=self._orig.device)
+        keep[pos.to(keep.device)] = False
+        keep[hosts.to(keep.device)] = True
+        self._orig = self._orig[keep]
+
+    def _v20_correct(
+        self, probs: torch.Tensor, raters: torch.Tensor, pos: torch.Tensor, seq_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SparseVLM+: divide by the RoPE-only pattern, keep the heads with the most rater->visual mass.
+
+        ``probs`` ``(heads, rows, seq_len)`` -> ``(kept_heads, rows, seq_len)`` and the kept head indices.
+        Positions: the columns' RoPE positions (original positions, as v2.0 keeps them).
+        """
+        if self._orig is None or int(self._orig.numel()) != seq_len:
+            raise RuntimeError(f"method {self.name!r}: lost track of the RoPE positions of the sequence")
+        lm = getattr(getattr(self._adapter.model, "model", None), "language_model", None)
+        rotary = getattr(lm, "rotary_emb", None)
+        if rotary is None or not hasattr(rotary, "inv_freq"):
+            raise ValueError(f"method {self.name!r}: version 2.0 cannot find the LLM's RoPE frequencies")
+        rows = probs.shape[1]
+        gravity = rope_gravity(self._orig[-rows:], self._orig, rotary.inv_freq)  # (rows, seq)
+        corrected = probs.float() / gravity.to(probs.device)[None]
+        n_heads = int(probs.shape[0])
+        keep = max(1, int(V20_HEADS * n_heads / V20_REFERENCE_HEADS + 0.5))
+        heads = select_heads_by_mass(corrected, raters.to(corrected.device), pos.to(corrected.device), keep)
+        return corrected.index_select(0, heads), heads

@@ -74,7 +74,7 @@ def test_registered_and_yaml_builds():
     assert cfg["method"]["available"] is True
     m = build_method("sparsevlm", budget=192, **cfg["method"]["params"])
     assert isinstance(m, S.SparseVLMCompressor)
-    assert m.stage == "llm" and m.needs_attention_weights and m.recycle
+    assert m.stage == "llm" and m.needs_attention_weights and m.recycling and m.version == "1.5"
 
 
 # ---------------------------------------------------------------------- official schedules (full size)
@@ -87,6 +87,15 @@ def test_full_size_llava15_schedule_is_official(budget, counts):
     assert plan == [576] * 3 + [counts[0]] * 4 + [counts[1]] * 9 + [counts[2]] * 16
     sched = S.resolve_schedule("llava15", 32, budget)
     assert sched.layers == (2, 6, 15) and sched.source == "code"
+
+
+@pytest.mark.parametrize("budget,counts", [(192, (300, 200, 118)), (128, (238, 108, 60)),
+                                           (96, (246, 54, 28)), (64, (66, 34, 20))])
+def test_full_size_v20_schedule_is_official(budget, counts):
+    """methods.md §4.3, v2.0 column: no recycling, so the plan holds the table's counts exactly."""
+    m = build_method("sparsevlm", budget=budget, version="2.0")
+    assert not m.recycling and not m.renumber_positions
+    assert m.plan(fake("llava15", 32), 576) == [576] * 3 + [counts[0]] * 4 + [counts[1]] * 9 + [counts[2]] * 16
 
 
 def test_full_size_recycling_counts_and_official_accounting():
@@ -228,10 +237,14 @@ def test_no_recycling_keeps_schedule_only():
 
 
 # ---------------------------------------------------------------------- fidelity to the official loop
-def _official_reference_logits(adapter, image, question, budget, seed):
-    """The official v1.5 prefill re-written as a plain loop (modelling_sparse_llama.py): full eager attention
-    in every layer, raters on the input embeddings, prune each pruning layer's output, recycled clusters
-    physically inserted after the kept visual tokens, positions 0..L'-1. Returns the last token's logits."""
+def _official_reference_logits(adapter, image, question, budget, seed, version="1.5"):
+    """The official prefill re-written as a plain loop (modelling_sparse_llama.py, main): full eager attention
+    in every layer, raters on the input embeddings, each pruning layer's output physically re-laid out.
+    v1.5: recycled clusters inserted after the kept visual tokens, positions 0..L'-1. v2.0: attention divided
+    by q kᵀ/√d of RoPE-rotated all-ones q, k (as the official code builds it), the round(14 H / 32) heads with
+    the largest rater->visual sum, no recycling, original position ids. Returns the last token's logits."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
     lm = adapter.model.model.language_model
     inputs = adapter.prepare_inputs([image], adapter.build_prompt(question, num_images=1))
     grab = {}
@@ -250,13 +263,15 @@ def _official_reference_logits(adapter, image, question, budget, seed):
     r = torch.softmax(x[0, v0:t0].float() @ x[0, t0:].float().T, dim=1).mean(0)
     raters = torch.nonzero(r > r.mean()).flatten() + t0  # fixed offset from the end of the visual span
     from_end = raters - x.shape[1]
-    sched, prune = S.V15_SCHEDULES[budget], (0, 1, 2)
+    table = S.V20_SCHEDULES if version == "2.0" else S.V15_SCHEDULES
+    sched, prune = table[budget], (0, 1, 2)
     gen = torch.Generator().manual_seed(seed)
     hidden = x
+    positions = torch.arange(x.shape[1])[None]
     with torch.inference_mode():
         for i, layer in enumerate(adapter.decoder_layers):
             L = hidden.shape[1]
-            pos_ids = torch.arange(L)[None]
+            pos_ids = positions if version == "2.0" else torch.arange(L)[None]
             pe = lm.rotary_emb(hidden, pos_ids)
             mask = torch.full((L, L), torch.finfo(torch.float32).min).triu(1)[None, None]
             seen = {}
@@ -268,35 +283,68 @@ def _official_reference_logits(adapter, image, question, budget, seed):
             out = layer(hidden, attention_mask=mask, position_ids=pos_ids, position_embeddings=pe)
             hk.remove()
             hidden = out[0] if isinstance(out, tuple) else out
-            if i in prune:
-                w = seen["w"][0].float().mean(0)  # (L, L) head mean
-                rel = w[from_end + L][:, v0:v0 + nv].mean(0)
-                k = min(sched[prune.index(i)], nv - 1)
-                keep = torch.zeros(nv, dtype=torch.bool)
-                keep[torch.topk(rel, k).indices] = True
-                pruned = torch.nonzero(~keep).flatten()
-                m = int(pruned.numel() * 0.3) + 1
-                rec = pruned[torch.topk(rel[pruned], m).indices]
-                c = int(m / 10) + 1
-                merged, _, _ = S.dpc_knn_merge(hidden[0, v0 + rec], c, generator=gen)
-                kept = torch.nonzero(keep).flatten() + v0
-                hidden = torch.cat([hidden[:, :v0], hidden[:, kept], merged[None], hidden[:, v0 + nv:]], dim=1)
-                nv = k + c
+            if i not in prune:
+                continue
+            w = seen["w"][0].float()  # (H, L, L)
+            rows = from_end + L
+            if version == "2.0":
+                n_heads, hd = w.shape[0], layer.self_attn.head_dim
+                ones = torch.ones(1, n_heads, L, hd)
+                cos, sin = lm.rotary_emb(ones, pos_ids)
+                q, k_ = apply_rotary_pos_emb(ones, ones, cos, sin)
+                w = w / (q @ k_.transpose(2, 3) / hd**0.5)[0]
+                mass = w[:, rows][:, :, v0:v0 + nv].sum((1, 2))
+                w = w[torch.topk(mass, max(1, round(14 * n_heads / 32))).indices]
+            rel = w.mean(0)[rows][:, v0:v0 + nv].mean(0)
+            k = min(sched[prune.index(i)], nv - 1)
+            keep = torch.zeros(nv, dtype=torch.bool)
+            keep[torch.topk(rel, k).indices] = True
+            kept = torch.nonzero(keep).flatten() + v0
+            if version == "2.0":
+                cols = torch.cat([torch.arange(v0), kept, torch.arange(v0 + nv, L)])
+                hidden, positions, nv = hidden[:, cols], positions[:, cols], k
+                continue
+            pruned = torch.nonzero(~keep).flatten()
+            m = int(pruned.numel() * 0.3) + 1
+            rec = pruned[torch.topk(rel[pruned], m).indices]
+            c = int(m / 10) + 1
+            merged, _, _ = S.dpc_knn_merge(hidden[0, v0 + rec], c, generator=gen)
+            hidden = torch.cat([hidden[:, :v0], hidden[:, kept], merged[None], hidden[:, v0 + nv:]], dim=1)
+            nv = k + c
         return adapter.model.lm_head(lm.norm(hidden)[:, -1]).float()
 
 
-@pytest.mark.parametrize("budget", [192, 64])
-def test_matches_official_loop_on_tiny_llava15(budget):
+@pytest.mark.parametrize("version,budget", [("1.5", 192), ("1.5", 64), ("2.0", 128)])
+def test_matches_official_loop_on_tiny_llava15(version, budget):
+    """Prefill of the method (row capture + stage-2 surgery + replacement hidden states + renumbering) ==
+    the official algorithm run naively; first-token logits within 1e-4 (eager weights, fp32)."""
     adapter = get_adapter("tiny_llava15", "eager")
     image = make_image(5)
-    ref = _official_reference_logits(adapter, image, Q, budget, seed=3)
-    m = build_method("sparsevlm", budget=budget, seed=3)
+    ref = _official_reference_logits(adapter, image, Q, budget, seed=3, version=version)
+    m = build_method("sparsevlm", budget=budget, seed=3, version=version)
     out = adapter.generate([image], Q, {"max_new_tokens": 1, "output_logits": True}, m)
     torch.testing.assert_close(out.logits[0].float(), ref, atol=1e-4, rtol=1e-4)
-    # and the logits do depend on the recycled tokens' placement / the kept set
+    # the check can fail: the other version's choices give other logits
     other = adapter.generate([image], Q, {"max_new_tokens": 1, "output_logits": True},
-                             build_method("sparsevlm", budget=budget, seed=3, recycle=False))
+                             build_method("sparsevlm", budget=budget, seed=3,
+                                          version="2.0" if version == "1.5" else "1.5"))
     assert not torch.allclose(other.logits[0].float(), ref, atol=1e-4)
+
+
+def test_rope_gravity_closed_form_equals_rotated_ones():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    adapter = get_adapter("tiny_llava15", "sdpa")
+    rot = adapter.model.model.language_model.rotary_emb
+    pos = torch.tensor([[0, 3, 4, 9, 40, 41, 700]])
+    hd = 2 * rot.inv_freq.numel()
+    ones = torch.ones(1, 1, pos.shape[1], hd)
+    cos, sin = rot(ones, pos)
+    q, k = apply_rotary_pos_emb(ones, ones, cos, sin)
+    ref = (q @ k.transpose(2, 3))[0, 0] / hd**0.5
+    torch.testing.assert_close(S.rope_gravity(pos[0], pos[0], rot.inv_freq), ref, atol=1e-4, rtol=1e-4)
+    assert S.select_heads_by_mass(torch.tensor([[[0.1, 0.2]], [[0.9, 0.0]], [[0.3, 0.3]]]),
+                                  torch.tensor([0]), torch.tensor([0, 1]), 2).tolist() == [1, 2]
 
 
 # ---------------------------------------------------------------------- tiny models: plan == measured, sdpa == eager
@@ -383,6 +431,8 @@ def test_batch_size_above_one_refused():
         (["model=tiny_llava15", "budget=64", "method.params.schedule=[30,10]"], r"schedule \[30, 10\] has 2 counts"),
         (["model=tiny_llava15", "budget=64", "method.params.positions=sideways"], r"positions 'sideways'"),
         (["model=tiny_llava15", "budget=64", "method.params.recycle=maybe"], r"recycle 'maybe'"),
+        (["model=tiny_llava15", "budget=64", "method.params.version=3.0"], r"version '3.0' is not one of"),
+        (["model=tiny_qwen25vl", "budget=0.2", "method.params.version=2.0"], r"version 2.0 .* no mRoPE port"),
     ],
 )
 def test_bad_configuration_refused_before_loading(tmp_path, monkeypatch, overrides, match):
