@@ -81,3 +81,14 @@ def test_from_run_dirs_table_and_figure(tmp_path):
     assert main([f"results_dir={tmp_path}", f"out={tmp_path / 'out'}"]) == 0
     assert (tmp_path / "out" / "kept_by_position__m__demo__64.png").is_file()
     assert main(["bogus=1"]) == 2
+
+
+def test_trend_p_values_separate_signal_from_noise():
+    from apet_bench.bias import trend_p_value
+
+    rng = np.random.default_rng(3)
+    assert trend_p_value(np.linspace(0, 1, 100)) < 0.001
+    assert trend_p_value(rng.random(100)) > 0.01
+    assert trend_p_value(np.ones(5)) == 1.0
+    b = positional_bias([range(N - K, N)] * 3, N)
+    assert b.index_trend_p < 0.001 and b.row_trend_p < 0.01

@@ -24,6 +24,9 @@ token ``i`` (sequence index ``0..N-1``) was kept, ``r`` = mean keep ratio:
 ``row_trend`` (in [-1, 1], square token grids only)
     ``index_trend`` of the kept-token density per image row (``N = side²`` tokens in raster order,
     e.g. 24 × 24 for LLaVA-1.5): ``+1`` = density grows towards the bottom rows.
+``index_trend_p``, ``row_trend_p``
+    Two-sided permutation p-values of the two trends (2000 seeded shuffles of the positions): with
+    few samples or rows (24 rows) a sizeable trend can be noise; a small p-value says it is not.
 
 Both scores are computed over samples with a single visual of the run's most common token count
 (others are left out and counted).
@@ -107,6 +110,38 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def trend_p_value(values: np.ndarray, permutations: int = 2000, seed: int = 0) -> float:
+    """Two-sided permutation p-value of :func:`index_trend` (positions shuffled, seeded).
+
+    The chance that ``values`` placed at random positions show a trend at least as strong; small values
+    mean the trend is not noise. ``1.0`` for constant values.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        ``(N,)``.
+    permutations : int
+        Random shuffles (the p-value resolution is ``1 / (permutations + 1)``).
+    seed : int
+        Seed of the shuffles (the same inputs give the same p-value).
+    """
+    import pandas as pd
+
+    v = np.asarray(values, dtype=np.float64)
+    ranks = pd.Series(v).rank().to_numpy()
+    if np.ptp(ranks) == 0:
+        return 1.0
+    idx = np.arange(v.size, dtype=np.float64)
+    idx = (idx - idx.mean()) / np.linalg.norm(idx - idx.mean())
+    r = ranks - ranks.mean()
+    r /= np.linalg.norm(r)
+    observed = abs(float(r @ idx))
+    rng = np.random.default_rng(seed)
+    perms = np.argsort(rng.random((permutations, v.size)), axis=1)
+    null = np.abs(r[perms] @ idx)
+    return float((1 + np.sum(null >= observed - 1e-12)) / (permutations + 1))
+
+
 def index_trend(values: np.ndarray) -> float:
     """Normalised Spearman trend of ``values`` along their index, in [-1, 1] (see the module docstring).
 
@@ -188,6 +223,8 @@ class PositionalBias:
         In [0, 1]; 1 = the same positions whatever the input.
     row_trend : float or None
         In [-1, 1]; +1 = denser towards bottom rows; ``None`` for non-square token counts.
+    index_trend_p, row_trend_p : float or None
+        Permutation p-values of the two trends (:func:`trend_p_value`).
     kept_probability : numpy.ndarray
         ``(N,)`` ``p_i``.
     row_density : numpy.ndarray or None
@@ -202,6 +239,8 @@ class PositionalBias:
     row_trend: float | None
     kept_probability: np.ndarray
     row_density: np.ndarray | None
+    index_trend_p: float | None = None
+    row_trend_p: float | None = None
 
     def as_row(self) -> dict[str, Any]:
         """The scalar fields, for tables."""
@@ -212,6 +251,8 @@ class PositionalBias:
             "index_trend": round(self.index_trend, 4),
             "position_determinism": round(self.position_determinism, 4),
             "row_trend": None if self.row_trend is None else round(self.row_trend, 4),
+            "index_trend_p": self.index_trend_p,
+            "row_trend_p": self.row_trend_p,
         }
 
 
@@ -240,6 +281,8 @@ def positional_bias(kept_sets: Iterable[Sequence[int]], num_tokens: int) -> Posi
         row_trend=None if rows is None else index_trend(rows),
         kept_probability=p,
         row_density=rows,
+        index_trend_p=round(trend_p_value(p), 4),
+        row_trend_p=None if rows is None else round(trend_p_value(rows), 4),
     )
 
 
@@ -316,7 +359,7 @@ def bias_table(results_dir: str | Path, *, model: str | None = None, benchmark: 
                      "benchmark": run.get("benchmark"), **b.as_row(), "left_out": left_out,
                      "random_weights": run.get("random_weights")})
     cols = ["run", "model", "method", "budget", "benchmark", "num_tokens", "samples", "left_out", "keep_ratio",
-            "index_trend", "position_determinism", "row_trend", "random_weights"]
+            "index_trend", "index_trend_p", "position_determinism", "row_trend", "row_trend_p", "random_weights"]
     return pd.DataFrame(rows, columns=cols), biases
 
 
@@ -333,6 +376,7 @@ def plot_bias(biases: dict[str, PositionalBias], out_stem: str | Path, *, title:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import pandas as pd
 
     if not biases:
         raise ValueError("no runs with kept indices to plot")
@@ -342,7 +386,7 @@ def plot_bias(biases: dict[str, PositionalBias], out_stem: str | Path, *, title:
     for name, b in biases.items():
         side = int(round(b.num_tokens ** 0.5))
         win = max(1, side if side * side == b.num_tokens else b.num_tokens // 24)
-        smooth = np.convolve(b.kept_probability, np.ones(win) / win, mode="same")
+        smooth = pd.Series(b.kept_probability).rolling(win, center=True, min_periods=1).mean().to_numpy()
         label = f"{name.split('__')[1] if name.count('__') == 3 else name} (trend {b.index_trend:+.2f}, det. {b.position_determinism:.2f})"
         ax1.plot(np.arange(b.num_tokens), smooth, label=label, lw=1.2)
         if b.row_density is not None:
