@@ -16,26 +16,18 @@ from conftest import make_image
 from omegaconf import OmegaConf
 from test_stage2 import count_hooks
 
-import apet_bench.baselines as _baselines_pkg
-
-# baselines/ installs as apet_bench.baselines; make sure that directory is searched even if another
-# package directory of that name shadows it (see the report of issue #5).
-_BASELINES_DIR = str(Path(__file__).resolve().parents[1] / "baselines")
-if _BASELINES_DIR not in list(_baselines_pkg.__path__):
-    _baselines_pkg.__path__.insert(0, _BASELINES_DIR)
-
-from apet_bench.baselines.fastv import (  # noqa: E402
+from apet_bench.baselines.fastv import (
     FastV,
     ModelFacts,
     fastv_keep_count,
     model_facts,
     scale_layers,
 )
-from apet_bench.budget import BudgetError  # noqa: E402
-from apet_bench.config import compose  # noqa: E402
-from apet_bench.methods import build_method  # noqa: E402
-from apet_bench.models import load_model  # noqa: E402
-from apet_bench.models.video_llava import VideoClip  # noqa: E402
+from apet_bench.budget import BudgetError
+from apet_bench.config import compose
+from apet_bench.methods import build_method
+from apet_bench.models import load_model
+from apet_bench.models.video_llava import VideoClip
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("APET_BENCH_TEST_DATA_ROOT", REPO.parent / "shared" / "benchmarks"))
