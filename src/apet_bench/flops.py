@@ -458,15 +458,21 @@ class TokenPlan:
         return sum(self.layer_visual_tokens) / max(1, len(self.layer_visual_tokens))
 
 
+#: Widths of the shape proxy: as small as the architectures allow (token counts do not depend on them).
+_PROXY_WIDTHS: dict[str, int] = {"vision_hidden_size": 32, "vision_intermediate_size": 64, "vision_heads": 2,
+                                 "text_hidden_size": 32, "text_intermediate_size": 64, "heads": 2, "kv_heads": 2}
+
+
 def _proxy_model_cfg(family: str, num_layers: int, visual_tokens: int) -> tuple[dict[str, Any], tuple[int, int]]:
     """Tiny-model config (real classes, real depths and visual geometry, tiny widths) and the image size."""
     if family == "llava15":
-        tc = {"text_layers": num_layers, "vision_layers": 24, "max_position_embeddings": 8192}
+        tc = {"text_layers": num_layers, "vision_layers": 24, "max_position_embeddings": 8192, **_PROXY_WIDTHS}
         return {"name": "flops_proxy_llava15", "family": family, "tiny": True, "device": "cpu", "dtype": "float32",
                 "num_layers": num_layers, "visual_tokens": 576, "tiny_config": tc}, (336, 336)
     if family == "qwen25vl":
         h, w = _square_grid(visual_tokens)
-        tc = {"text_layers": num_layers, "min_pixels": 256 * 28 * 28, "max_pixels": 2048 * 28 * 28}
+        tc = {"text_layers": num_layers, "min_pixels": 256 * 28 * 28, "max_pixels": 2048 * 28 * 28, **_PROXY_WIDTHS,
+              "kv_heads": 1}
         return {"name": "flops_proxy_qwen25vl", "family": family, "tiny": True, "device": "cpu", "dtype": "float32",
                 "num_layers": num_layers, "visual_tokens": 2048, "tiny_config": tc}, (28 * w, 28 * h)
     raise ConfigError(

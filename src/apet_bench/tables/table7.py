@@ -197,9 +197,9 @@ def to_markdown(df: Any, header: dict[str, Any]) -> str:
         sub = df[df["model"] == model]
         lines += ["", f"## {model}", "",
                   "| Methods | Token | Total time (paper) | Δ (paper) | Total ms (ours) | Δ (ours) | Prefill ms (paper) "
-                  "| Δ (paper) | Prefill ms (ours) | Δ (ours) | TFLOPs (paper) | TFLOPs (ours) | vs paper | FLOPs Δ (ours) "
-                  "| variant / plan counted | plan source |",
-                  "|" + "---|" * 16]
+                  "| Δ (paper) | Prefill ms (ours) | Δ (ours) | TFLOPs (paper) | TFLOPs (ours) | vs paper | of which method "
+                  "| FLOPs Δ (ours) | variant / plan counted | plan source |",
+                  "|" + "---|" * 17]
         for _, r in sub.iterrows():
             cells = [
                 r["method"], r["token"], r["paper_total_time"], f"{r['paper_total_speedup']:.2f}×",
@@ -208,6 +208,7 @@ def to_markdown(df: Any, header: dict[str, Any]) -> str:
                 _fmt(r.get("prefill_ms"), ".1f"), _fmt(r.get("prefill_speedup")) + ("×" if isinstance(r.get("prefill_speedup"), float) else ""),
                 f"{r['paper_tflops']:.2f}", _fmt(r.get("tflops"), ".3f"),
                 (f"{r['tflops_vs_paper_pct']:+.1f} %" if isinstance(r.get("tflops_vs_paper_pct"), float) else ""),
+                _fmt(r.get("method_tflops"), ".4f"),
                 (f"{r['flops_speedup']:.2f}×" if isinstance(r.get("flops_speedup"), float) else ""),
                 str(r.get("variant_plan", "")), str(r.get("plan_source", "")),
             ]
