@@ -65,3 +65,9 @@ def test_gpu_timing_columns_measured():
     apet = df[df["method"] == "+ ApET (ours)"].iloc[0]
     assert isinstance(apet["prefill_ms"], float) and apet["prefill_speedup"] > 1.0
     assert "random bf16" in header["timing"] or "checkpoint" in header["timing"]
+
+
+def test_shared_table_args_are_understood():
+    argv = table7._translate(["model=tiny_llava15", "results_dir=/r", "data_root=/x", "--no-timing"])
+    assert argv == ["--no-timing", "--out", "/r/tables", "--models", "llava15"]
+    assert table7._translate(["out_dir=/o", "results_dir=/r"]) == ["--out", "/o"]

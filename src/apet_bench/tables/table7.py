@@ -216,6 +216,26 @@ def to_markdown(df: Any, header: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _translate(argv: list[str]) -> list[str]:
+    """Accept the other tables' ``key=value`` options too (``make table7 TABLE_ARGS=...`` shares them).
+
+    ``results_dir=R`` -> ``--out R/tables``; ``out_dir=D`` -> ``--out D``; ``model=a,b`` -> ``--models``
+    (``tiny_`` prefixes dropped: Table 7 counts the full-size models); other ``key=value`` are ignored
+    (the sweep's Hydra overrides), as ``python -m apet_bench.tables`` does.
+    """
+    out: list[str] = []
+    kv = dict(a.split("=", 1) for a in argv if "=" in a and not a.startswith("-"))
+    out += [a for a in argv if not ("=" in a and not a.startswith("-"))]
+    if "out_dir" in kv:
+        out += ["--out", kv["out_dir"]]
+    elif "results_dir" in kv:
+        out += ["--out", str(Path(kv["results_dir"]) / "tables")]
+    if "model" in kv:
+        names = [m[5:] if m.startswith("tiny_") else m for m in kv["model"].split(",") if m]
+        out += ["--models", ",".join(dict.fromkeys(names))]
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI (``make table7``): build, write ``table7.md`` / ``table7.csv``, print the markdown."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -227,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
-    args = ap.parse_args(sys.argv[1:] if argv is None else list(argv))
+    args = ap.parse_args(_translate(sys.argv[1:] if argv is None else list(argv)))
     models = [m for m in args.models.split(",") if m]
     bad = [m for m in models if m not in MODELS]
     if bad:
