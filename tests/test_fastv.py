@@ -155,15 +155,20 @@ def _spy(method):
     return seen
 
 
-def test_end_to_end_matches_eager_output_attentions_of_layer_k_minus_1():
-    """tiny LLaVA-1.5 (sdpa): the kept tokens are the top ``keep`` of the eager layer-(K-1) last row."""
-    sdpa, eager = adapter_for("tiny_llava15"), adapter_for("tiny_llava15", "eager")
-    image = make_image(11, (64, 48))
-    method = FastV(budget=64)
+@pytest.mark.parametrize("model", MODELS)
+def test_end_to_end_matches_eager_output_attentions_of_layer_k_minus_1(model):
+    """sdpa tiny models: the kept tokens are the top ``keep`` of the eager layer-(K-1) last row."""
+    sdpa, eager = adapter_for(model), adapter_for(model, "eager")
+    image = make_image(11, (64, 48) if model == "tiny_llava15" else (224, 224))
+    budget = {"tiny_llava15": 64, "tiny_llava_next": 160, "tiny_qwen25vl": 0.2, "tiny_video_llava": 64}[model]
+    method = FastV(budget=budget)
     seen = _spy(method)
     out = sdpa.generate([image], Q, GEN, method)
     k = 1  # K=2 of 32 -> layer 1 of 4
-    assert out.layer_visual_tokens == out.planned_layer_visual_tokens == [576, 30, 30, 30]
+    keep = out.layer_visual_tokens[1]
+    assert out.layer_visual_tokens == out.planned_layer_visual_tokens
+    if model == "tiny_llava15":
+        assert out.layer_visual_tokens == [576, 30, 30, 30]
     inputs = eager.prepare_inputs([image], eager.build_prompt(Q))
     with torch.inference_mode():
         ref = eager.model(**inputs, output_attentions=True).attentions[k - 1][:, :, -1:, :].float()
@@ -171,7 +176,7 @@ def test_end_to_end_matches_eager_output_attentions_of_layer_k_minus_1():
     assert layer == k
     torch.testing.assert_close(rows, ref, atol=1e-5, rtol=1e-4)
     v = vis[0]
-    top = ref[0, :, -1].mean(0)[v].topk(30).indices.sort().values
+    top = ref[0, :, -1].mean(0)[v].topk(keep).indices.sort().values
     assert out.kept_indices == [top.tolist()]  # indices into the sample's visual tokens
 
 
