@@ -122,3 +122,12 @@ def test_extra_rows_and_empty_results(tmp_path):
     assert len(extra) == 1 and extra.iloc[0]["MME"].startswith("150")
     with pytest.raises(ValueError, match="unknown table"):
         build_table("table9", load_runs(tmp_path))
+
+
+def test_submission_split_cell_says_where_the_file_is(tmp_path):
+    d = _run(tmp_path, "m", "none", None, "vqav2", {"exact_match": None})
+    (d / "lmms_eval").mkdir()
+    (d / "lmms_eval" / "results.json").write_text(json.dumps({"submission_files": ["/x/submissions/vqav2-test.json"]}))
+    t = build_table("table1", load_runs(tmp_path), model="m")
+    cell = t.cells[(t.cells["method"] == "none") & (t.cells["column"] == "VQAv2")].iloc[0]
+    assert cell["status"] == "missing" and "evaluation server" in cell["reason"] and "vqav2-test.json" in cell["reason"]

@@ -267,6 +267,8 @@ def build_table(name: str, runs: Any, *, failures: Any = None, model: str | list
             value, reason, cell_notes = None, None, []
             if run is not None:
                 value, reason, cell_notes = _metric_value(run, col["metric"], float(col.get("scale", 1)))
+                if value is None and isinstance(run.get("note"), str) and run["note"].startswith("submission file"):
+                    reason = run["note"]
                 if _given(run.get("limit")):
                     cell_notes.append(f"limit={int(run['limit'])}: first {int(run['limit'])} samples only, not the full benchmark")
                 if _given(run.get("random_weights")) and bool(run.get("random_weights")):

@@ -78,6 +78,20 @@ def _read_missing_subtasks(run_dir: Path) -> list[str]:
     return list(miss) if isinstance(miss, list) else []
 
 
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(float(v))
+
+
+def _read_submission_files(run_dir: Path) -> list[str]:
+    """Submission files a server-scored split wrote (``lmms_eval/results.json: submission_files``)."""
+    try:
+        data = json.loads((run_dir / "lmms_eval" / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    files = data.get("submission_files") if isinstance(data, dict) else None
+    return [str(f) for f in files] if isinstance(files, list) else []
+
+
 def _row(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
     name = summary["name"]
     parts = name.split("__")
@@ -108,6 +122,10 @@ def _row(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
         "error": summary.get("error"),
         "run_dir": str(run_dir),
     }
+    if summary.get("status") == "complete" and not any(_num(v) for v in (summary.get("metrics") or {}).values()):
+        subs = _read_submission_files(run_dir)
+        if subs:
+            row["note"] = f"submission file written, score on the evaluation server: {', '.join(subs)}"
     for k, v in (summary.get("metrics") or {}).items():
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(float(v))
         row[METRIC_PREFIX + str(k)] = float(v) if ok else None
