@@ -62,6 +62,7 @@ __all__ = [
     "REFERENCE_TOKENS",
     "V15_SCHEDULES",
     "Schedule",
+    "TextRows",
     "SparseVLMCompressor",
     "dpc_knn_merge",
     "official_equal_tokens",
@@ -510,6 +511,18 @@ def dpc_knn_merge(
 
 
 # ---------------------------------------------------------------------- the method
+class TextRows(tuple):
+    """Row spec of :class:`~apet_bench.attention.AttentionRequest`: the ``t`` tokens after the visual span,
+    as negative indices ``(-t, ..., -1)`` (pruning never moves them). Its repr does not depend on ``t``, so
+    the per-layer backend record (``attention_backends``) reads the same for every sample."""
+
+    def __new__(cls, num_text: int) -> TextRows:
+        return super().__new__(cls, range(-int(num_text), 0))
+
+    def __repr__(self) -> str:
+        return "'text after the visual span (SparseVLM raters among them)'"
+
+
 @register_method("sparsevlm")
 @dataclass
 class SparseVLMCompressor(TokenCompressor):
@@ -706,6 +719,8 @@ class SparseVLMCompressor(TokenCompressor):
         text = hidden[0, last + 1:]
         self._num_text = int(text.shape[0])
         self._raters = select_text_raters(hidden[0].index_select(0, vis), text) if self._num_text else None
+        self.note_attention("llm", 0, "visual x text-after-visual (rater relevance)",
+                            "softmax over text of raw V·Tᵀ on the input embeddings (SparseVLM raters), float32")
 
     # ------------------------------------------------------------------ stage 2
     def llm_layers(self) -> tuple[int, ...]:
@@ -728,7 +743,7 @@ class SparseVLMCompressor(TokenCompressor):
             if vis.numel():
                 t = int(ids.shape[1]) - 1 - int(vis[-1])
                 if t > 0:
-                    rows = tuple(range(-t, 0))
+                    rows = TextRows(t)
         return AttentionRequest(layer=layer_idx - 1, rows=rows)
 
     def plan(self, adapter: Any, num_visual_tokens: int) -> list[int]:
@@ -797,7 +812,7 @@ class SparseVLMCompressor(TokenCompressor):
             )
         heads = None
         if self.version == "2.0":
-            probs, heads = self._v20_correct(probs, raters, pos, int(hidden_states.shape[1]))
+            probs, heads = self._v20_correct(probs, raters, pos, int(hidden_states.shape[1]), int(layer_idx) - 1)
         scores = rater_scores(probs, raters, pos)
         n0 = self._n0 if self._n0 is not None else n
         k = max(0, min(s.keep(stage, n0), n - 1))
@@ -846,7 +861,7 @@ class SparseVLMCompressor(TokenCompressor):
         self._orig = self._orig[keep]
 
     def _v20_correct(
-        self, probs: torch.Tensor, raters: torch.Tensor, pos: torch.Tensor, seq_len: int
+        self, probs: torch.Tensor, raters: torch.Tensor, pos: torch.Tensor, seq_len: int, layer: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """SparseVLM+: divide by the RoPE-only pattern, keep the heads with the most rater->visual mass.
 
@@ -860,6 +875,8 @@ class SparseVLMCompressor(TokenCompressor):
         if rotary is None or not hasattr(rotary, "inv_freq"):
             raise ValueError(f"method {self.name!r}: version 2.0 cannot find the LLM's RoPE frequencies")
         rows = probs.shape[1]
+        self.note_attention("llm", layer, "text after the visual span (v2.0 gravity)",
+                            "recomputed rows divided by the closed-form RoPE-only pattern Σ2cos(Δθ)/√d")
         gravity = rope_gravity(self._orig[-rows:], self._orig, rotary.inv_freq)  # (rows, seq)
         corrected = probs.float() / gravity.to(probs.device)[None]
         n_heads = int(probs.shape[0])
