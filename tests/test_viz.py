@@ -24,7 +24,13 @@ def photo():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_highlighted_tokens_are_the_kept_tokens(method, photo, tiny_llava15, tmp_path):
-    result = token_maps(photo, tiny_llava15, [method], 64, tmp_path, seed=0)
+    from apet_bench.budget import BudgetError
+
+    try:
+        result = token_maps(photo, tiny_llava15, [method], 64, tmp_path, seed=0)
+    except BudgetError as exc:  # e.g. ToMe's r schedule over the tiny 2-layer vision tower
+        assert method not in ("apet", "random")
+        pytest.skip(f"{method} cannot reach budget 64 on the tiny model: {exc}")
     mm = result.methods[0]
     png = tmp_path / "image__tiny_llava15__64__token_maps.png"
     assert png.stat().st_size > 10_000 and png.with_suffix(".svg").is_file()
@@ -78,3 +84,20 @@ def test_unknown_method_is_one_line(tmp_path, capsys):
     assert main([f"image={tmp_path / 'missing.png'}", "methods=[random]"]) == 2
     assert main(["image=x.png", "model=nosuchmodel"]) == 2
     assert not list(tmp_path.glob("*.svg"))
+
+
+def test_command_writes_png_svg_json(tmp_path, capsys):
+    from apet_bench.data.demo import scan_demo
+
+    arr = next(i for i in scan_demo().images if i.name == "chelsea").array  # 300 x 451 photograph
+    img = tmp_path / "chelsea.jpg"
+    Image.fromarray(arr).save(img)
+    out = tmp_path / "out"
+    assert main([f"image={img}", "model=tiny_llava15", "methods=[random]", "budget=32", f"out={out}"]) == 0
+    names = {p.name for p in out.iterdir()}
+    stem = "chelsea__tiny_llava15__32"
+    assert {f"{stem}__token_maps.png", f"{stem}__token_maps.svg", f"{stem}__random.png",
+            f"{stem}__error_vs_attention.png", f"{stem}__error_vs_attention.svg", f"{stem}__token_maps.json"} <= names
+    rec = json.loads((out / f"{stem}__token_maps.json").read_text())
+    assert rec["methods"]["random"]["num_kept"] == 32 == len(rec["methods"]["random"]["highlighted_cells"])
+    assert "random: 32 of 576 visual tokens kept" in capsys.readouterr().out
