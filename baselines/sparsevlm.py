@@ -49,7 +49,7 @@ the official schedules, which is what ``budget=192/128/64`` runs here.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -65,6 +65,7 @@ __all__ = [
     "TextRows",
     "SparseVLMCompressor",
     "dpc_knn_merge",
+    "fit_schedule",
     "official_equal_tokens",
     "rater_scores",
     "recycled_clusters",
@@ -125,6 +126,7 @@ TOKENS_PER_CLUSTER = 10
 DENSITY_NOISE = 1e-6
 
 POSITIONS = ("auto", "renumber", "original")
+ACCOUNTINGS = ("official", "layer_input")
 PLACEMENTS = ("auto", "after_kept", "centre")
 
 
@@ -223,16 +225,66 @@ class Schedule:
     counts: tuple[Any, ...]
     kind: str
     source: str
+    scale: float = 1.0
 
     def keep(self, stage: int, num_visual_tokens: int) -> int:
-        """Schedule count at pruning ``stage`` (0-based) for a sample of ``num_visual_tokens`` (tokens, at layer 0)."""
+        """Schedule count at pruning ``stage`` (0-based) for a sample of ``num_visual_tokens`` (tokens, at layer 0).
+
+        ``scale`` = 1 (the table): exact integer rounding half up. Otherwise (``accounting="layer_input"``)
+        ``max(1, round(scale x count))``.
+        """
         c = self.counts[stage]
         n = int(num_visual_tokens)
+        if self.scale != 1.0:
+            base = float(c) * n / REFERENCE_TOKENS if self.kind == "reference" else (
+                float(c) * n if self.kind == "fraction" else float(c))
+            return max(1, int(base * self.scale + 0.5))
         if self.kind == "reference":
             return (2 * int(c) * n + REFERENCE_TOKENS) // (2 * REFERENCE_TOKENS)  # round half up, integer
         if self.kind == "fraction":
             return int(float(c) * n + 0.5)
         return int(c)
+
+    def plan(self, num_layers: int, num_visual_tokens: int, *, recycle: bool) -> list[int]:
+        """Visual tokens at the input of each of ``num_layers`` layers for ``num_visual_tokens`` at layer 0."""
+        drops = {layer + 1: i for i, layer in enumerate(self.layers)}
+        n0 = n = int(num_visual_tokens)
+        out = []
+        for i in range(int(num_layers)):
+            if i in drops and n > 0:
+                n = tokens_after_prune(n, self.keep(drops[i], n0), recycle=recycle)
+            out.append(n)
+        return out
+
+
+def fit_schedule(schedule: Schedule, num_layers: int, num_visual_tokens: int, target: float, *,
+                 recycle: bool, family: str = "?") -> Schedule:
+    """``accounting="layer_input"`` [derived]: the schedule's shape scaled so that the true mean of visual
+    tokens at the layer inputs, recycled tokens included, is the largest one ``<= target``.
+
+    Binary search on the scale (the mean does not decrease with it), 40 halvings of [0, 64].
+
+    Raises
+    ------
+    BudgetError
+        When even the smallest schedule (1 token kept per pruning) stays above ``target``: the layers
+        before the first pruning carry every visual token (methods.md §0.2 feasibility limit).
+    """
+    def mean(scale: float) -> float:
+        return sum(replace(schedule, scale=scale).plan(num_layers, num_visual_tokens, recycle=recycle)) / num_layers
+
+    floor = mean(1e-12)
+    if floor > target:
+        full = schedule.layers[0] + 1
+        raise BudgetError(
+            f"{_name(family)}: accounting=layer_input cannot reach {target:g} visual tokens per layer: the first "
+            f"{full} of {num_layers} layers carry all {num_visual_tokens} tokens (smallest schedule averages {floor:.1f})"
+        )
+    lo, hi = 1e-12, 64.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean(mid) <= target else (lo, mid)
+    return replace(schedule, scale=lo, source=f"{schedule.source}; scaled x{lo:.4f} to a true mean <= {target:g} [derived]")
 
 
 def _name(family: str) -> str:
@@ -549,6 +601,13 @@ class SparseVLMCompressor(TokenCompressor):
         slots of the last pruned tokens; kept tokens re-slotted in order if needed, which renumbered
         positions make identical to the official sequence); ``centre``: each in its DPC centre's slot
         (its original position). ``auto``: ``after_kept`` when positions are renumbered, else ``centre``.
+    accounting : {"official", "layer_input"}
+        ``official`` (default): the table's schedule for the budget, as the paper's SparseVLM rows ran it;
+        its official "Equal Tokens" (each layer's *output*, methods.md §8) is the budget while the true
+        layer-input mean, recycled tokens included, is higher (206.5 for 192; recorded as measured).
+        ``layer_input`` [derived]: the same shape scaled per sample (:func:`fit_schedule`) so that the true
+        layer-input mean is at most the budget; refused when the layers before the first pruning already
+        exceed it (e.g. LLaVA-NeXT 160, methods.md §0.2).
     layers : list of int, optional
         Pruning layers on the model (outputs pruned) instead of the table's; ``[2, 6, 15]`` on 32 layers.
     schedule : list of int, optional
@@ -573,6 +632,7 @@ class SparseVLMCompressor(TokenCompressor):
     recycle: bool | None = None
     positions: str = "auto"
     placement: str = "auto"
+    accounting: str = "official"
     layers: list[int] | None = None  # type: ignore[assignment]
     schedule: list[int] | None = None
 
@@ -584,6 +644,7 @@ class SparseVLMCompressor(TokenCompressor):
     _num_text: int | None = field(default=None, init=False, repr=False, compare=False)
     _n0: int | None = field(default=None, init=False, repr=False, compare=False)
     _orig: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    _fits: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _input_ids: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     _mask: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     #: Per pruning: ``{"layer", "scores", "kept", "recycled", "centres"}`` of the last prefill (tests, figures).
@@ -601,6 +662,8 @@ class SparseVLMCompressor(TokenCompressor):
             raise ValueError(f"method {self.name!r}: recycle {self.recycle!r} is not true/false/null")
         if self.positions not in POSITIONS:
             raise ValueError(f"method {self.name!r}: positions {self.positions!r} is not one of {list(POSITIONS)}")
+        if self.accounting not in ACCOUNTINGS:
+            raise ValueError(f"method {self.name!r}: accounting {self.accounting!r} is not one of {list(ACCOUNTINGS)}")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"method {self.name!r}: placement {self.placement!r} is not one of {list(PLACEMENTS)}")
         for key in ("layers", "schedule"):
@@ -635,7 +698,23 @@ class SparseVLMCompressor(TokenCompressor):
         family, n = model_cfg.get("family"), model_cfg.get("num_layers")
         if family is not None and n is not None:
             self.schedule_for(str(family), int(n))
+            tokens = model_cfg.get("visual_tokens")
+            if self.accounting == "layer_input" and tokens:
+                self.fitted(str(family), int(n), int(tokens))  # the model's nominal visual tokens per input
         super().check_model_config(model_cfg)
+
+    def fitted(self, family: str, num_layers: int, num_visual_tokens: int) -> Schedule:
+        """The schedule applied to a sample of ``num_visual_tokens``: the table's (``accounting="official"``)
+        or its :func:`fit_schedule` scaling (``"layer_input"``; cached per input size)."""
+        sched = self.schedule_for(family, num_layers)
+        if self.accounting == "official":
+            return sched
+        key = (family, int(num_layers), int(num_visual_tokens))
+        if key not in self._fits:
+            n = int(num_visual_tokens)
+            target = float(self.budget) if isinstance(self.budget, int) else float(self.budget) * n  # type: ignore[arg-type]
+            self._fits[key] = fit_schedule(sched, int(num_layers), n, target, recycle=self.recycling, family=family)
+        return self._fits[key]
 
     def _schedule(self) -> Schedule:
         adapter = self._adapter
@@ -748,15 +827,11 @@ class SparseVLMCompressor(TokenCompressor):
 
     def plan(self, adapter: Any, num_visual_tokens: int) -> list[int]:
         """Visual tokens at the input of every decoder layer: ``N`` up to the first drop, then kept + recycled."""
-        s = self.schedule_for(adapter.family, adapter.num_layers)
-        drops = {layer + 1: i for i, layer in enumerate(s.layers)}
-        n0 = n = int(num_visual_tokens)
-        out = []
-        for i in range(adapter.num_layers):
-            if i in drops and n > 0:
-                n = tokens_after_prune(n, s.keep(drops[i], n0), recycle=self.recycling)
-            out.append(n)
-        return out
+        n = int(num_visual_tokens)
+        if n <= 0:
+            return [n] * adapter.num_layers
+        s = self.fitted(adapter.family, adapter.num_layers, n)
+        return s.plan(adapter.num_layers, n, recycle=self.recycling)
 
     def select_llm_tokens(
         self,
@@ -794,7 +869,8 @@ class SparseVLMCompressor(TokenCompressor):
             raise ValueError(f"method {self.name!r} supports batch size 1 (as the official code)")
         pos = visual_positions[0].to(hidden_states.device)
         n = int(pos.numel())
-        s = self._schedule()
+        n0 = self._n0 if self._n0 is not None else n
+        s = self.fitted(self._adapter.family, self._adapter.num_layers, n0)
         stage = [layer + 1 for layer in s.layers].index(int(layer_idx))
         if attention is None:
             raise ValueError(f"method {self.name!r}: no attention rows at drop layer {layer_idx}")
@@ -814,7 +890,6 @@ class SparseVLMCompressor(TokenCompressor):
         if self.version == "2.0":
             probs, heads = self._v20_correct(probs, raters, pos, int(hidden_states.shape[1]), int(layer_idx) - 1)
         scores = rater_scores(probs, raters, pos)
-        n0 = self._n0 if self._n0 is not None else n
         k = max(0, min(s.keep(stage, n0), n - 1))
         top = torch.topk(scores, k).indices if k > 0 else torch.zeros(0, dtype=torch.long, device=scores.device)
         is_kept = torch.zeros(n, dtype=torch.bool, device=scores.device)

@@ -132,6 +132,35 @@ def test_full_size_other_models():
     assert plan[:2] == [2048, 2048] and plan[2:] == [256 + 54] * 30
 
 
+@pytest.mark.parametrize("family,num_layers,n,budget", [
+    ("llava15", 32, 576, 192), ("llava15", 32, 576, 128), ("llava15", 32, 576, 64),
+    ("llava_next", 32, 2880, 640), ("llava_next", 32, 2880, 320), ("qwen25vl", 28, 1000, 0.2),
+    ("qwen25vl", 28, 1000, 0.1), ("video_llava", 32, 2048, 256)])
+def test_layer_input_accounting_lands_on_the_budget(family, num_layers, n, budget):
+    """accounting=layer_input: the true layer-input mean (recycled included) is the largest <= budget."""
+    from dataclasses import replace
+
+    m = build_method("sparsevlm", budget=budget, accounting="layer_input")
+    plan = m.plan(fake(family, num_layers), n)
+    target = budget if isinstance(budget, int) else budget * n
+    assert sum(plan) / num_layers <= target
+    fitted = m.fitted(family, num_layers, n)
+    bigger = replace(fitted, scale=fitted.scale + 1e-9).plan(num_layers, n, recycle=True)
+    assert sum(bigger) / num_layers > target  # any larger schedule of that shape goes over
+    official = build_method("sparsevlm", budget=budget).plan(fake(family, num_layers), n)
+    assert plan[: fitted.layers[0] + 1] == official[: fitted.layers[0] + 1]  # same layers, same shape
+    if family == "llava15" and budget == 192:
+        assert sorted(set(plan), reverse=True) == [576, 281, 184, 102]
+
+
+def test_layer_input_accounting_on_tiny_llava15():
+    a = get_adapter("tiny_llava15", "sdpa")
+    m = build_method("sparsevlm", budget=192, accounting="layer_input")
+    out = a.generate([make_image(1)], Q, GEN, m)
+    assert out.layer_visual_tokens == out.planned_layer_visual_tokens
+    assert out.mean_layer_visual_tokens <= 192 < build_method("sparsevlm", budget=192).plan(a, 576)[1]
+
+
 def test_layer_mapping():
     assert S.scale_layers((2, 6, 15), 32, 32) == (2, 6, 15)
     assert S.scale_layers((2, 6, 15), 28, 32) == (2, 5, 13)
@@ -433,6 +462,11 @@ def test_batch_size_above_one_refused():
         (["model=tiny_llava15", "budget=64", "method.params.recycle=maybe"], r"recycle 'maybe'"),
         (["model=tiny_llava15", "budget=64", "method.params.version=3.0"], r"version '3.0' is not one of"),
         (["model=tiny_qwen25vl", "budget=0.2", "method.params.version=2.0"], r"version 2.0 .* no mRoPE port"),
+        (["model=llava_next", "budget=160", "method.params.accounting=layer_input"],
+         r"cannot reach 160 visual tokens per layer: the first 3 of 32 layers carry all 2928 tokens"),
+        (["model=tiny_llava15", "budget=64", "method.params.accounting=layer_input"],
+         r"cannot reach 64 visual tokens per layer: the first 1 of 4 layers"),
+        (["model=tiny_llava15", "budget=64", "method.params.accounting=equal"], r"accounting 'equal'"),
     ],
 )
 def test_bad_configuration_refused_before_loading(tmp_path, monkeypatch, overrides, match):
