@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -461,9 +461,11 @@ class ToMeCompressor(TokenCompressor):
     _states: dict[int, _TowerState] = field(default_factory=dict, init=False, repr=False, compare=False)
     _patched: list[nn.Module] = field(default_factory=list, init=False, repr=False, compare=False)
     _planned: int | None = field(default=None, init=False, repr=False, compare=False)
-    #: Per visual of the last sample: ``(num_units, tokens_per_unit)`` long, the output token (index into
-    #: that unit's kept tokens) each original token of the unit was merged into (``-1``: dropped, e.g. a
-    #: NeXT group lying in the unpadded region). Units: image (1), NeXT crops, video frames.
+    #: Group assignment, per visual of the last sample: ``(num_units, tokens_per_unit)`` long, for every
+    #: original token of each unit (image: 1 x 576 patches; NeXT: crops x patches; video: frames x 257),
+    #: the row of the visual's kept tokens (``VisualSelection.features`` / ``kept_indices`` order) it was
+    #: merged into; ``-1``: dropped (a NeXT group lying wholly in the unpadded region). ``kept_indices[j]``
+    #: is the representative of row ``j`` (the ToMe destination token that survived every layer).
     last_groups: list[torch.Tensor] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
