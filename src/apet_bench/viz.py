@@ -89,6 +89,10 @@ class MethodMap:
         ``(h, w)`` int8 of :data:`KEPT` / :data:`STAGE1_ONLY` / :data:`DROPPED` per cell: what is drawn.
     merge_colour_index : numpy.ndarray or None
         ``(h, w)`` int: colour group of each cell (``-1`` = none).
+    kept_source : str
+        Where ``kept_indices`` came from: ``GenerationOutput.kept_indices`` (what the runner records)
+        or, for a method that reports none there (VisionZip on LLaVA-1.5: a [CLS] row and merged rows),
+        the method's own per-sample records.
     """
 
     method: str
@@ -100,6 +104,7 @@ class MethodMap:
     merge_roots: np.ndarray | None = None
     grid_state: np.ndarray | None = None
     merge_colour_index: np.ndarray | None = None
+    kept_source: str = "GenerationOutput.kept_indices"
 
     @property
     def highlighted_cells(self) -> list[tuple[int, int]]:
@@ -233,6 +238,39 @@ def _apet_roots(calls: list[tuple[torch.Tensor, Any]], num_tokens: int) -> tuple
             remap[int(span_tokens[d])] = int(span_tokens[t2[a]])
         roots = np.array([remap.get(int(r), -1) if r >= 0 else -1 for r in roots], dtype=np.int64)
     return roots, sorted(int(x) for x in k1)
+
+
+def _tome_roots(method: Any, kept: list[int] | None, num_tokens: int) -> np.ndarray | None:
+    """ToMe's ``last_groups`` (per original token, the kept row it was merged into) as merge roots."""
+    groups = getattr(method, "last_groups", None)
+    if kept is None or not groups or len(groups) != 1 or tuple(groups[0].shape) != (1, num_tokens):
+        return None
+    rows = groups[0][0].tolist()
+    return np.array([kept[j] if 0 <= j < len(kept) else -1 for j in rows], dtype=np.int64)
+
+
+def _visionzip_selection(method: Any, num_tokens: int) -> tuple[list[int], np.ndarray] | None:
+    """VisionZip's ``records`` of a single image whose layer tokens are ``[CLS] + num_tokens`` patches:
+    kept = dominant patches + contextual targets; roots: members -> their target (the [CLS] row is
+    kept too but has no cell)."""
+    records = getattr(method, "records", None)
+    if not isinstance(records, list) or len(records) != 1:
+        return None
+    rec = records[0]
+    idx = [*rec.get("dominant", []), *rec.get("targets", [])] + [m for ms in rec.get("members", []) for m in ms]
+    if not idx or max(idx) > num_tokens:
+        return None
+    roots = np.full(num_tokens, -1, dtype=np.int64)
+    kept = []
+    for t in [*rec["dominant"], *rec["targets"]]:
+        if t > 0:  # 0 = [CLS]
+            roots[t - 1] = t - 1
+            kept.append(t - 1)
+    for t, members in zip(rec["targets"], rec.get("members", [])):
+        for m in members:
+            if m > 0 and t > 0:
+                roots[m - 1] = t - 1
+    return sorted(kept), roots
 
 
 # --------------------------------------------------------------------------------------------------
@@ -426,6 +464,12 @@ def compute_token_maps(
         roots = getattr(method, "last_merge_roots", None)
         if roots is not None:
             mm.merge_roots = np.asarray(roots[0], dtype=np.int64)
+        elif kept is not None and _tome_roots(method, kept, out.visual_tokens_in) is not None:
+            mm.merge_roots = _tome_roots(method, kept, out.visual_tokens_in)
+        elif kept is None and (vz := _visionzip_selection(method, out.visual_tokens_in)) is not None:
+            mm.kept_indices, mm.merge_roots = vz
+            mm.kept_source = f"{name}.records (dominant + contextual targets; [CLS] row not drawn)"
+            kept = mm.kept_indices
         elif calls:
             composed = _apet_roots(calls, seg.num_tokens if out.visual_tokens_in == seg.num_tokens else -1)
             if composed is not None:
@@ -605,6 +649,7 @@ def render_token_maps(result: TokenMapResult, out_dir: str | Path, stem: str) ->
             mm.method: {
                 "kept_indices": mm.kept_indices,
                 "num_kept": None if mm.kept_indices is None else len(mm.kept_indices),
+                "kept_source": mm.kept_source,
                 "highlighted_cells": [list(c) for c in mm.highlighted_cells],
                 "stage1_kept": mm.stage1_kept,
                 "merge_roots": None if mm.merge_roots is None else mm.merge_roots.tolist(),
