@@ -339,3 +339,29 @@ def test_bad_configuration_refused_before_loading(tmp_path, monkeypatch, overrid
 def test_budget_error_type_for_unreachable_schedule():
     with pytest.raises(BudgetError):
         solve_lambda(0.05, (2, 8, 16), 32)
+
+
+@pytest.mark.parametrize("method_name", ["pdrop", "fastv"])
+def test_no_extra_full_attention_is_run(monkeypatch, method_name):
+    """A one-token generate (prefill only): each decoder layer calls sdpa exactly once and eager never;
+    the rows come from the row capture (PDrop's probe skips the backend), not from a second attention pass."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama import modeling_llama
+
+    adapter = adapter_for("tiny_llava15")
+    llm_attn = {id(layer.self_attn) for layer in adapter.decoder_layers}
+    calls = {"sdpa": 0, "eager": 0}
+    sdpa, eager = ALL_ATTENTION_FUNCTIONS["sdpa"], modeling_llama.eager_attention_forward
+
+    def counting(name, fn):
+        def wrapped(module, *args, **kwargs):
+            calls[name] += id(module) in llm_attn
+            return fn(module, *args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", counting("sdpa", sdpa))
+    monkeypatch.setattr(modeling_llama, "eager_attention_forward", counting("eager", eager))
+    out = adapter.generate([make_image(25)], Q, {"max_new_tokens": 1}, build_method(method_name, budget=64))
+    assert out.layer_visual_tokens == out.planned_layer_visual_tokens and out.layer_visual_tokens[-1] < 576
+    assert calls == {"sdpa": 4, "eager": 0}
