@@ -81,6 +81,11 @@ def test_textvqa_ocr_variant(tmp_path, monkeypatch):
     text = Path(task.yaml_path).read_text()
     base = Path(lmms_eval.__file__).parent / "tasks" / "textvqa" / "textvqa_val.yaml"
     assert f"include: {base}" in text and "ocr: true" in text and base.is_file()
+    from lmms_eval.utils import load_yaml_config
+
+    full = load_yaml_config(task.yaml_path, mode="full")  # lmms-eval resolves the include and its functions
+    assert full["lmms_eval_specific_kwargs"]["default"]["ocr"] is True
+    assert full["test_split"] == "validation" and full["process_results"].__name__ == "textvqa_process_results"
 
 
 @pytest.mark.skipif(not (SHARED / "pope").is_dir(), reason=f"no POPE question files at {SHARED}")
