@@ -291,3 +291,16 @@ def test_keep_after_k_makes_next_160_feasible_at_k2():
     m.check_model_config(cfg)  # no error
     assert m.plan(fake_adapter("llava_next", max_tokens=2928), 2928) == [2928] * 2 + [160] * 30
     assert ModelFacts("x", "llava15", 4, True, 576).schedule_depth == 32
+
+
+def test_kv_cache_holds_each_token_once():
+    """FastV's lmms-eval variant duplicates layer K-1's KV entries (methods.md §8, FastV issues #18/#46);
+    here every layer's cache holds text + planned visual tokens + generated - 1, each once."""
+    from test_stage2 import expected_kv
+
+    adapter = adapter_for("tiny_llava15")
+    out = adapter.generate([make_image(14)], Q, {"max_new_tokens": 4}, FastV(budget=128))
+    assert out.kv_cache_tokens == expected_kv(out)
+    text = out.prompt_tokens - out.visual_tokens_llm
+    assert out.kv_cache_tokens[0] == text + 576 + len(out.output_ids) - 1
+    assert out.kv_cache_tokens[1:] == [text + 98 + len(out.output_ids) - 1] * 3
