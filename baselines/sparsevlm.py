@@ -67,6 +67,7 @@ __all__ = [
     "dpc_knn_merge",
     "fit_schedule",
     "official_equal_tokens",
+    "plan_table",
     "rater_scores",
     "recycled_clusters",
     "resolve_schedule",
@@ -958,3 +959,49 @@ class SparseVLMCompressor(TokenCompressor):
         keep = max(1, int(V20_HEADS * n_heads / V20_REFERENCE_HEADS + 0.5))
         heads = select_heads_by_mass(corrected, raters.to(corrected.device), pos.to(corrected.device), keep)
         return corrected.index_select(0, heads), heads
+
+
+# ---------------------------------------------------------------------- documentation table
+#: The paper's budgets per model (family, decoder layers of the 7B model, nominal visual tokens).
+PAPER_SETTINGS: tuple[tuple[str, int, int, tuple[Any, ...]], ...] = (
+    ("llava15", 32, 576, (192, 128, 64)),
+    ("llava_next", 32, 2880, (640, 320, 160)),
+    ("qwen25vl", 28, 1024, (0.2, 0.1)),
+    ("video_llava", 32, 2048, (256,)),
+)
+
+
+def plan_table() -> Any:
+    """Per paper budget and accounting: the layer-input plan, its true mean and the official "Equal Tokens".
+
+    ``python -c "from apet_bench.baselines.sparsevlm import plan_table; print(plan_table().to_markdown(index=False))"``
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per (model, budget, accounting), from :meth:`SparseVLMCompressor.plan` on a stand-in
+        adapter (no model is loaded); ``counts`` reads ``"count (first-last layer)"`` runs.
+    """
+    import pandas as pd
+    from types import SimpleNamespace
+
+    rows = []
+    for family, n_layers, n, budgets in PAPER_SETTINGS:
+        for budget in budgets:
+            for accounting in ACCOUNTINGS:
+                m = SparseVLMCompressor(budget=budget, accounting=accounting)
+                row = {"model": f"{family} ({n_layers} layers, N={n})", "budget": budget, "accounting": accounting}
+                try:
+                    p = m.plan(SimpleNamespace(family=family, num_layers=n_layers), n)
+                except BudgetError as e:
+                    rows.append({**row, "counts": f"refused: {e}", "true mean": None, "official Equal Tokens": None})
+                    continue
+                runs, start = [], 0
+                for i in range(1, n_layers + 1):
+                    if i == n_layers or p[i] != p[start]:
+                        runs.append(f"{p[start]} ({start}-{i - 1})")
+                        start = i
+                rows.append({**row, "counts": ", ".join(runs), "true mean": round(sum(p) / n_layers, 2),
+                             "official Equal Tokens": round(official_equal_tokens(p), 2)})
+    return pd.DataFrame(rows)
+

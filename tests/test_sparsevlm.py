@@ -522,3 +522,12 @@ def test_end_to_end(tmp_path, model, budgets, bench, extra):
             assert s["layer_visual_tokens"][1] < n and len(s["kept_indices"][0]) == s["layer_visual_tokens"][-1]
         adapter = runner._load_adapter(OmegaConf.to_container(cfg.model, resolve=True))
         assert own_hooks(adapter) == 0
+
+
+def test_plan_table_documents_both_accountings():
+    t = S.plan_table()
+    row = t[(t.model.str.startswith("llava15")) & (t.budget == 192) & (t.accounting == "official")].iloc[0]
+    assert row["true mean"] == 206.5 and row["official Equal Tokens"] == 192.03
+    refused = t[(t.model.str.startswith("llava_next")) & (t.budget == 160) & (t.accounting == "layer_input")].iloc[0]
+    assert refused["counts"].startswith("refused: ") and "cannot reach 160" in refused["counts"]
+    assert len(t) == 2 * (3 + 3 + 2 + 1)
