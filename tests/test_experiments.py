@@ -130,3 +130,20 @@ def test_slurm_launcher_config():
 
     fields = set(SlurmQueueConf.__dataclass_fields__)
     assert set(raw) - {"defaults"} <= fields  # every key is a real submitit-launcher option
+
+
+def test_progress_line_counts_and_eta():
+    from apet_bench.hydra_callbacks import ResultsTableCallback
+    from apet_bench.runner import RunOutcome
+
+    cb = ResultsTableCallback()
+    cb.multirun, cb.total, cb.t0 = True, 10, 0.0
+    cb.outcomes = [RunOutcome("a", "finished", "", {"num_samples": 40, "eval_s": 20.0}),
+                   RunOutcome("b", "missing", "", {}, error="x"), RunOutcome("c", "missing", "", {}, error="x"),
+                   RunOutcome("d", "skipped", "", {})]
+    cb.durations = [("finished", 120.0), ("missing", 2.0), ("missing", 2.0), ("skipped", 2.0)]
+    line = cb._progress_line(cb.outcomes[0])
+    assert "4/10 done, 6 left" in line and "finished 1, missing 2, skipped 1" in line
+    assert "40 samples in 20.0 s (2.00 samples/s)" in line
+    # 6 left x (1/4 x 120 s + 3/4 x 2 s) = 189 s = 3.15 min
+    assert "ETA ~3.1 min" in line or "ETA ~3.2 min" in line

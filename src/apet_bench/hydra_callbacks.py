@@ -48,6 +48,7 @@ class ResultsTableCallback(Callback):
         self.t0: float | None = None
         self.job_t0: float | None = None
         self.multirun = False
+        self.durations: list[tuple[str, float]] = []  # (status, seconds) per job, for the ETA
 
     # ----------------------------------------------------------------------------------- progress
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
@@ -81,12 +82,16 @@ class ResultsTableCallback(Callback):
         if self.t0 is not None:
             el = time.perf_counter() - self.t0
             parts.append(f"elapsed {el / 60:.1f} min")
-            ran = [o for o in self.outcomes if _get(o, "status") == "finished"]
-            if self.total and ran and done < self.total:
-                # ETA from the runs that really evaluated (skips and missing cells cost ~nothing).
-                frac_run = len(ran) / done
-                per_run = sum((_get(o, "summary") or {}).get("wall_s") or 0 for o in ran) / len(ran)
-                parts.append(f"ETA ~{(self.total - done) * frac_run * per_run / 60:.1f} min")
+            if self.total and done < self.total and self.durations:
+                # ETA: jobs left x (share of evaluating jobs x their mean time + the rest x theirs);
+                # skipped and missing cells take seconds, evaluations minutes.
+                ev = [d for st, d in self.durations if st == "finished"]
+                other = [d for st, d in self.durations if st != "finished"]
+                frac = len(ev) / len(self.durations)
+                mean_ev = sum(ev) / len(ev) if ev else 0.0
+                mean_other = sum(other) / len(other) if other else 0.0
+                eta = (self.total - done) * (frac * mean_ev + (1 - frac) * mean_other)
+                parts.append(f"ETA ~{eta / 60:.1f} min")
         return "apet-bench: progress " + "; ".join(p for p in parts if p)
 
     def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
@@ -96,6 +101,8 @@ class ResultsTableCallback(Callback):
             return
         if value is not None:
             self.outcomes.append(value)
+            if self.job_t0 is not None:
+                self.durations.append((_get(value, "status"), time.perf_counter() - self.job_t0))
             if self.multirun:
                 print(self._progress_line(value), flush=True)
 
