@@ -400,6 +400,7 @@ class _TowerState:
     rep: torch.Tensor | None = None  # (B, t) long: original index each current token stands for
     keys: torch.Tensor | None = None  # (B, t, D) k_proj output of the layer being run
     num_in: int = 0
+    unit_llm: int = 0  # planned tokens per unit entering the LLM (the budget's share)
     pending: bool = False  # tower finished, projector not yet unmerged
 
 
@@ -673,13 +674,15 @@ class ToMeCompressor(TokenCompressor):
             offsets = torch.arange(frames, device=rep.device).unsqueeze(1)
             idx = (rep + offsets * per).reshape(-1)
             self.last_groups.append((rows_of_slot.gather(1, state.group[rows]) + offsets * k).cpu())
+            planned = frames * state.unit_llm  # the schedule's target, not the selection's size
         else:
             rep, rows_of_slot = _order_rows(state.rep[image_index : image_index + 1, 1:] - 1, spatial)
             group = state.group[image_index : image_index + 1, 1:] - 1  # CLS dropped by the feature select
             idx = rep[0]
             self.last_groups.append(rows_of_slot.gather(1, group).cpu())
+            planned = state.unit_llm
         idx = idx.to(features.device)
-        self._planned = (self._planned or 0) + int(idx.numel())
+        self._planned = (self._planned or 0) + int(planned)
         return VisualSelection(features.index_select(0, idx), idx)
 
     def _state_for(self, adapter: Any, kind: str) -> _TowerState:
@@ -749,12 +752,16 @@ class ToMeCompressor(TokenCompressor):
             inv[perm] = torch.arange(perm.numel(), device=perm.device)
             group = inv[group]
         self.last_groups.append(group.cpu())
-        self._planned = (self._planned or 0) + int(idx.numel())
+        self._planned = (self._planned or 0) + int(target)
         return VisualSelection(out, idx)
 
     def plan(self, adapter: Any, num_visual_tokens: int) -> list[int]:
-        """Visual tokens in every decoder layer: the kept groups of the last sample (schedule targets,
-        checked in the tower against the merged count), the same in every layer (stage 1 only)."""
+        """Visual tokens in every decoder layer (stage 1 only: the same in every layer) for the last sample.
+
+        LLaVA-1.5 / Video-LLaVA / Qwen2.5-VL: the sum of the units' budget shares (the schedule's targets,
+        computed apart from the selection; the tower's merged count is checked against the schedule).
+        LLaVA-NeXT: the groups that survived unpadding plus the newline tokens (data-dependent).
+        """
         n = int(num_visual_tokens) if self._planned is None else int(self._planned)
         return [n] * adapter.num_layers
 
@@ -843,6 +850,7 @@ def _tower_pre_hook(method: ToMeCompressor, adapter: Any, state: _TowerState, ge
             frames = int(getattr(adapter, "num_frames", 8))
         target = method.unit_target(adapter.family, geo.patches, kind, frames)
         state.schedule = method.tower_schedule(geo, target, cls_in_target=kind == "video")
+        state.unit_llm = int(target)
         t0 = geo.patches + 1
         dev = pv.device
         state.size = None
