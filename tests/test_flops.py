@@ -159,3 +159,13 @@ def test_overheads_of_attention_based_methods_follow_their_code():
     assert vz_qwen.method_tflops > 10 * apet_qwen.method_tflops
     vz_llava = flops.count_flops("llava15", "visionzip", 64, text_tokens=LLAVA_TEXT)
     assert "cls_row_recompute" in vz_llava.method_breakdown and vz_llava.method_tflops < 0.01
+
+
+def test_video_llava_image_and_next_geometry():
+    r = flops.count_flops("video_llava", "none", text_tokens=LLAVA_TEXT)
+    # CLIP ViT-L/14-224 image tower: 257 tokens through 24 layers, projector on 256
+    assert r.visual_tokens_in == 256 and r.layer_visual_tokens == [256] * 32
+    assert r.vision_breakdown["projector"] * 1e12 == 256 * 2 * (1024 * 4096 + 4096 * 4096)
+    assert r.total_tflops < flops.count_flops("llava15", "none", text_tokens=LLAVA_TEXT).total_tflops
+    with pytest.raises(ConfigError, match="672x672"):
+        flops.count_flops("llava_next", "none", visual_tokens=1000)

@@ -252,6 +252,12 @@ def _text_model(model: Any) -> Any:
     return model.model.language_model
 
 
+def _clip_tower(model: Any) -> Any:
+    """The CLIP image tower: ``vision_tower`` (LLaVA-1.5 / NeXT) or ``image_tower`` (Video-LLaVA images)."""
+    inner = model.model
+    return inner.vision_tower if hasattr(inner, "vision_tower") else inner.image_tower
+
+
 # ---------------------------------------------------------------------- vision encoder
 def count_vision_flops(
     family: str,
@@ -259,6 +265,7 @@ def count_vision_flops(
     *,
     vision_layer_tokens: Sequence[int] | None = None,
     grid_hw: tuple[int, int] | None = None,
+    crops: int = 1,
 ) -> dict[str, int]:
     """FLOPs of the full-size vision encoder + projector for one input, on meta.
 
@@ -273,6 +280,8 @@ def count_vision_flops(
     grid_hw : (int, int), optional
         Qwen2.5-VL: the merged-token grid ``(h, w)`` with ``h·w = visual_tokens_in`` (patch grid
         ``2h × 2w``); default the most square factorisation.
+    crops : int
+        LLaVA family: images through CLIP (LLaVA-NeXT anyres: base view + grid crops, 5 for 672×672).
 
     Returns
     -------
@@ -283,7 +292,7 @@ def count_vision_flops(
     model = meta_model(family)
     if family == "qwen25vl":
         return _qwen_vision_flops(model, visual_tokens_in, grid_hw)
-    vt = model.model.vision_tower
+    vt = _clip_tower(model)
     vcfg = vt.config
     side = vcfg.image_size // vcfg.patch_size
     n_tokens = side * side + 1
@@ -293,11 +302,17 @@ def count_vision_flops(
     if len(lengths) != len(layers):
         raise ValueError(f"flops: {len(lengths)} vision layer token counts for {len(layers)} CLIP layers")
     pix = torch.empty(1, 3, vcfg.image_size, vcfg.image_size, device="meta", dtype=torch.bfloat16)
-    enc = _flops(lambda: vm.embeddings(pix))
+    enc = crops * _flops(lambda: vm.embeddings(pix))
     for n in lengths:
-        enc += _clip_layer_flops(family, int(n))
-    # the projector sees CLIP's layer -2 output (CLS dropped): fewer tokens when a method merged inside CLIP
-    n_proj = int(lengths[-1]) - 1 if vision_layer_tokens is not None else int(visual_tokens_in)
+        enc += crops * _clip_layer_flops(family, int(n))
+    # the projector sees CLIP's layer -2 output (CLS dropped): fewer tokens when a method merged inside CLIP;
+    # LLaVA-NeXT projects every crop's 576 tokens before packing (unpad + newline tokens)
+    if vision_layer_tokens is not None:
+        n_proj = crops * (int(lengths[-1]) - 1)
+    elif family == "llava_next":
+        n_proj = crops * (n_tokens - 1)
+    else:
+        n_proj = int(visual_tokens_in)
     feat = torch.empty(1, n_proj, vcfg.hidden_size, device="meta", dtype=torch.bfloat16)
     proj = _flops(lambda: model.model.multi_modal_projector(feat))
     return {"encoder": enc, "projector": proj}
@@ -306,7 +321,7 @@ def count_vision_flops(
 @functools.lru_cache(maxsize=256)
 def _clip_layer_flops(family: str, n: int) -> int:
     """One CLIP encoder layer at ``n`` tokens on meta (identical layers share the count)."""
-    vt = meta_model(family).model.vision_tower
+    vt = _clip_tower(meta_model(family))
     layer = getattr(vt, "vision_model", vt).encoder.layers[0]
     h = torch.empty(1, n, vt.config.hidden_size, device="meta", dtype=torch.bfloat16)
     return _flops(lambda: layer(h, None))
@@ -442,6 +457,8 @@ class TokenPlan:
         The method variant and plan it counts (e.g. ApET ``official``/``paper`` and its stage layout).
     stage_counts : dict
         Method-specific counts the overhead formulas read (e.g. ApET's vision / LLM-stage keeps).
+    crops : int
+        Images through the CLIP tower (LLaVA-NeXT: base view + grid crops).
     """
 
     visual_tokens_in: int
@@ -451,6 +468,7 @@ class TokenPlan:
     source: str = ""
     variant: str = ""
     stage_counts: dict[str, Any] = field(default_factory=dict)
+    crops: int = 1
 
     @property
     def mean_layer_visual_tokens(self) -> float:
@@ -475,9 +493,17 @@ def _proxy_model_cfg(family: str, num_layers: int, visual_tokens: int) -> tuple[
               "kv_heads": 1}
         return {"name": "flops_proxy_qwen25vl", "family": family, "tiny": True, "device": "cpu", "dtype": "float32",
                 "num_layers": num_layers, "visual_tokens": 2048, "tiny_config": tc}, (28 * w, 28 * h)
-    raise ConfigError(
-        f"flops: the method shape proxy supports llava15 and qwen25vl; {family!r} counts method=none only"
-    )
+    if family == "llava_next":  # real 336 px crops; a 672 x 672 image -> base + 2x2 grid -> 2928 packed tokens
+        tc = {"text_layers": num_layers, "vision_layers": 24, "image_size": 336, "max_position_embeddings": 8192,
+              **_PROXY_WIDTHS}
+        return {"name": "flops_proxy_llava_next", "family": family, "tiny": True, "device": "cpu", "dtype": "float32",
+                "num_layers": num_layers, "visual_tokens": 2928, "tiny_config": tc}, (672, 672)
+    if family == "video_llava":  # image input, 224 px -> 256 tokens
+        tc = {"text_layers": num_layers, "vision_layers": 24, "image_size": 224, "max_position_embeddings": 8192,
+              **_PROXY_WIDTHS}
+        return {"name": "flops_proxy_video_llava", "family": family, "tiny": True, "device": "cpu", "dtype": "float32",
+                "num_layers": num_layers, "visual_tokens": 256, "max_visual_tokens": 2056, "tiny_config": tc}, (224, 224)
+    raise ConfigError(f"flops: no shape proxy for family {family!r}")
 
 
 @functools.lru_cache(maxsize=4)
@@ -514,6 +540,7 @@ def _proxy_plan(family: str, num_layers: int, visual_tokens: int, method: Any) -
     pixels = (torch.rand(size[1], size[0], 3, generator=rng) * 255).to(torch.uint8).numpy()
     image = Image.fromarray(pixels, "RGB")
     vision_lengths: list[int | None] = []
+    batch: list[int] = []
     handles = []
     if family != "qwen25vl":
         vt = adapter.vision_tower
@@ -525,6 +552,8 @@ def _proxy_plan(family: str, num_layers: int, visual_tokens: int, method: Any) -
                 hs = args[0] if args else kwargs.get("hidden_states")
                 if vision_lengths[i] is None and hs is not None:
                     vision_lengths[i] = int(hs.shape[-2])
+                    if i == 0:
+                        batch.append(int(hs.shape[0]) if hs.dim() == 3 else 1)
             return hook
 
         handles = [layer.register_forward_pre_hook(make(i), with_kwargs=True) for i, layer in enumerate(clip_layers)]
@@ -546,7 +575,8 @@ def _proxy_plan(family: str, num_layers: int, visual_tokens: int, method: Any) -
         f"{family} shape proxy ({num_layers} decoder layers, {visual_tokens} visual tokens); "
         f"plan() {'agrees' if planned == measured else 'differs: ' + str(planned)}"
     )
-    return TokenPlan(out.visual_tokens_in, out.visual_tokens_llm, measured, vis, src, _variant_label(method, family, measured), stage)
+    return TokenPlan(out.visual_tokens_in, out.visual_tokens_llm, measured, vis, src,
+                     _variant_label(method, family, measured), stage, crops=batch[0] if batch else 1)
 
 
 def _stage_counts(method: Any, out: Any) -> dict[str, Any]:
@@ -713,7 +743,7 @@ def token_plan(
     family = _family(model)
     num_layers = _text_model(meta_model(family)).config.num_hidden_layers
     n = _default_visual_tokens(family, visual_tokens)
-    if method == "none":
+    if method == "none" and family in ("llava15", "qwen25vl", "video_llava"):
         return TokenPlan(n, n, [n] * num_layers, None, "no compression", "no compression")
     if not _registered(method):
         fn = DOCUMENTED_PLANS.get((method, family)) if allow_documented else None
@@ -726,7 +756,10 @@ def token_plan(
 
     kwargs = dict(_method_params(method) if params is None else params)
     m = build_method(method, budget=budget, **kwargs) if budget is not None else build_method(method, **kwargs)
-    return _proxy_plan(family, num_layers, n, m)
+    plan = _proxy_plan(family, num_layers, n, m)
+    if method == "none":
+        plan.source, plan.variant = "no compression (token counts measured on the shape proxy)", "no compression"
+    return plan
 
 
 def _method_params(method: str) -> dict[str, Any]:
@@ -762,9 +795,12 @@ def _default_visual_tokens(family: str, visual_tokens: int | None) -> int:
             raise ConfigError(f"flops: visual_tokens {n} is outside Qwen2.5-VL's 256..2048 (min/max_pixels of the paper)")
         return n
     if family == "llava_next":
-        if visual_tokens is None:
-            raise ConfigError("flops: llava_next needs visual_tokens=<n> (anyres: 2928 for a 672x672 image)")
-        return visual_tokens
+        if visual_tokens is not None and visual_tokens != 2928:
+            raise ConfigError(
+                f"flops: visual_tokens {visual_tokens} is not counted for llava_next: it counts a 672x672 image "
+                "(base view + 2x2 crops, unpadded, newline tokens: 2928 visual tokens)"
+            )
+        return 2928
     raise ConfigError(f"flops: unknown family {family!r}")
 
 
@@ -792,7 +828,7 @@ def _dims(family: str) -> dict[str, int]:
         out["vit_hidden"] = model.model.visual.config.hidden_size
         out["vit_heads"] = model.model.visual.config.num_heads
     else:
-        vc = model.model.vision_tower.config
+        vc = _clip_tower(model).config
         out["dv"] = vc.hidden_size
         out["dk_vision"] = vc.hidden_size // vc.num_attention_heads
         out["vision_tokens"] = (vc.image_size // vc.patch_size) ** 2
@@ -977,7 +1013,8 @@ def count_flops(
     Parameters
     ----------
     model : str
-        ``llava15``, ``qwen25vl`` (any method); ``llava_next``, ``video_llava`` (``none`` only). A
+        ``llava15`` (576 visual tokens), ``qwen25vl`` (256..2048, default 729), ``llava_next`` (a 672×672 image,
+        2928), ``video_llava`` (an image, 256); any registered method. A
         ``tiny_`` prefix is accepted and counts the full-size model.
     method : str
         Registry name (``none``, ``apet``, the baselines as they land) or a documented plan.
@@ -1025,7 +1062,8 @@ def count_flops(
     if isinstance(budget, int) and method != "none" and budget > plan.visual_tokens_in:
         raise ConfigError(f"flops: budget {budget} is above the {plan.visual_tokens_in} visual tokens of {model}")
     with _quiet():
-        vision = count_vision_flops(family, plan.visual_tokens_in, vision_layer_tokens=plan.vision_layer_tokens)
+        vision = count_vision_flops(family, plan.visual_tokens_in, vision_layer_tokens=plan.vision_layer_tokens,
+                                    crops=plan.crops)
         llm = count_llm_flops(family, [text_tokens + v for v in plan.layer_visual_tokens])
     overhead_fn = METHOD_OVERHEAD.get(method)
     overhead = overhead_fn(family, plan, text_tokens, mparams) if overhead_fn else {}
