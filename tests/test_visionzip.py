@@ -304,3 +304,36 @@ def test_two_images_each_get_the_budget():
     out = a.generate([make_image(1, (60, 60)), make_image(2, (50, 70))], "Compare.", GEN, m)
     assert out.visual_tokens_llm == 128 and len(m.records) == 2
     assert m.records[0]["dominant"] != m.records[1]["dominant"]
+
+
+def test_qwen_dominant_tokens_are_top_pooled_eager_attention(monkeypatch):
+    """Independent reference: the eager ViT's own attention weights of the last block (captured from its
+    ``eager_attention_forward``), mean received per patch, pooled per 2×2 merge unit, window order undone."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as mq
+    from transformers.vision_utils import get_vision_window_index
+
+    a = adapter("tiny_qwen25vl", "model.attn_implementation=eager")
+    last = a.vision_tower.blocks[-1].attn
+    assert last.config._attn_implementation == "eager"
+    seen: list = []
+    real = mq.eager_attention_forward
+
+    def spy(module, *args, **kwargs):
+        out = real(module, *args, **kwargs)
+        if module is last:
+            seen.append(out[1].detach())  # (1, heads, n, n) per cu_seqlens chunk
+        return out
+
+    monkeypatch.setattr(mq, "eager_attention_forward", spy)
+    img = make_image(8, (150, 100))
+    m = build_method("visionzip", budget=0.2)
+    a.generate([img], "What?", GEN, m)
+    received = torch.cat([w[0].float().mean(dim=(0, 1)) for w in seen[-1:]])  # one image, one chunk
+    grid = a.prepare_inputs([img], a.build_prompt("q"))["image_grid_thw"]
+    v = a.vision_tower
+    wi, _ = get_vision_window_index(grid, spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
+                                    patch_size=v.patch_size)
+    pooled = received.view(-1, 4).mean(-1)[torch.argsort(wi)]
+    d = len(m.records[0]["dominant"])
+    assert d == round(0.2 * pooled.numel()) - round(round(0.2 * pooled.numel()) * 0.25)
+    assert m.records[0]["dominant"] == sorted(torch.topk(pooled, d).indices.tolist())
