@@ -449,3 +449,35 @@ def test_end_to_end(tmp_path, model, extra, budgets, bench):
             else:  # <= budget / 5 per crop (unpadding may drop whole groups) + the image_newline tokens
                 # at most 5 crops (2x2 grid + base) and 72 newlines (3x1 grid: 72 feature rows)
                 assert budget // 5 < layers[0] <= 5 * (budget // 5) + 72 and layers[0] < s["visual_tokens_in"]
+
+
+# ====================================================================== options, several images, dtypes
+def test_two_images_each_get_the_budget(llava):
+    imgs = [make_image(1, (64, 48)), make_image(2, (48, 64))]
+    m = build_method("tome", budget=64)
+    out = llava.generate(imgs, Q, GEN, m)
+    assert out.visual_tokens_in == 1152 and out.layer_visual_tokens == [128] * 4 == out.planned_layer_visual_tokens
+    assert [len(k) for k in out.kept_indices] == [64, 64] and out.kept_indices[0] != out.kept_indices[1]
+    single = llava.generate(imgs[1:], Q, GEN, build_method("tome", budget=64))
+    assert out.kept_indices[1] == single.kept_indices[0]  # image 1 merged on its own batch row
+
+
+def test_spatial_order_is_a_permutation_of_merged_order(llava):
+    img = [make_image(7, (64, 48))]
+    merged, state, _, _ = _tower_run(llava, img, build_method("tome", budget=128))
+    spatial, _, _, _ = _tower_run(llava, img, build_method("tome", budget=128, order="spatial"))
+    assert spatial.kept_indices.tolist() == sorted(merged.kept_indices.tolist())
+    perm = merged.kept_indices.argsort()
+    assert torch.equal(spatial.features, merged.features[perm])
+    assert merged.kept_indices.tolist() != spatial.kept_indices.tolist()  # the tower's order is scrambled
+
+
+def test_remainder_last_schedule_in_the_tower(llava):
+    _, state, _, _ = _tower_run(llava, [make_image(1, (64, 48))], build_method("tome", budget=64, remainder="last"))
+    assert state.schedule == [22] * 17 + [23] * 6
+
+
+def test_bfloat16_tower():
+    adapter = _load(["model=tiny_llava15", DEEP, "model.dtype=bfloat16"])
+    out = adapter.generate([make_image(1, (64, 48))], Q, GEN, build_method("tome", budget=64))
+    assert out.layer_visual_tokens == [64] * 4 and len(set(out.kept_indices[0])) == 64
