@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from apet_bench.bias import bias_table, index_trend, main, plot_bias, positional_bias, position_determinism
+from apet_bench.bias import bias_table, index_trend, main, plot_bias, position_determinism, positional_bias
 
 N, K, S = 576, 64, 200
 

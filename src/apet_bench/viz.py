@@ -617,8 +617,10 @@ def render_token_maps(result: TokenMapResult, out_dir: str | Path, stem: str) ->
         save(fig, mm.method)
 
     panels = [
-        ("vision [CLS] attention\n(vision layer %d: the projector's input)" % result.info["vision_attention_layer"], result.cls_attention),
-        ("LLM last-query attention\n(decoder layer %d, no compression)" % result.info["llm_attention_layer"], result.llm_attention),
+        (f"vision [CLS] attention\n(vision layer {result.info['vision_attention_layer']}: the projector's input)",
+         result.cls_attention),
+        (f"LLM last-query attention\n(decoder layer {result.info['llm_attention_layer']}, no compression)",
+         result.llm_attention),
         ("ApET approximation error\n(M=10 FPS basis, vision-stage features)", result.approx_error),
     ]
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.6))
