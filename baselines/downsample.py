@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from apet_bench.baselines.visionzip import check_video_budget
 from apet_bench.budget import BudgetError
 from apet_bench.methods.base import TokenCompressor, VisualSelection, register_method
 
@@ -138,6 +139,17 @@ class DownsampleCompressor(TokenCompressor):
             raise BudgetError(f"method {self.name!r} needs a budget (an int token count or a float in (0, 1])")
         if isinstance(self.max_distortion, bool) or not isinstance(self.max_distortion, (int, float)) or self.max_distortion < 1:
             raise ValueError(f"method {self.name!r}: max_distortion {self.max_distortion!r} is not a number >= 1")
+
+    def check_model_config(self, model_cfg: dict[str, Any]) -> None:
+        """Refuse a Video-LLaVA video budget that is not a multiple of the frames, before loading.
+
+        Raises
+        ------
+        BudgetError
+            One line (:func:`check_video_budget`).
+        """
+        super().check_model_config(model_cfg)
+        check_video_budget(self.name, self.budget, model_cfg)
 
     @property  # type: ignore[override]
     def needs_vision_features(self) -> bool:  # type: ignore[override]

@@ -43,6 +43,7 @@ __all__ = [
     "VISION_LAYER",
     "VisionZipCompressor",
     "VisionZipResult",
+    "check_video_budget",
     "cls_attention_row",
     "qwen_attention_received",
     "split_budget",
@@ -212,7 +213,7 @@ def qwen_attention_received(
     hidden_in: torch.Tensor,
     cu_seqlens: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    chunk: int = 1024,
+    chunk: int = 256,
     with_output: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Mean attention each patch receives in one Qwen2.5-VL ViT block (over heads and queries), per sequence.
@@ -266,6 +267,20 @@ def qwen_attention_received(
     if out is not None:
         output = attn_module.proj(out.transpose(0, 1).reshape(s, -1).to(hidden_in.dtype))
     return received, keys, output
+
+
+def check_video_budget(name: str, budget: Any, model_cfg: dict[str, Any]) -> None:
+    """Refuse, before loading, a Video-LLaVA video budget (an int above ``visual_tokens`` per image) that is
+    not a multiple of the frames (``tiny_config.num_frames``, else 8 as Video-LLaVA-7B-hf); one line."""
+    if model_cfg.get("family") != "video_llava" or isinstance(budget, bool) or not isinstance(budget, int):
+        return
+    if budget <= int(model_cfg.get("visual_tokens") or 0):
+        return  # an image budget (videos then get budget / frames per frame, checked per sample)
+    frames = int((model_cfg.get("tiny_config") or {}).get("num_frames", 8))
+    if budget % frames:
+        raise BudgetError(
+            f"method {name!r}: video budget {budget} on model {model_cfg.get('name')!r} is not a multiple of its {frames} frames"
+        )
 
 
 def _encoder_layers(tower: nn.Module) -> nn.ModuleList:
@@ -350,9 +365,11 @@ class VisionZipCompressor(TokenCompressor):
         Raises
         ------
         ValueError
-            One line naming the model.
+            One line naming the model; ``BudgetError`` for a Video-LLaVA video budget that is not a
+            multiple of the frames (:func:`check_video_budget`).
         """
         super().check_model_config(model_cfg)
+        check_video_budget(self.name, self.budget, model_cfg)
         if model_cfg.get("family") == "qwen25vl" and not self.qwen_fallback:
             raise ValueError(
                 f"method 'visionzip': model {model_cfg.get('name')!r} has a vision tower without [CLS] and "

@@ -92,3 +92,46 @@ def test_end_to_end_exact_counts(tmp_path, model, over, budget, bench):
             assert 0.75 * b <= n <= b and len(s["kept_indices"][0]) == n
         else:
             assert n == budget and len(set(s["kept_indices"][0])) == budget
+
+
+@pytest.mark.parametrize("model", ["tiny_llava15", "tiny_llava_next", "tiny_qwen25vl", "tiny_video_llava"])
+def test_no_hooks_left_none_unchanged_and_deterministic(model):
+    import numpy as np
+    from conftest import make_image
+    from omegaconf import OmegaConf
+    from test_stage2 import count_hooks
+
+    from apet_bench.models import load_model
+    from apet_bench.models.video_llava import VideoClip
+
+    a = load_model(OmegaConf.to_container(compose([f"model={model}"]).model, resolve=True))
+    if model == "tiny_video_llava":
+        rng = np.random.default_rng(3)
+        visual, budget = [VideoClip((rng.random((8, 48, 64, 3)) * 255).astype("uint8"))], 256
+    else:
+        visual, budget = [make_image(5, (90, 60))], (0.2 if model == "tiny_qwen25vl" else 64)
+    gen = {"max_new_tokens": 3, "output_logits": True}
+    ref = a.generate(visual, "What?", gen, build_method("none"))
+    before = count_hooks(a.model)  # after a first forward (transformers adds output-capturing hooks lazily)
+    one = a.generate(visual, "What?", gen, build_method("downsample", budget=budget))
+    two = a.generate(visual, "What?", gen, build_method("downsample", budget=budget))
+    assert count_hooks(a.model) == before
+    assert one.output_ids == two.output_ids and all(torch.equal(x, y) for x, y in zip(one.logits, two.logits))
+    assert one.visual_tokens_llm < ref.visual_tokens_llm
+    after = a.generate(visual, "What?", gen, build_method("none"))
+    assert all(torch.equal(x, y) for x, y in zip(ref.logits, after.logits))
+
+
+@pytest.mark.parametrize("method", ["downsample", "visionzip"])
+def test_video_budget_not_a_multiple_of_frames_refused_before_loading(tmp_path, monkeypatch, method):
+    import apet_bench.runner as runner
+
+    def no_load(*a, **k):  # pragma: no cover - must not be reached
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(runner, "_load_adapter", no_load)
+    cfg = compose(["model=tiny_video_llava", f"method={method}", "budget=260", "benchmark=tgif_qa",
+                   f"data_root={SHARED}", f"results_dir={tmp_path}", f"cache_dir={tmp_path / 'c'}"])
+    with pytest.raises(BudgetError, match="video budget 260 .* not a multiple of its 8 frames") as err:
+        runner.execute(cfg)
+    assert "\n" not in str(err.value)

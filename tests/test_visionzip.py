@@ -337,3 +337,11 @@ def test_qwen_dominant_tokens_are_top_pooled_eager_attention(monkeypatch):
     d = len(m.records[0]["dominant"])
     assert d == round(0.2 * pooled.numel()) - round(round(0.2 * pooled.numel()) * 0.25)
     assert m.records[0]["dominant"] == sorted(torch.topk(pooled, d).indices.tolist())
+
+
+def test_video_llava_image_uses_the_image_tower():
+    a = adapter("tiny_video_llava")
+    m = build_method("visionzip", budget=64)
+    out = a.generate([make_image(9, (80, 80))], "What?", GEN, m)
+    assert out.visual_tokens_in == 256 and out.visual_tokens_llm == 64 and out.kept_indices is None
+    assert len(m.records) == 1 and len(m.records[0]["dominant"]) == 54 and len(m.records[0]["targets"]) == 10
