@@ -20,7 +20,7 @@ needs_shared = pytest.mark.skipif(
 
 @needs_shared
 def test_pope_llava15_13b_published_mean_f1(capsys):
-    rc = main([f"benchmark=pope", f"answers={ANSWERS / 'pope' / 'llava-v1.5-13b.jsonl'}", f"data_root={SHARED}"])
+    rc = main(["benchmark=pope", f"answers={ANSWERS / 'pope' / 'llava-v1.5-13b.jsonl'}", f"data_root={SHARED}"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     m = out["metrics"]

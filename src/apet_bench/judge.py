@@ -95,7 +95,7 @@ class JudgeConfig:
     temperature: float = 0.0
 
     @classmethod
-    def from_mapping(cls, m: Mapping[str, Any] | None) -> "JudgeConfig":
+    def from_mapping(cls, m: Mapping[str, Any] | None) -> JudgeConfig:
         m = dict(m or {})
         unknown = sorted(set(m) - set(cls.__dataclass_fields__))
         if unknown:

@@ -207,8 +207,9 @@ def score_mme(answers: Path, data_root: Path, *, ground_truth_subdir: str = "mme
         A missing ground-truth folder, an answer that matches no ground-truth question, a
         question_id not ``<subtask>/<image>``, or an image without both of its answers.
     """
-    from apet_bench.data import MME_PERCEPTION, MME_SUBTASKS
     from lmms_eval.tasks.mme import utils as mme_utils
+
+    from apet_bench.data import MME_PERCEPTION, MME_SUBTASKS
 
     gt_dir = data_root / ground_truth_subdir
     if not gt_dir.is_dir():
