@@ -300,8 +300,8 @@ class VisionZipCompressor(TokenCompressor):
         count). Per unit: LLaVA-1.5 / Qwen2.5-VL / Video-LLaVA image ``b = budget``; LLaVA-NeXT
         ``b = round(budget / 5)`` per crop (methods.md §2.3-§2.4; 640 -> 128 = 108 + 20); Video-LLaVA video
         ``b = budget / num_frames`` per frame (256 -> 32 = 27 + 5). A float ``r``: ``b = round(r · N)`` of
-        the unit's ``N`` tokens. ``b`` is split by :func:`split_budget` unless ``dominant`` / ``contextual``
-        are given; the counts are clamped to the unit's tokens (tiny models).
+        the unit's ``N`` patch tokens ([CLS] not counted). ``b`` is split by :func:`split_budget` unless
+        ``dominant`` / ``contextual`` are given; the counts are clamped to the unit's tokens (tiny models).
     dominant, contextual : int or None
         Explicit per-unit counts (dominant includes [CLS] on CLIP towers), e.g. the library default
         ``191`` / ``30`` (not a paper setting). ``None`` (default): from ``budget``.
@@ -429,8 +429,8 @@ class VisionZipCompressor(TokenCompressor):
             if isinstance(self.budget, int):
                 b = int(round(self.budget * share_of_budget))
                 share = CONTEXTUAL_SHARE_INT
-            else:
-                b = int(round(float(self.budget) * n_tokens))
+            else:  # a ratio of the unit's patch tokens ([CLS] not counted)
+                b = int(round(float(self.budget) * (n_tokens - (1 if has_cls else 0))))
                 share = CONTEXTUAL_SHARE_RATIO
             if self.contextual_share is not None:
                 share = float(self.contextual_share)

@@ -47,6 +47,8 @@ def test_split_budget_matches_the_official_and_derived_splits():
     assert [split_budget(b, 10 / 64) for b in (64, 128, 192, 32)] == [(54, 10), (108, 20), (162, 30), (27, 5)]
     m = VisionZipCompressor(budget=0.2)
     assert m.unit_counts(400, 1.0, False) == (60, 20)  # Qwen 20 % -> 15 % + 5 %
+    assert VisionZipCompressor(budget=0.1).unit_counts(577, 1.0, True) == split_budget(58, 0.25)  # of 576 patches
+    assert VisionZipCompressor(budget=640).unit_counts(65, 0.2, True) == (65, 0)  # NeXT 640 on a 64-patch crop
 
 
 def test_dominant_tokens_are_cls_plus_top_cls_attention():
