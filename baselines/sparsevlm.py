@@ -982,8 +982,9 @@ def plan_table() -> Any:
         One row per (model, budget, accounting), from :meth:`SparseVLMCompressor.plan` on a stand-in
         adapter (no model is loaded); ``counts`` reads ``"count (first-last layer)"`` runs.
     """
-    import pandas as pd
     from types import SimpleNamespace
+
+    import pandas as pd
 
     rows = []
     for family, n_layers, n, budgets in PAPER_SETTINGS:

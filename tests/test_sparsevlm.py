@@ -520,6 +520,11 @@ def test_end_to_end(tmp_path, model, budgets, bench, extra):
             assert s["layer_visual_tokens"] == s["planned_layer_visual_tokens"]
             n = s["layer_visual_tokens"][0]
             assert s["layer_visual_tokens"][1] < n and len(s["kept_indices"][0]) == s["layer_visual_tokens"][-1]
+        run = json.loads((Path(out.run_dir) / "run.json").read_text())
+        backends = run["attention_backends"]
+        assert backends["consistent"] is True  # the row spec reads the same for every sample
+        pruning = set(S.resolve_schedule(cfg.model.family, cfg.model.num_layers, budget).layers)
+        assert [("rows" in b) for b in backends["llm_layers"]] == [i in pruning for i in range(cfg.model.num_layers)]
         adapter = runner._load_adapter(OmegaConf.to_container(cfg.model, resolve=True))
         assert own_hooks(adapter) == 0
 
