@@ -221,7 +221,7 @@ def qwen_attention_received(
     The recipe of the VisionZip Qwen2.5-VL port (methods.md §2.5): every query row is needed, so the
     block's ``softmax(q Kᵀ · scale)`` is recomputed (fp32, rotary applied as the block does, within the
     ``cu_seqlens`` chunks the block attends in), query chunk by query chunk (``chunk`` rows at a time).
-    The third-party port in ModelTC/llmc (``token_reduction/visionzip.py``, reference only) scores the
+    A third-party Qwen2.5-VL port in ModelTC/llmc (its token-reduction code; reference only) scores the
     same way: last block, softmax probabilities averaged over heads and summed over queries (the same
     ranking within an image), ``view(N // 4, -1).mean(-1)``, window order undone.
 
