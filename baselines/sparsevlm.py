@@ -128,6 +128,7 @@ DENSITY_NOISE = 1e-6
 
 POSITIONS = ("auto", "renumber", "original")
 ACCOUNTINGS = ("official", "layer_input")
+KEEP_RULES = ("schedule", "rank")
 PLACEMENTS = ("auto", "after_kept", "centre")
 
 
@@ -609,6 +610,12 @@ class SparseVLMCompressor(TokenCompressor):
         ``layer_input`` [derived]: the same shape scaled per sample (:func:`fit_schedule`) so that the true
         layer-input mean is at most the budget; refused when the layers before the first pruning already
         exceed it (e.g. LLaVA-NeXT 160, methods.md §0.2).
+    keep_rule : {"schedule", "rank"}
+        ``schedule`` (default): the budget's schedule. ``rank``: the official **video** branch's rule
+        (``videollava/.../score.py`` ``attn_postprocess_rank``): keep ``rank(P)`` tokens, ``P`` = the raters'
+        head-mean attention on the visual tokens, or every token when ``rank >= n`` (no recycling then); the
+        budget is then only a label (methods.md §4.4; Table 4's "256" needs the [derived] top-k instead).
+        The plan is the last sample's counts.
     layers : list of int, optional
         Pruning layers on the model (outputs pruned) instead of the table's; ``[2, 6, 15]`` on 32 layers.
     schedule : list of int, optional
@@ -634,6 +641,7 @@ class SparseVLMCompressor(TokenCompressor):
     positions: str = "auto"
     placement: str = "auto"
     accounting: str = "official"
+    keep_rule: str = "schedule"
     layers: list[int] | None = None  # type: ignore[assignment]
     schedule: list[int] | None = None
 
@@ -646,6 +654,7 @@ class SparseVLMCompressor(TokenCompressor):
     _n0: int | None = field(default=None, init=False, repr=False, compare=False)
     _orig: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     _fits: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _rank_keeps: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _input_ids: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     _mask: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     #: Per pruning: ``{"layer", "scores", "kept", "recycled", "centres"}`` of the last prefill (tests, figures).
@@ -665,6 +674,8 @@ class SparseVLMCompressor(TokenCompressor):
             raise ValueError(f"method {self.name!r}: positions {self.positions!r} is not one of {list(POSITIONS)}")
         if self.accounting not in ACCOUNTINGS:
             raise ValueError(f"method {self.name!r}: accounting {self.accounting!r} is not one of {list(ACCOUNTINGS)}")
+        if self.keep_rule not in KEEP_RULES:
+            raise ValueError(f"method {self.name!r}: keep_rule {self.keep_rule!r} is not one of {list(KEEP_RULES)}")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"method {self.name!r}: placement {self.placement!r} is not one of {list(PLACEMENTS)}")
         for key in ("layers", "schedule"):
@@ -754,6 +765,7 @@ class SparseVLMCompressor(TokenCompressor):
         """Seed the CPU generator of the DPC-KNN noise; forget the last sample."""
         self._generator = torch.Generator(device="cpu").manual_seed(self.seed)
         self._raters = self._num_text = self._n0 = self._orig = None
+        self._rank_keeps = {}
         self.last_record = []
 
     def attach(self, adapter: Any) -> None:
@@ -775,6 +787,7 @@ class SparseVLMCompressor(TokenCompressor):
         self._input_ids = ids
         self._mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
         self._raters = self._num_text = self._n0 = self._orig = None
+        self._rank_keeps = {}
         self.last_record = []
 
     def _on_layer0(self, module: Any, args: tuple, kwargs: dict) -> None:
@@ -832,6 +845,15 @@ class SparseVLMCompressor(TokenCompressor):
         if n <= 0:
             return [n] * adapter.num_layers
         s = self.fitted(adapter.family, adapter.num_layers, n)
+        if self.keep_rule == "rank":  # the counts of the last sample (plan is read after generate)
+            drops = {layer + 1: i for i, layer in enumerate(s.layers)}
+            out = []
+            for i in range(adapter.num_layers):
+                k = self._rank_keeps.get(drops.get(i, -1))
+                if k is not None and k < n:
+                    n = k + (recycled_clusters(n - k) if self.recycling else 0)
+                out.append(n)
+            return out
         return s.plan(adapter.num_layers, n, recycle=self.recycling)
 
     def select_llm_tokens(
@@ -891,7 +913,17 @@ class SparseVLMCompressor(TokenCompressor):
         if self.version == "2.0":
             probs, heads = self._v20_correct(probs, raters, pos, int(hidden_states.shape[1]), int(layer_idx) - 1)
         scores = rater_scores(probs, raters, pos)
-        k = max(0, min(s.keep(stage, n0), n - 1))
+        if self.keep_rule == "rank":  # video branch attn_postprocess_rank: keep rank(P) tokens, or all
+            p_mat = probs.float().mean(0).index_select(0, raters.to(probs.device)).index_select(1, pos.to(probs.device))
+            k = int(torch.linalg.matrix_rank(p_mat))
+            k = k if n - k > 0 else n
+            self._rank_keeps[stage] = k
+            if k >= n:  # nothing pruned (official: s_flag False, no merge)
+                self.last_record.append({"layer": int(layer_idx) - 1, "scores": scores.cpu(), "kept": pos.cpu()})
+                self._track(int(hidden_states.shape[1]), pos, pos)
+                return LLMSelection(pos[None])
+        else:
+            k = max(0, min(s.keep(stage, n0), n - 1))
         top = torch.topk(scores, k).indices if k > 0 else torch.zeros(0, dtype=torch.long, device=scores.device)
         is_kept = torch.zeros(n, dtype=torch.bool, device=scores.device)
         is_kept[top] = True

@@ -265,6 +265,41 @@ def test_no_recycling_keeps_schedule_only():
     assert sel.keep_positions[0].tolist() == pos[torch.topk(s, 7).indices].sort().values.tolist()
 
 
+def test_rank_keep_rule_keeps_rank_of_rater_attention():
+    """keep_rule=rank (video branch): raters' rows spanning a 2-D space over the visual columns -> keep 2."""
+    n = 30
+    pos = torch.arange(2, 2 + n)
+    seq = 2 + n + 4
+    hidden = torch.randn(1, seq, 6, generator=torch.Generator().manual_seed(0))
+    a, b = torch.rand(n, generator=torch.Generator().manual_seed(1)), torch.rand(n, generator=torch.Generator().manual_seed(2))
+    att = torch.zeros(1, 3, 4, seq)
+    for row, (x, y) in enumerate([(1.0, 0.0), (0.0, 1.0), (0.5, 0.5), (0.2, 0.8)]):  # rank 2
+        att[0, :, row, pos] = x * a + y * b
+    m = _attached(256, family="video_llava", keep_rule="rank")
+    m._raters, m._num_text, m._n0 = torch.tensor([0, 1, 2, 3]), 4, n
+    sel = m.select_llm_tokens(hidden, [pos], layer_idx=1, attention=att)
+    scores = (a + b + 0.5 * (a + b) + 0.2 * a + 0.8 * b) / 4
+    assert m.last_record[0]["kept"].tolist() == pos[torch.topk(scores, 2).indices].sort().values.tolist()
+    assert sel.num_tokens == 2 + S.recycled_clusters(n - 2)
+    assert m.plan(fake("video_llava", 4), n) == [n, 2 + S.recycled_clusters(n - 2)] + [2 + S.recycled_clusters(n - 2)] * 2
+    # full rank (>= n) keeps everything, nothing recycled
+    m2 = _attached(256, family="video_llava", keep_rule="rank")
+    m2._raters, m2._num_text, m2._n0 = torch.arange(4), 4, 3
+    att2 = torch.zeros(1, 1, 4, 9)
+    att2[0, 0, :3, 2:5] = torch.eye(3)
+    sel2 = m2.select_llm_tokens(torch.randn(1, 9, 6), [torch.arange(2, 5)], layer_idx=1, attention=att2)
+    assert sel2.keep_positions[0].tolist() == [2, 3, 4] and sel2.hidden_states is None
+
+
+def test_rank_keep_rule_on_tiny_video_llava():
+    a = get_adapter("tiny_video_llava", "sdpa")
+    m = build_method("sparsevlm", budget=256, keep_rule="rank")
+    out = a.generate(TINY["tiny_video_llava"][1](), Q, GEN, m)
+    assert out.layer_visual_tokens == out.planned_layer_visual_tokens
+    k = len(m.last_record[0]["kept"])
+    assert 1 <= k <= int(m._raters.numel()) and out.layer_visual_tokens[1] == k + S.recycled_clusters(2056 - k)
+
+
 # ---------------------------------------------------------------------- fidelity to the official loop
 def _official_reference_logits(adapter, image, question, budget, seed, version="1.5"):
     """The official prefill re-written as a plain loop (modelling_sparse_llama.py, main): full eager attention
@@ -467,6 +502,7 @@ def test_batch_size_above_one_refused():
         (["model=tiny_llava15", "budget=64", "method.params.accounting=layer_input"],
          r"cannot reach 64 visual tokens per layer: the first 1 of 4 layers"),
         (["model=tiny_llava15", "budget=64", "method.params.accounting=equal"], r"accounting 'equal'"),
+        (["model=tiny_llava15", "budget=64", "method.params.keep_rule=adaptive"], r"keep_rule 'adaptive'"),
     ],
 )
 def test_bad_configuration_refused_before_loading(tmp_path, monkeypatch, overrides, match):
