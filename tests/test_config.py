@@ -38,10 +38,13 @@ def test_defaults():
 def test_paper_command_parses_and_reports_not_available():
     cfg = compose(["model=qwen25vl", "method=fastv", "budget=0.1"])
     assert cfg.budget == 0.1 and cfg.model.name == "qwen25vl" and cfg.method.name == "fastv"
+    check_available(OmegaConf.to_container(cfg, resolve=True))  # every shipped option is available
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    raw["method"].update(available=False, issue=99)  # an option whose issue has not landed yet
     with pytest.raises(NotAvailableError) as ei:
-        check_available(OmegaConf.to_container(cfg, resolve=True))
+        check_available(raw)
     msg = str(ei.value)
-    assert "\n" not in msg and "fastv" in msg and "qwen25vl" not in msg and "issue #" in msg
+    assert "\n" not in msg and "fastv" in msg and "qwen25vl" not in msg and "issue #99" in msg
 
 
 @pytest.mark.parametrize("override,bad", [("model=foo", "foo"), ("method=none,bogus", "bogus"),
