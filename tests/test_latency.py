@@ -60,31 +60,38 @@ def test_full_size_without_weights_refused_on_cpu():
         latency.build_latency_adapter("tiny_llava15", "flash_attention_2", "cpu")
 
 
-def test_random_full_size_wiring_on_a_shrunk_architecture(monkeypatch):
+@pytest.mark.parametrize("model", ["llava15", "qwen25vl"])
+def test_random_full_size_wiring_on_a_shrunk_architecture(monkeypatch, model):
     """The CUDA random-weight path, with the full-size config shrunk so it runs on CPU."""
-    import transformers as tf
-
     from apet_bench import flops
 
     real = flops.full_size_config
 
     def small(family):
-        cls, cfg = real(family)  # real class, token ids from the tiny tokenizer later
+        cls, cfg = real(family)  # the real class; token ids come from the tiny tokenizer
         tc, vc = cfg.text_config, cfg.vision_config
         tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers = 64, 128, 2
-        tc.num_attention_heads = tc.num_key_value_heads = 4
-        tc.vocab_size = 1000
-        vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers, vc.num_attention_heads = 32, 64, 2, 4
+        tc.num_attention_heads, tc.num_key_value_heads, tc.vocab_size = 4, 2, 1000
+        if family == "qwen25vl":
+            tc.head_dim = 16
+            tc.rope_parameters = {**tc.rope_parameters, "mrope_section": [2, 3, 3]}
+            vc.depth, vc.hidden_size, vc.intermediate_size, vc.num_heads = 2, 32, 64, 2
+            vc.out_hidden_size, vc.fullatt_block_indexes = 64, [1]
+        else:
+            tc.num_key_value_heads = 4
+            vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers, vc.num_attention_heads = 32, 64, 2, 4
         return cls, cfg
 
     monkeypatch.setattr(flops, "full_size_config", small)
-    cfg = latency._model_cfg("llava15")
+    cfg = latency._model_cfg(model)
     adapter, weights = latency._random_full_size(cfg, "sdpa", torch.device("cpu"))
-    assert isinstance(adapter.model, tf.LlavaForConditionalGeneration)
+    assert type(adapter.model).__name__ == real(model)[0].__name__
     assert adapter.dtype == torch.bfloat16 and "random bf16 weights" in weights
-    assert adapter.model.config.image_token_id == adapter.processor.tokenizer.convert_tokens_to_ids("<image>")
-    r = latency.measure_latency(adapter, None, weights=weights, warmup=0, repeats=1, max_new_tokens=2)
-    assert r.visual_tokens_in == 576 and r.dtype == "bfloat16"
+    placeholder = "<image>" if model == "llava15" else "<|image_pad|>"
+    assert adapter.model.config.image_token_id == adapter.processor.tokenizer.convert_tokens_to_ids(placeholder)
+    vt = 576 if model == "llava15" else 256
+    r = latency.measure_latency(adapter, None, weights=weights, warmup=0, repeats=1, max_new_tokens=2, visual_tokens=vt)
+    assert r.visual_tokens_in == vt and r.dtype == "bfloat16"
 
 
 @pytest.mark.parametrize("argv, needle", [

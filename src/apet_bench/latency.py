@@ -174,6 +174,8 @@ def _random_full_size(cfg: Mapping[str, Any], attn: str, dev: torch.device) -> t
     if family == "qwen25vl":  # the paper's pixel bounds, so the image gives the real visual tokens
         tiny_cfg["tiny_config"] = {**(tiny_cfg.get("tiny_config") or {}),
                                    "min_pixels": cfg.get("min_pixels", 200704), "max_pixels": cfg.get("max_pixels", 1605632)}
+        tiny_cfg.update(min_pixels=cfg.get("min_pixels", 200704), max_pixels=cfg.get("max_pixels", 1605632),
+                        visual_tokens=cfg.get("visual_tokens", 2048))
     tiny = load_model(tiny_cfg)
     cls, full = full_size_config(family)
     for obj, src in ((full, tiny.model.config), (full.get_text_config(), tiny.model.config.get_text_config())):
