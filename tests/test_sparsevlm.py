@@ -572,3 +572,22 @@ def test_plan_table_documents_both_accountings():
     refused = t[(t.model.str.startswith("llava_next")) & (t.budget == 160) & (t.accounting == "layer_input")].iloc[0]
     assert refused["counts"].startswith("refused: ") and "cannot reach 160" in refused["counts"]
     assert len(t) == 2 * (3 + 3 + 2 + 1)
+
+
+def test_positions_and_placement_by_model_and_version():
+    """v1.5 renumbers on 1-D RoPE (official v1.x) with clusters after the kept tokens; Qwen2.5-VL's mRoPE and
+    v2.0 keep original positions (clusters in their centres' slots)."""
+    assert _attached(192).renumber_positions and _attached(192)._placement() == "after_kept"
+    q = _attached(0.2, family="qwen25vl", num_layers=28)
+    assert not q.renumber_positions and q._placement() == "centre"
+    assert not _attached(192, version="2.0").renumber_positions
+    assert _attached(192, positions="original")._placement() == "centre"
+
+
+def test_without_kv_cache_refused_in_one_line():
+    """Without a cache every decode step is a new prefill with one more text token than the rows requested."""
+    a = get_adapter("tiny_llava15", "sdpa")
+    with pytest.raises(ValueError, match="use a KV cache") as err:
+        a.generate([make_image(1)], Q, {"max_new_tokens": 2, "use_cache": False}, build_method("sparsevlm", budget=192))
+    assert "\n" not in str(err.value)
+    assert own_hooks(a) == 0
