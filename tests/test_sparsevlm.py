@@ -423,7 +423,10 @@ TINY = {
 
 @pytest.mark.parametrize("model", list(TINY))
 def test_tiny_plan_equals_measured_and_sdpa_equals_eager(model):
+    """Per paper budget: plan == measured, rows only at the pruning layers, hooks gone, sdpa and eager keep the
+    same tokens (scores within 1e-5), the same seed repeats the output, and `none` is unchanged afterwards."""
     budgets, visuals = TINY[model]
+    base = get_adapter(model, "sdpa").generate(visuals(), Q, {**GEN, "output_logits": True})
     for budget in budgets:
         outs, recs = [], []
         for attn in ("sdpa", "eager"):
@@ -441,6 +444,12 @@ def test_tiny_plan_equals_measured_and_sdpa_equals_eager(model):
             outs.append(out)
             recs.append(m.last_record)
         assert outs[0].kept_indices == outs[1].kept_indices
+        a = get_adapter(model, "sdpa")  # same seed -> same output; the model equals `none` afterwards
+        again = a.generate(visuals(), Q, GEN, build_method("sparsevlm", budget=budget, seed=0))
+        assert (again.output_ids, again.kept_indices) == (outs[0].output_ids, outs[0].kept_indices)
+        after = a.generate(visuals(), Q, {**GEN, "output_logits": True})
+        for x, y in zip(base.logits, after.logits):
+            assert torch.equal(x, y)
         for r_s, r_e in zip(*recs):
             assert r_s["kept"].tolist() == r_e["kept"].tolist()
             torch.testing.assert_close(r_s["scores"], r_e["scores"], atol=1e-5, rtol=0)
