@@ -43,7 +43,13 @@ log counts each layer's *output* tokens, so a "192" run holds 206.5 visual token
 when counted on layer inputs, recycled tokens included. The harness records the true per-layer counts
 (``layer_visual_tokens``, = :meth:`SparseVLMCompressor.plan`); :func:`official_equal_tokens` gives the
 official, under-counted number for the same plan. The paper's SparseVLM rows ("retain 192/128/64") are
-the official schedules, which is what ``budget=192/128/64`` runs here.
+the official schedules, which is what ``budget=192/128/64`` runs here (``accounting="official"``);
+``accounting="layer_input"`` [derived] scales them so the true mean is the budget.
+
+Named variants: ``version="2.0"`` (SparseVLM+: gravity correction, head selection, no recycling, original
+positions), ``keep_rule="rank"`` (the video branch's ``rank(P)`` keep), ``recycle``, ``positions``,
+``placement``, ``layers`` / ``schedule`` overrides. Checked against a naive re-implementation of the official
+prefill in ``tests/test_sparsevlm.py`` (same logits within 1e-4).
 """
 
 from __future__ import annotations
