@@ -365,3 +365,30 @@ def test_no_extra_full_attention_is_run(monkeypatch, method_name):
     out = adapter.generate([make_image(25)], Q, {"max_new_tokens": 1}, build_method(method_name, budget=64))
     assert out.layer_visual_tokens == out.planned_layer_visual_tokens and out.layer_visual_tokens[-1] < 576
     assert calls == {"sdpa": 4, "eager": 0}
+
+
+@pytest.mark.parametrize("positions", ["renumber", "original"])
+def test_three_stage_positions_cached_equals_uncached(positions):
+    """PDrop's schedule with a deterministic selection (every stage keeps the first ``int(N·λ^s)`` visual
+    tokens): cached decoding (renumbered: positions shifted by the removed tokens at each stage) equals
+    ``use_cache=False`` generation, where every step re-runs the renumbered prefill."""
+    from dataclasses import dataclass
+
+    from test_stage2 import assert_logits_close
+
+    from apet_bench.methods.base import LLMSelection
+
+    @dataclass
+    class FirstK(PyramidDrop):
+        def select_llm_tokens(self, hidden_states, visual_positions, *, layer_idx, attention=None):
+            k = self.llm_keep_count(int(visual_positions[0].numel()), layer_idx=layer_idx)
+            return LLMSelection(torch.stack([v[:k] for v in visual_positions]))
+
+    adapter = adapter_for("tiny_llava15")
+    gen = {"max_new_tokens": 3, "output_logits": True}
+    m = FirstK(budget=128, positions=positions)
+    cached = adapter.generate([make_image(26)], Q, gen, m)
+    uncached = adapter.generate([make_image(26)], Q, {**gen, "use_cache": False}, m)
+    assert cached.layer_visual_tokens == [576, 241, 101, 42]
+    assert cached.output_ids == uncached.output_ids
+    assert_logits_close(cached.logits, uncached.logits)
