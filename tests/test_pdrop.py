@@ -392,3 +392,24 @@ def test_three_stage_positions_cached_equals_uncached(positions):
     assert cached.layer_visual_tokens == [576, 241, 101, 42]
     assert cached.output_ids == uncached.output_ids
     assert_logits_close(cached.logits, uncached.logits)
+
+
+def test_llava_next_real_geometry_paper_budgets_fastv_and_pdrop():
+    """Tiny NeXT with the real 336 px / 14 geometry (672 x 672 -> 2928 tokens, the paper's budgets fit):
+    FastV K=2 for 640/320 and K=1 for 160 (equivalent average on the whole span), PDrop's NeXT table."""
+    from apet_bench.baselines.fastv import FastV, fastv_keep_count
+
+    cfg = compose(["model=tiny_llava_next", "+model.tiny_config.image_size=336", "model.visual_tokens=2928"])
+    adapter = load_model(OmegaConf.to_container(cfg.model, resolve=True))
+    image = [make_image(27, (672, 672))]
+    facts = model_facts(adapter)
+    for budget, k_ref, keep in ((640, 2, round((32 * 640 - 2 * 2928) / 30)), (320, 2, round((32 * 320 - 2 * 2928) / 30)),
+                                (160, 1, round((32 * 160 - 2928) / 31))):
+        m = FastV(budget=budget)
+        assert m.schedule_layer(facts) == k_ref
+        out = adapter.generate(image, Q, GEN, m)
+        assert out.visual_tokens_in == 2928 and keep == fastv_keep_count(budget, 2928, k_ref, 32, "equivalent_average")
+        assert out.layer_visual_tokens == out.planned_layer_visual_tokens == [2928, keep, keep, keep]
+    for budget, lam in ((640, 0.42), (320, 0.19), (160, 0.175)):
+        out = adapter.generate(image, Q, GEN, PyramidDrop(budget=budget))
+        assert out.layer_visual_tokens == out.planned_layer_visual_tokens == [2928, *stage_counts(2928, lam, 3)]
