@@ -490,7 +490,7 @@ def _proxy_model_cfg(family: str, num_layers: int, visual_tokens: int) -> tuple[
     if family == "qwen25vl":
         h, w = _square_grid(visual_tokens)
         tc = {"text_layers": num_layers, "min_pixels": 256 * 28 * 28, "max_pixels": 2048 * 28 * 28, **_PROXY_WIDTHS,
-              "kv_heads": 1}
+              "kv_heads": 1, "vision_depth": 2}
         return {"name": "flops_proxy_qwen25vl", "family": family, "tiny": True, "device": "cpu", "dtype": "float32",
                 "num_layers": num_layers, "visual_tokens": 2048, "tiny_config": tc}, (28 * w, 28 * h)
     if family == "llava_next":  # real 336 px crops; a 672 x 672 image -> base + 2x2 grid -> 2928 packed tokens
@@ -743,6 +743,20 @@ def token_plan(
     family = _family(model)
     num_layers = _text_model(meta_model(family)).config.num_hidden_layers
     n = _default_visual_tokens(family, visual_tokens)
+    kwargs = dict(_method_params(method) if params is None else params)
+    key = (family, method, budget, n, allow_documented, method == "none" or _registered(method),
+           json.dumps(kwargs, sort_keys=True, default=str))
+    if key not in _PLAN_CACHE:
+        _PLAN_CACHE[key] = _token_plan(family, method, budget, n, num_layers, kwargs, allow_documented)
+    return dataclasses.replace(_PLAN_CACHE[key])
+
+
+#: Plans already computed in this process (deterministic: the methods are seeded, the proxy fixed).
+_PLAN_CACHE: dict[tuple, TokenPlan] = {}
+
+
+def _token_plan(family: str, method: str, budget: Any, n: int, num_layers: int, kwargs: dict[str, Any],
+                allow_documented: bool) -> TokenPlan:
     if method == "none" and family in ("llava15", "qwen25vl", "video_llava"):
         return TokenPlan(n, n, [n] * num_layers, None, "no compression", "no compression")
     if not _registered(method):
@@ -754,7 +768,6 @@ def token_plan(
                          {"visual_tokens_in": n, "visual_tokens_llm": layers[0]})
     from apet_bench.methods import build_method
 
-    kwargs = dict(_method_params(method) if params is None else params)
     m = build_method(method, budget=budget, **kwargs) if budget is not None else build_method(method, **kwargs)
     plan = _proxy_plan(family, num_layers, n, m)
     if method == "none":
@@ -1057,6 +1070,9 @@ def count_flops(
     else:
         tsrc = "given"
     mparams = dict(_method_params(method) if params is None else params)
+    n_in = _default_visual_tokens(family, visual_tokens)
+    if isinstance(budget, int) and method != "none" and budget > n_in:
+        raise ConfigError(f"flops: budget {budget} is above the {n_in} visual tokens of {model}")
     plan = token_plan(model, method, budget if method != "none" else None, visual_tokens=visual_tokens,
                       params=mparams, allow_documented=allow_documented)
     if isinstance(budget, int) and method != "none" and budget > plan.visual_tokens_in:
