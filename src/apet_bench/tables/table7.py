@@ -174,6 +174,11 @@ def build_table7(
                                total_speedup="")
             rows.append(row)
         del adapter
+        if cuda:  # free the 7B model before the next one
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
     header = {
         "device": device,
         "timing": (f"measured: latency protocol, backend {backend}, {warmup} warm-up + median of {repeats}, "
