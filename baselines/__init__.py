@@ -1,12 +1,26 @@
-"""Baseline compression methods (FastV, SparseVLM, PDrop, VisionZip, ToMe), one file each.
+"""Baseline compression methods, one file each (issue #5; specs in methods.md §2-§7).
 
 Installed as ``apet_bench.baselines`` (a top-level module named ``baselines`` is taken on PyPI).
 Each module registers its method class with :func:`apet_bench.methods.register_method`; the
 registry imports this package, so a new file here only needs to be imported below.
+
+==========  =========================================  ==============
+registry    method                                     stage
+==========  =========================================  ==============
+fastv       FastV (ECCV 2024), methods.md §3            llm
+pdrop       PyramidDrop (CVPR 2025), §5                 llm
+sparsevlm   SparseVLM v1.5 (ICML 2025), §4              llm
+visionzip   VisionZip (CVPR 2025), §2                   vision
+tome        ToMe (ICLR 2023) inside the vision tower, §6 vision
+downsample  token-grid downsampling reference row, §7   vision
+==========  =========================================  ==============
 """
-from apet_bench.baselines import visionzip  # noqa: E402,F401  (issue #5: VisionZip)
-from apet_bench.baselines import downsample  # noqa: E402,F401  (issue #5: downsample reference row)
-from apet_bench.baselines import sparsevlm  # noqa: E402,F401  (issue #5: SparseVLM)
-from apet_bench.baselines import fastv  # noqa: E402,F401  (issue #5: FastV)
-from apet_bench.baselines import pdrop  # noqa: E402,F401  (issue #5: PyramidDrop)
-from apet_bench.baselines import tome  # noqa: E402,F401  (issue #5: ToMe, methods.md §6)
+
+from apet_bench.baselines import (  # noqa: F401
+    downsample,
+    fastv,
+    pdrop,
+    sparsevlm,
+    tome,
+    visionzip,
+)
