@@ -32,6 +32,7 @@ def test_run_with_logger_wandb_offline(tmp_path):
     offline = list((tmp_path / "results" / "wandb").glob("offline-run-*"))
     assert len(offline) == 1, offline  # ours only: lmms-eval's WandbLogger attached to it
     rec = read_offline_run(offline[0])
+    assert rec["complete"]
 
     # summary holds the metrics (headline and every lmms-eval metric), token accounting and timing
     for name, value in metrics["metrics"].items():
@@ -55,6 +56,16 @@ def test_run_with_logger_wandb_offline(tmp_path):
     assert set(rec["tags"]) == {"model:tiny_llava15", "method:random", "budget:64", "benchmark:demo"}
     # the per-sample table was logged
     assert any("samples" in row for row in rec["history"])
+
+    # a finished run logged after the fact (python -m apet_bench.wandb_logger RUN_DIR key=value ...)
+    from apet_bench.wandb_logger import main
+
+    assert main([str(run_dir), f"dir={tmp_path / 'later'}", "tags=[x]"]) == 2  # tags: a list, config only
+    assert main([str(run_dir), "colour=red"]) == 2
+    assert main([str(run_dir), f"dir={tmp_path / 'later'}", "group=later"]) == 0
+    (again,) = (tmp_path / "later" / "wandb").glob("offline-run-*")
+    rec2 = read_offline_run(again)
+    assert rec2["group"] == "later" and rec2["summary"]["metrics/mme_perception_score"] == rec["summary"]["metrics/mme_perception_score"]
 
 
 def test_logger_none_logs_nothing_and_bad_values_fail(tmp_path):

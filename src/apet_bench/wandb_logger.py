@@ -331,7 +331,22 @@ def _set_nested(d: dict[str, Any], keys: list[str], value: Any) -> None:
     d[keys[-1]] = value
 
 
-def read_offline_run(path: str | Path) -> dict[str, Any]:
+def read_offline_run(path: str | Path, wait_s: float = 30.0) -> dict[str, Any]:
+    """What an offline W&B run recorded (see :func:`_read_offline_run_once`), waiting up to ``wait_s``
+    seconds for its ``exit`` record: wandb's service process may still be flushing the log for a
+    moment after ``run.finish()`` returns. ``out["complete"]`` says whether the exit record was seen.
+    """
+    import time
+
+    deadline = time.monotonic() + max(0.0, float(wait_s))
+    while True:
+        out = _read_offline_run_once(path)
+        if out["complete"] or time.monotonic() >= deadline:
+            return out
+        time.sleep(0.2)
+
+
+def _read_offline_run_once(path: str | Path) -> dict[str, Any]:
     """What an offline W&B run recorded, read from its ``run-<id>.wandb`` transaction log.
 
     Uses wandb's own log reader (``wandb.sdk.internal.datastore.DataStore``) and its ``Record``
@@ -345,8 +360,9 @@ def read_offline_run(path: str | Path) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``{"id", "project", "name", "group", "job_type", "tags", "config", "summary", "history"}``;
-        ``history`` is the list of logged rows (``run.log``), table values as their JSON descriptors.
+        ``{"id", "project", "name", "group", "job_type", "tags", "config", "summary", "history",
+        "complete"}``; ``history`` is the list of logged rows (``run.log``), table values as their JSON
+        descriptors; ``complete``: the log ends with the run's exit record.
 
     Raises
     ------
@@ -360,7 +376,7 @@ def read_offline_run(path: str | Path) -> dict[str, Any]:
     files = [path] if path.is_file() else sorted(path.glob("*.wandb"))
     if not files:
         raise FileNotFoundError(f"no W&B transaction log (*.wandb) in {path}")
-    out: dict[str, Any] = {"config": {}, "summary": {}, "history": [], "tags": []}
+    out: dict[str, Any] = {"config": {}, "summary": {}, "history": [], "tags": [], "complete": False}
 
     def apply_config(cfg_record: Any) -> None:
         for item in cfg_record.update:
@@ -393,6 +409,8 @@ def read_offline_run(path: str | Path) -> dict[str, Any]:
             for item in rec.summary.update:
                 keys = list(item.nested_key) or [item.key]
                 _set_nested(out["summary"], keys, _json_value(item.value_json))
+        elif kind == "exit":
+            out["complete"] = True
         elif kind == "history":
             row: dict[str, Any] = {}
             for item in rec.history.item:
@@ -413,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     overrides = {k: (v.lower() == "true" if k == "log_samples" else v) for k, v in overrides.items()}
+    unknown = sorted(set(overrides) - set(_DEFAULTS))
+    if unknown:
+        print(f"unknown wandb option(s) {', '.join(unknown)}; use {', '.join(_DEFAULTS)}", file=sys.stderr)
+        return 2
     try:
         for d in dirs:
             out = log_run_dir(d, overrides)
