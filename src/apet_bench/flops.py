@@ -69,6 +69,7 @@ __all__ = [
     "llm_flops_formula",
     "main",
     "meta_model",
+    "pope_text_tokens",
     "register_overhead",
     "token_plan",
 ]
@@ -93,6 +94,59 @@ CONVENTION: dict[str, str] = {
 #: tokenized separately as LLaVA's ``tokenizer_image_token``) over the 3000 questions of
 #: ``coco_pope_random.json``: min 61, max 64, mean 61.8, median 62. The default for the LLaVA family.
 POPE_TEXT_TOKENS: int = 62
+def pope_text_tokens(tokenizer_model: str | os.PathLike, questions: str | os.PathLike,
+                     suffix: str = "\nAnswer the question using a single word or phrase.") -> dict[str, float]:
+    """Text tokens of the LLaVA-1.5 POPE prompts under a real Llama tokenizer (how :data:`POPE_TEXT_TOKENS` was made).
+
+    Each question becomes the vicuna_v1 prompt (``apet_bench.models.llava15.vicuna_v1_prompt``) with the
+    POPE suffix; the text on each side of ``<image>`` is tokenized separately (as LLaVA's
+    ``tokenizer_image_token``: sentencepiece with its dummy prefix), plus one BOS; the placeholder is not
+    counted (576 visual tokens replace it).
+
+    Parameters
+    ----------
+    tokenizer_model : path
+        A sentencepiece ``tokenizer.model`` (``../shared/benchmarks/tokenizers/llama2/tokenizer.model``).
+    questions : path
+        A POPE question file, one JSON object per line with ``text`` (``coco_pope_random.json``).
+    suffix : str
+        Appended to each question.
+
+    Returns
+    -------
+    dict
+        ``{"n", "min", "max", "mean", "median"}`` text tokens per prompt.
+
+    Raises
+    ------
+    ConfigError
+        If a file is missing, or ``sentencepiece`` is not installed.
+    """
+    import statistics
+
+    from apet_bench.models.llava15 import vicuna_v1_prompt
+
+    for path in (tokenizer_model, questions):
+        if not os.path.isfile(path):
+            raise ConfigError(f"flops: {str(path)!r} does not exist")
+    try:
+        import sentencepiece as spm
+    except ImportError:  # pragma: no cover
+        raise ConfigError("flops: pope_text_tokens needs the sentencepiece package") from None
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
+    lengths = []
+    with open(questions) as f:
+        for line in f:
+            if line.strip():
+                q = json.loads(line)["text"]
+                before, after = vicuna_v1_prompt(q + suffix, 1, "<image>").split("<image>")
+                lengths.append(1 + len(sp.encode(before)) + len(sp.encode(after)))
+    if not lengths:
+        raise ConfigError(f"flops: no questions in {str(questions)!r}")
+    return {"n": len(lengths), "min": min(lengths), "max": max(lengths), "mean": statistics.mean(lengths),
+            "median": statistics.median(lengths)}
+
+
 #: Default text tokens for Qwen2.5-VL: no Qwen tokenizer is available offline; 60 is the count with
 #: which the paper's 14.52 is reproduced at 729 visual tokens (transformers-hooks.md §4.3). The chat
 #: template's POPE prompt is about 40 Qwen2 BPE tokens by hand count; each text token adds ~0.015 TFLOPs.
