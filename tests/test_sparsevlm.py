@@ -11,10 +11,8 @@ sdpa == eager selections; bad configurations refused before loading; end to end 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,19 +29,7 @@ from apet_bench.methods import available_methods, build_method
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_module():
-    """``apet_bench.baselines.sparsevlm``; straight from baselines/ if the package name is shadowed."""
-    try:
-        return importlib.import_module("apet_bench.baselines.sparsevlm")
-    except ImportError:
-        spec = importlib.util.spec_from_file_location("apet_bench.baselines.sparsevlm", REPO / "baselines" / "sparsevlm.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-        return mod
-
-
-S = _load_module()
+S = importlib.import_module("apet_bench.baselines.sparsevlm")
 SHARED = Path(os.environ.get("APET_BENCH_TEST_DATA_ROOT", REPO.parent / "shared" / "benchmarks"))
 GEN = {"max_new_tokens": 2}
 Q = "What is in the image?"
