@@ -333,9 +333,12 @@ class VisionZipCompressor(TokenCompressor):
     ``None`` there. Every unit's selection (dominant indices, targets, cluster members; indices into
     the layer's tokens, [CLS] = 0) is in :attr:`records` after each sample.
 
-    Deviations from the official code (named): the [CLS] row is recomputed from the layer input instead
-    of running the tower eager (same numbers); batching of the list-input branch (broken upstream,
-    methods.md §8) is not reproduced; counts clamp on small units instead of failing.
+    Deviations from the official code: the [CLS] row is recomputed from the layer input instead of
+    running the tower eager (same probabilities; softmax in fp32, upstream in the model dtype); the
+    broken list-input branch (methods.md §8) is not reproduced (images are always batched);
+    ``contextual = 0`` is allowed (upstream divides by zero); counts clamp on small units instead of
+    failing. Qwen2.5-VL [derived]: contextual similarity on head-mean keys *before* the rotary embedding,
+    output ``[dominant, contextual]`` with original mRoPE positions (the port is not in the snapshot read).
     """
 
     dominant: int | None = None
