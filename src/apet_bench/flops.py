@@ -655,7 +655,13 @@ def _variant_label(method: Any, family: str, layers: Sequence[int]) -> str:
     if method.name == "apet" and family == "qwen25vl":
         extra = (" (official: the layer-14 LLM stage is commented out in the released code, methods.md §1.5)"
                  if variant == "official" else " (paper: layer-14 LLM stage on, methods.md §1.5)")
-    return (f"variant={variant}: " if variant else "") + f"plan {layout}{extra}"
+    skip = {"name", "stage", "needs_attention_weights", "budget", "seed", "variant"}
+    try:
+        params = {k: v for k, v in method.config_dict().items() if k not in skip and v is not None}
+    except Exception:  # noqa: BLE001 - a label only
+        params = {}
+    shown = f" [{', '.join(f'{k}={v}' for k, v in params.items())}]" if params else ""
+    return (f"variant={variant}: " if variant else "") + f"plan {layout}{extra}{shown}"
 
 
 #: Documented plans of methods whose classes may not be registered yet: ``(method, family) ->
