@@ -54,6 +54,7 @@ def test_tflops_axis_from_apet_bench_flops(tmp_path, monkeypatch):
     assert "prefill TFLOPs of the full-size model" in svg
     cache = json.loads((out / ".flops_cache.json").read_text())
     values = {json.loads(k)[1]: v for k, v in cache.items()}
+    assert all(len(json.loads(k)[4]) == 12 for k in cache)  # keyed by the counter's source hash
     assert values["none"] > 3 * values["random"] > 0  # 576 vs 64 visual tokens on LLaVA-1.5-7B
     # a second call reads the cache: no FLOPs counting at all
     import apet_bench.flops

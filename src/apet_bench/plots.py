@@ -19,7 +19,8 @@ benchmark (MME: perception and cognition), with
 Each method is one line over its budgets; ``none`` (no compression) is a single marked point with a
 dashed horizontal reference. Runs are read with :func:`apet_bench.tables.load_runs` (the aggregators'
 reader). TFLOPs per (model, method, params, budget) are cached in ``<out_dir>/.flops_cache.json``
-(a count runs the method once on a shape proxy: seconds per cell). An ``index.md`` lists the figures.
+(a count runs the method once on a shape proxy: seconds per cell), keyed also by the hash of
+``apet_bench/flops.py`` so a changed counter recounts. An ``index.md`` lists the figures.
 Scores of random-weight runs are a pipeline check, never accuracy, and the figure title says so.
 The positional-bias report of the same runs (:mod:`apet_bench.bias`) goes to ``<out_dir>/bias/``.
 """
@@ -71,13 +72,14 @@ def tflops_of(model: str, method: str, budget: Any, params: dict[str, Any] | Non
     cache : dict, optional
         Memo keyed by the JSON of the arguments; updated in place (``None`` results are cached too).
     """
-    key = json.dumps([model, method, budget, params or {}], sort_keys=True, default=str)
-    if cache is not None and key in cache:
-        return cache[key]
     try:
-        from apet_bench.flops import count_flops
+        from apet_bench import flops as flops_module
     except ImportError:  # pragma: no cover - apet_bench.flops predates this module
         return None
+    count_flops = flops_module.count_flops
+    key = json.dumps([model, method, budget, params or {}, _source_hash(flops_module)], sort_keys=True, default=str)
+    if cache is not None and key in cache:
+        return cache[key]
     try:
         value: float | None = float(count_flops(model, method, None if method == "none" else budget, params=params).total_tflops)
     except Exception:  # noqa: BLE001 - unknown model / method without a plan: the caller falls back
@@ -85,6 +87,16 @@ def tflops_of(model: str, method: str, budget: Any, params: dict[str, Any] | Non
     if cache is not None:
         cache[key] = value
     return value
+
+
+def _source_hash(module: Any) -> str:
+    """First 12 hex digits of the SHA-1 of a module's source file: cached counts expire when it changes."""
+    import hashlib
+
+    try:
+        return hashlib.sha1(Path(module.__file__).read_bytes()).hexdigest()[:12]
+    except (OSError, TypeError, AttributeError):
+        return "unknown"
 
 
 def _run_extras(run_dir: str) -> dict[str, Any]:
