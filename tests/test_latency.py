@@ -138,3 +138,25 @@ def test_gpu_full_size_llava_apet64_prefill_speedup(apet64):
     assert base.comparable and "random bf16" in base.weights
     assert comp.visual_tokens_llm == 96
     assert base.prefill_ms / comp.prefill_ms > 1.0
+
+
+def test_bench_speedup_script_smoke(capsys, tmp_path):
+    """scripts/bench_speedup.py on the tiny model: one method, one budget, one timed round."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_speedup.py"
+    spec = importlib.util.spec_from_file_location("bench_speedup", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out_csv = tmp_path / "b.csv"
+    assert mod.main(["--methods", "apet", "--budgets", "64", "--repeats", "1", "--warmup", "0",
+                     "--out", str(out_csv)]) == 0
+    out = capsys.readouterr().out
+    assert "NOT the paper's setting" in out and "device: CPU" in out
+    import pandas as pd
+
+    df = pd.read_csv(out_csv)
+    row = df[df["method"] == "apet"].iloc[0]
+    assert row["flops_ratio"] > 1.5 and row["full_size_flops_ratio"] == pytest.approx(8.883 / 2.051, rel=1e-3)
+    assert 0 < row["method_share"] < 1 and row["visual_per_layer"] == 64
