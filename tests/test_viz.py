@@ -115,3 +115,19 @@ def test_command_writes_png_svg_json(tmp_path, capsys):
     rec = json.loads((out / f"{stem}__token_maps.json").read_text())
     assert rec["methods"]["random"]["num_kept"] == 32 == len(rec["methods"]["random"]["highlighted_cells"])
     assert "random: 32 of 576 visual tokens kept" in capsys.readouterr().out
+
+
+def test_vision_cls_attention_matches_eager_output_attentions(photo, tiny_llava15_cfg):
+    """The [CLS] row recomputed from the layer input equals CLIP's eager ``output_attentions``."""
+    import torch
+
+    from apet_bench.models import load_model
+    from apet_bench.viz import _vision_cls_attention
+
+    adapter = load_model({**tiny_llava15_cfg, "attn_implementation": "eager"})
+    inputs = adapter.prepare_inputs([photo], adapter.build_prompt("x"))
+    mine = _vision_cls_attention(adapter, inputs, 576)
+    with torch.inference_mode():
+        eager = adapter.vision_tower(inputs["pixel_values"], output_attentions=True).attentions
+    layer = adapter.model.config.vision_feature_layer  # -2: the layer whose output feeds the projector
+    np.testing.assert_allclose(mine, eager[layer][0, :, 0, 1:].mean(0).numpy(), atol=1e-6)
