@@ -11,7 +11,9 @@ How a number is obtained (issue #8; transformers-hooks.md §4):
    ``apet_bench.methods.build_method``) runs once, through the adapter's real ``generate`` path, on a
    *shape proxy*: the model's tiny random-weight variant (``models/tiny.py``) given the full-size
    model's depths (32 / 28 decoder layers, 24 CLIP layers) and its visual-token geometry (LLaVA-1.5: a
-   336 px image -> 576 tokens; Qwen2.5-VL: an image of ``28h × 28w`` px -> ``h·w`` tokens). The
+   336 px image -> 576 tokens; Qwen2.5-VL: an image of ``28h × 28w`` px -> ``h·w`` tokens; LLaVA-NeXT:
+   a 672 × 672 image -> base view + 2×2 crops -> 2928 packed tokens; Video-LLaVA: a 224 px image -> 256),
+   with the smallest widths the classes allow (token counts do not depend on widths). The
    adapter measures the visual tokens at the input of every decoder layer
    (``GenerationOutput.layer_visual_tokens``) and the method's plan (``TokenCompressor.plan``); we
    also record the tokens entering every vision-encoder layer (methods that merge inside the ViT,
@@ -25,8 +27,9 @@ How a number is obtained (issue #8; transformers-hooks.md §4):
    own prefill length under :class:`torch.utils.flop_counter.FlopCounterMode`, with the real number of
    text tokens (LLaVA-1.5 POPE prompt: 62 Llama-2 tokens, see :data:`POPE_TEXT_TOKENS`).
 3. **The method's own overhead** (ApET: FPS + ridge solve + error + merge; FastV / PDrop: the
-   attention rows they compute; VisionZip: the contextual-token matching; SparseVLM: raters, rows and
-   recycling) from the per-method formula registry :data:`METHOD_OVERHEAD` (:func:`register_overhead`),
+   attention rows they compute; VisionZip: the [CLS]-row recomputation and contextual matching, on
+   Qwen2.5-VL the last ViT block's full attention recomputed; SparseVLM: raters, rows and recycling;
+   ToMe: bipartite matching) from the per-method formula registry :data:`METHOD_OVERHEAD` (:func:`register_overhead`),
    reported as its own line.
 
 Convention (:data:`CONVENTION`, the paper's Table 7 and transformers-hooks.md §4.4): one multiply-add
