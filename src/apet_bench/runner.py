@@ -163,8 +163,13 @@ def _evaluate(run: PreparedRun, lmm: Any) -> dict[str, Any]:
     cfg, task = run.cfg, run.prepared_task
     _set_verbosity(cfg.get("verbosity", "WARNING"))
     tm = TaskManager(str(cfg.get("verbosity", "WARNING")).upper(), include_path=task.include_path, model_name="apet_bench")
+    if cfg["benchmark"].get("scoring") == "judge":  # read by apet_bench.judge inside the task's aggregation
+        import json
+
+        os.environ["APET_BENCH_JUDGE"] = json.dumps(dict(cfg["benchmark"].get("judge") or {}))
     model_args = (f"model={cfg['model']['name']},method={cfg['method']['name']},budget={run.budget},"
                   f"seed={cfg.get('seed', 0)}")
+    t_submit = time.time()
     try:
         results = simple_evaluate(
             model=lmm, model_args=model_args, tasks=[task.task_name], task_manager=tm, batch_size=1,
@@ -174,13 +179,21 @@ def _evaluate(run: PreparedRun, lmm: Any) -> dict[str, Any]:
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise EvaluationError(f"lmms-eval raised {type(exc).__name__}: {msg}") from exc
+    if cfg["benchmark"].get("submission") and results:
+        # Server-scored split (VQAv2 test-dev, VizWiz / MMBench test): lmms-eval wrote the submission file
+        # under ./submissions/ (cli_args is None); record it, there is no local score.
+        results["submission_files"] = sorted(
+            str(p.resolve()) for p in Path("submissions").glob("*") if p.is_file() and p.stat().st_mtime >= t_submit - 1)
     if not results or "results" not in results:
         raise EvaluationError(f"lmms-eval returned no results for task {task.task_name!r}")
     task_res = results["results"].get(task.task_name)
     if task_res is None:
         raise EvaluationError(f"lmms-eval results lack task {task.task_name!r}")
-    expected = task.num_samples if cfg.get("limit") is None else min(task.num_samples, cfg["limit"])
     effective = results.get("n-samples", {}).get(task.task_name, {}).get("effective")
+    if task.num_samples is None:  # a hub task (apet_bench.data.hub): lmms-eval counted the documents
+        expected = effective if isinstance(effective, int) and effective > 0 else -1
+    else:
+        expected = task.num_samples if cfg.get("limit") is None else min(task.num_samples, cfg["limit"])
     samples = (results.get("samples") or {}).get(task.task_name) or []
     if effective != expected or len(samples) != expected or len(lmm.records) != expected:
         raise EvaluationError(
@@ -194,7 +207,9 @@ def _evaluate(run: PreparedRun, lmm: Any) -> dict[str, Any]:
     for metric in required:
         value = task_res.get(f"{metric},none")
         if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(float(value)):
-            raise EvaluationError(f"task {task.task_name!r}: metric {metric!r} missing or not a number ({value!r})")
+            fails = task_res.get("judge_failures,none")  # apet_bench.judge: calls that failed are left out
+            extra = f"; {int(fails)} judge call(s) failed (see benchmark.judge)" if isinstance(fails, (int, float)) and fails else ""
+            raise EvaluationError(f"task {task.task_name!r}: metric {metric!r} missing or not a number ({value!r}){extra}")
     return results
 
 
