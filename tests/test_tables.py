@@ -45,7 +45,7 @@ def test_avg_hand_computed(tmp_path):
     t = build_table("table3", load_runs(tmp_path), model="m")
     # Hand-computed: GQA 45/60 = 75 %, POPE 80/80 = 100 %, MME 1600/2000 = 80 % -> mean 85.0 % over 3 of 5.
     ours = t.display[(t.display["Method"] == "apet") & (t.display["Budget"] == "0.1") & (t.display[""] == "ours")].iloc[0]
-    assert ours["Avg."] == "85.0% (3/5)"
+    assert ours["Avg."].startswith("85.0% (3/5)[")  # flagged: its MME run is limited, the vanilla one is not
     assert ours["MME"].startswith("1600")
     assert ours["GQA"].startswith("45.0")
     van = t.display[(t.display["Method"] == "none") & (t.display[""] == "ours")].iloc[0]
@@ -131,3 +131,14 @@ def test_submission_split_cell_says_where_the_file_is(tmp_path):
     t = build_table("table1", load_runs(tmp_path), model="m")
     cell = t.cells[(t.cells["method"] == "none") & (t.cells["column"] == "VQAv2")].iloc[0]
     assert cell["status"] == "missing" and "evaluation server" in cell["reason"] and "vqav2-test.json" in cell["reason"]
+
+
+def test_avg_flags_different_limits(tmp_path):
+    _run(tmp_path, "m", "none", None, "mme", {"mme_perception_score": 100.0, "mme_cognition_score": 0.0}, limit=40)
+    _run(tmp_path, "m", "apet", 64, "mme", {"mme_perception_score": 50.0, "mme_cognition_score": 0.0})
+    _run(tmp_path, "m", "apet", 128, "mme", {"mme_perception_score": 80.0, "mme_cognition_score": 0.0}, limit=40)
+    t = build_table("table1", load_runs(tmp_path), model="m")
+    ours = t.display[t.display[""] == "ours"].set_index(["Method", "Budget"])
+    assert ours.loc[("apet", "64"), "Avg."].startswith("50.0% (1/9)[")  # unlimited vs limited vanilla: flagged
+    assert ours.loc[("apet", "128"), "Avg."] == "80.0% (1/9)"  # same limit: not flagged
+    assert any("limit differs" in f for f in t.footnotes)

@@ -259,6 +259,7 @@ def build_table(name: str, runs: Any, *, failures: Any = None, model: str | list
     cells = []
     ours_vals: dict[tuple, list[float | None]] = {}
     flags: dict[tuple, list[str]] = {}
+    limits: dict[tuple, list] = {}  # per cell: the run's limit (None = full benchmark)
     for p in plan:
         vals: list[float | None] = []
         marks: list[str] = []
@@ -292,8 +293,10 @@ def build_table(name: str, runs: Any, *, failures: Any = None, model: str | list
                 "status": "ok" if value is not None else "missing",
                 "reason": reason if value is None else None, "notes": "; ".join(cell_notes) or None,
                 "run": run["name"] if run is not None else None,
+                "limit": int(run["limit"]) if run is not None and _given(run.get("limit")) else None,
             })
         ours_vals[(p["model"], p["method"], p["budget"])] = vals
+        limits[(p["model"], p["method"], p["budget"])] = [c["limit"] for c in cells[-len(vals):]]
         flags[(p["model"], p["method"], p["budget"])] = marks
 
     avg_groups = spec.get("avg") or []
@@ -321,6 +324,11 @@ def build_table(name: str, runs: Any, *, failures: Any = None, model: str | list
             if van is not None:
                 avg, n = relative_average([vals[i] for i in idx], [van[i] for i in idx])
             txt = "n/a" if avg is None else f"{avg:.1f}%" + ("" if n == len(idx) else f" ({n}/{len(idx)})")
+            vlim = limits.get((p["model"], spec.get("vanilla"), "full"))
+            rlim = limits[key]
+            if avg is not None and vlim is not None and any(
+                    vals[i] is not None and van[i] is not None and rlim[i] != vlim[i] for i in idx):
+                txt += note("Avg. compares runs over different samples (limit differs from the vanilla row's)")
             ours[group["label"]] = txt
             pav = (p["paper"].get("avg") or [None] * len(avg_groups))[gi] if p["paper"] else None
             paper[group["label"]] = "" if pav is None else f"{pav:.1f}%"
