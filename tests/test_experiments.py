@@ -60,7 +60,7 @@ def test_experiment_grid_matches_paper_table(table):
 def test_experiment_composes(table):
     cfg = compose([f"experiment={table}", "model=tiny_llava15"])
     assert cfg.model.name == "tiny_llava15"  # command-line group override wins over the experiment default
-    assert cfg.tiny_limit == 40 and cfg.benchmark.name in ("mme", "tgif_qa")
+    assert cfg.tiny_limit == 40 and cfg.benchmark.name in ("mme", "tgif_qa_judged")
     raw = OmegaConf.load(EXP / f"{table}.yaml")
     assert raw.hydra.mode == "MULTIRUN" and raw.tiny_limit == 40
 
