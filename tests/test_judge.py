@@ -141,3 +141,31 @@ def test_parse_and_config_errors():
         JudgeConfig.from_mapping({"model": "m", "url": "x"})
     with pytest.raises(JudgeError, match="timeout_s"):
         JudgeConfig.from_mapping({"model": "m", "base_url": "http://x/v1", "timeout_s": 0})
+
+
+SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
+
+
+@pytest.mark.skipif(not (SHARED / "tgif_qa").is_dir(), reason=f"no TGIF-QA data at {SHARED}")
+def test_judged_tgif_end_to_end_through_runner(stub, tmp_path):
+    """tiny Video-LLaVA answers 2 TGIF-QA questions; lmms-eval's aggregation calls the stub judge, which
+    says yes/4 to the first question it sees and times out on the other: 1 judged, 1 failure."""
+    from apet_bench.config import compose
+    from apet_bench.runner import execute
+
+    state = {"n": 0}
+
+    def reply(prompt):
+        state["n"] += 1
+        return "{'pred': 'yes', 'score': 4}" if state["n"] == 1 else None
+
+    cfg, seen = stub(reply)
+    run_cfg = compose(["model=tiny_video_llava", "method=none", "benchmark=tgif_qa_judged", f"data_root={SHARED}",
+                       "limit=2", f"results_dir={tmp_path / 'results'}", f"cache_dir={tmp_path / 'cache'}",
+                       f"benchmark.judge.base_url={cfg.base_url}", "benchmark.judge.model=stub-judge",
+                       "benchmark.judge.timeout_s=1", "benchmark.judge.max_retries=0"])
+    out = execute(run_cfg)
+    m = out.summary["metrics"]
+    assert m["gpt_eval_accuracy"] == pytest.approx(100.0) and m["gpt_eval_score"] == pytest.approx(4.0)
+    assert m["judge_failures"] == 1  # counted, not scored as wrong
+    assert len(seen) == 2  # each answer judged once across the three aggregations
