@@ -73,6 +73,7 @@ def print_failure_summary(outcomes: Iterable[Any]) -> str:
     lines = ["", f"apet-bench: {len(bad)} run(s) could not run "
              f"({sum(s == 'missing' for s, _, _ in bad)} missing, {sum(s == 'failed' for s, _, _ in bad)} failed):"]
     for (status, err), names in sorted(groups.items(), key=lambda kv: (kv[0][0], -len(kv[1]))):
+        names = list(dict.fromkeys(names))  # method=none repeats one run name across the budgets swept
         shown = ", ".join(names[:3]) + (f", ... ({len(names)} runs)" if len(names) > 3 else "")
         lines.append(f"  {status}: {err}\n      {shown}")
     lines.append("  (recorded under results/runs/ with the reason; the tables show these cells as missing)")
