@@ -7,7 +7,9 @@
     python run.py -m method=none,random budget=64,128          # a sweep; finished runs are skipped
 
 Bad input (unknown group option, a model/method not available yet, a bad budget, a bad data_root)
-ends with one line on stderr and exit code 2; a failed evaluation with exit code 1. Nothing
+ends with one line on stderr and exit code 2; a failed evaluation with exit code 1. In a sweep
+(``-m`` / an experiment in MULTIRUN mode) a cell that cannot run is recorded as missing/failed with
+its reason (``apet_bench.sweep.run_cell``) and the sweep goes on; the exit code is then 1. Nothing
 half-written is left under results/runs/.
 """
 
@@ -36,10 +38,16 @@ def main(cfg: DictConfig):
 
     from apet_bench.budget import BudgetError
     from apet_bench.data import DataError
-    from apet_bench.runner import EvaluationError, RunOutcome, execute
+    from apet_bench.runner import EvaluationError, execute
 
     hc = HydraConfig.get()
     choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
+    if hc.mode == RunMode.MULTIRUN:
+        # A sweep goes on past a cell that cannot run (recorded as missing/failed with its reason;
+        # the callback's summary lists them and makes the exit code 1).
+        from apet_bench.sweep import run_cell
+
+        return run_cell(cfg, choices)
     try:
         outcome = execute(cfg, choices=choices)
     except (ConfigError, BudgetError, DataError, ValueError) as exc:
@@ -48,9 +56,6 @@ def main(cfg: DictConfig):
         _fail("error", exc, 2)
     except EvaluationError as exc:
         name = f"{choices.get('model')}/{choices.get('method')}/{cfg.get('budget')}/{choices.get('benchmark')}"
-        if hc.mode == RunMode.MULTIRUN:
-            print(f"apet-bench: evaluation failed ({name}): {exc}", file=sys.stderr, flush=True)
-            return RunOutcome(name, "failed", "", {}, error=str(exc))
         _fail(f"evaluation failed ({name})", exc, 1)
     verb = "skipped (already finished; force=true redoes it)" if outcome.status == "skipped" else "finished"
     print(f"apet-bench: {outcome.name}: {verb} -> {outcome.run_dir}", flush=True)

@@ -78,3 +78,17 @@ def test_default_main_job_runs_none_and_random_then_skips(tmp_path):
     again = run_cli([], tmp_path)
     assert again.returncode == 0
     assert again.stdout.count("skipped (already finished") == 2, again.stdout[-2000:]
+
+
+def test_sweep_goes_on_past_a_cell_that_cannot_run(tmp_path):
+    """In a multirun a refused cell (budget above the visual tokens) is recorded as missing with its
+    reason and the other cells still run (missing cells alone keep exit code 0: a table sweep with absent
+    data is a success; a failed evaluation makes it 1)."""
+    proc = run_cli(["hydra.mode=MULTIRUN", "method=random", "budget=9999,64", "benchmark=demo", "limit=2"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tiny_llava15__random__9999__demo: missing (budget 9999" in proc.stderr
+    runs = tmp_path / "results" / "runs"
+    done = json.loads((runs / "tiny_llava15__random__64__demo" / "run.json").read_text())
+    assert done["status"] == "complete" and done["num_samples"] == 2
+    missing = json.loads((runs / "tiny_llava15__random__9999__demo" / "run.json").read_text())
+    assert missing["status"] == "missing" and "9999" in missing["error"]

@@ -42,6 +42,14 @@ def test_mme_random_64_end_to_end_then_skip(tmp_path):
     before = (run_dir / "run.json").stat().st_mtime_ns
     again = execute(cfg)
     assert again.status == "skipped" and (run_dir / "run.json").stat().st_mtime_ns == before
+    assert run["limit"] == 40
+    # a smaller limit is covered by the finished run; a larger one redoes and replaces it
+    smaller = cfg_for(tmp_path, "method=random", "budget=64", "benchmark=mme", f"data_root={SHARED_BENCH}", "limit=20")
+    assert execute(smaller).status == "skipped"
+    larger = cfg_for(tmp_path, "method=random", "budget=64", "benchmark=mme", f"data_root={SHARED_BENCH}", "limit=60")
+    redone = execute(larger)
+    assert redone.status == "finished" and redone.summary["num_samples"] == 60 and redone.summary["limit"] == 60
+    assert "force: false" in (run_dir / "config.yaml").read_text()
 
 
 def test_failed_evaluation_writes_nothing(tmp_path, monkeypatch):

@@ -245,6 +245,14 @@ def _attention_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     return first
 
 
+def _covers(done_limit: int | None, wanted_limit: int | None) -> bool:
+    """Whether a finished run made with ``limit=done_limit`` answers a request for ``wanted_limit``
+    (``None`` = every sample): a full run covers any request, a limited one only smaller limits."""
+    if done_limit is None:
+        return True
+    return wanted_limit is not None and int(wanted_limit) <= int(done_limit)
+
+
 def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None = None) -> RunOutcome:
     """Run one configuration end to end, or skip it when already finished.
 
@@ -273,9 +281,12 @@ def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None 
     run = prepare_run(cfg)
     cfg = run.cfg
     run_dir = run.store.run_dir(run.name)
-    if run.store.is_finished(run.name) and not cfg.get("force"):
+    redo = bool(cfg.get("force"))
+    if run.store.is_finished(run.name) and not redo:
         summary = run.store.load(run.name)
-        return RunOutcome(run.name, "skipped", str(run_dir), summary)
+        if _covers(summary.get("limit"), cfg.get("limit")):
+            return RunOutcome(run.name, "skipped", str(run_dir), summary)
+        redo = True  # the finished run scored fewer samples than asked for: redo and replace it
 
     adapter = _load_adapter(cfg["model"])
     compressor = build_method(cfg["method"]["name"], budget=run.budget, seed=cfg.get("seed", 0),
@@ -313,6 +324,7 @@ def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None 
         "task": task.task_name,
         "metrics": {m: metrics.get(m) for m in (cfg["benchmark"].get("metrics") or metrics)},
         "num_samples": len(samples),
+        "limit": cfg.get("limit"),
         "skipped_samples": sum(int(s.get("questions", 0)) for s in task.skipped),
         "visual_tokens_llm_mean": tokens["visual_tokens_llm_mean"],
         "layer_average_visual_tokens": tokens["layer_average_visual_tokens_mean"],
@@ -325,7 +337,7 @@ def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None 
         "wall_s": round(time.perf_counter() - t0, 3),
         "note": RANDOM_WEIGHTS_NOTE if provenance.get("random_weights") else None,
     }
-    with run.store.open_run(run.name, force=bool(cfg.get("force"))) as w:
+    with run.store.open_run(run.name, force=redo) as w:
         w.write_text("config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)))
         w.write_json("metrics.json", {
             "task": task.task_name,
