@@ -121,8 +121,7 @@ def test_mme_shared_cache_reused(mme_task, mme_cache):
     print(f"\nprepare_benchmark(mme) warm: {warm:.3f}s")
     assert again == mme_task
     assert {p: p.stat().st_mtime_ns for p in entry.rglob("*")} == stamps
-    assert sorted(p.name for p in (mme_cache / "tasks").iterdir()) == before
-    assert warm < 1.0
+    assert sorted(p.name for p in (mme_cache / "tasks").iterdir()) == before  # reused, not rewritten
 
 
 def test_generated_yaml_matches_builtin_mme(demo_task):
@@ -371,11 +370,13 @@ def test_demo_task(demo_task, tmp_path):
     assert len(by_qid) == 12 and all(sorted(a) == ["No", "Yes"] for a in by_qid.values())
     first = next(r for r in ds if r["question_id"] == "existence/astronaut.png")
     assert np.array_equal(np.asarray(first["image"]), skimage.data.astronaut())  # lossless
-    t0 = time.perf_counter()
+    entry = Path(demo_task.include_path)
+    stamps = {p: p.stat().st_mtime_ns for p in entry.rglob("*")}
     again = prepare_benchmark(
         DEMO_CFG, data_root="/ignored", cache_dir=str(Path(demo_task.include_path).parents[1])
     )
-    assert again == demo_task and time.perf_counter() - t0 < 2.0
+    assert again == demo_task
+    assert {p: p.stat().st_mtime_ns for p in entry.rglob("*")} == stamps  # reused, not rewritten
 
 
 # ------------------------------------------------------------------------------ lmms-eval end to end
