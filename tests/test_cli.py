@@ -48,6 +48,8 @@ def assert_nothing_written(tmp_path):
         (["method=random", "benchmark=mme", "data_root=/nonexistent/benchmarks"], "/nonexistent/benchmarks"),
         (["method=random", "benchmark=mme", f"data_root={REPO / 'configs'}"], str(REPO / "configs")),
         (["on_corrupt_image=maybe"], "maybe"),
+        (["method=random", "logger=tensorboard"], "logger 'tensorboard' is invalid"),
+        (["method=random", "logger=wandb", "wandb.mode=sometimes"], "wandb.mode 'sometimes' is invalid"),
         (["model=qwen25vl", "method=none"], "Qwen/Qwen2.5-VL-7B-Instruct"),  # real weights absent offline
         (["method=random", "method.params.stage=sideways"], "sideways"),
     ],
@@ -87,6 +89,9 @@ def test_sweep_goes_on_past_a_cell_that_cannot_run(tmp_path):
     proc = run_cli(["hydra.mode=MULTIRUN", "method=random", "budget=9999,64", "benchmark=demo", "limit=2"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tiny_llava15__random__9999__demo: missing (budget 9999" in proc.stderr
+    # a sweep in which no cell can run is bad input: exit code 2 with the first reason
+    bad = run_cli(["hydra.mode=MULTIRUN", "method=random", "budget=9999,8888", "benchmark=demo"], tmp_path)
+    assert bad.returncode == 2 and "none of the 2 cell(s) of the sweep could run" in bad.stderr, bad.stderr[-2000:]
     runs = tmp_path / "results" / "runs"
     done = json.loads((runs / "tiny_llava15__random__64__demo" / "run.json").read_text())
     assert done["status"] == "complete" and done["num_samples"] == 2

@@ -1,7 +1,8 @@
 """Hydra callback: progress of a sweep (runs done / left, samples per second, ETA), one results table at
 the end of a run or a sweep, and a summary of the cells that could not run (missing: data absent /
 not available, with the reason; failed: the evaluation raised). The exit code is 1 when any job failed
-(Hydra's multirun would otherwise exit 0 after a job returned a failure); missing cells alone keep 0."""
+(Hydra's multirun would otherwise exit 0 after a job returned a failure); missing cells alone keep 0,
+unless no cell of the sweep could run at all (bad input shared by every cell): exit code 2."""
 
 from __future__ import annotations
 
@@ -111,11 +112,17 @@ class ResultsTableCallback(Callback):
         print_results_table([o for o in self.outcomes if _get(o, "status") in ("finished", "skipped")]
                             if self.multirun else self.outcomes)
         failed = [o for o in self.outcomes if _get(o, "status") == "failed"]
+        ran = [o for o in self.outcomes if _get(o, "status") in ("finished", "skipped")]
+        missing = [o for o in self.outcomes if _get(o, "status") == "missing"]
         print_failure_summary(self.outcomes)
         self.outcomes = []
         if failed:
             print(f"apet-bench: {len(failed)} run(s) failed: {', '.join(_get(o, 'name') for o in failed)}", file=sys.stderr)
             sys.exit(1)
+        if self.multirun and missing and not ran:  # nothing could run: bad input, not a sweep with gaps
+            print(f"apet-bench: error: none of the {len(missing)} cell(s) of the sweep could run "
+                  f"(first reason: {_get(missing[0], 'error')})", file=sys.stderr)
+            sys.exit(2)
 
     def on_run_end(self, config: Any, **kwargs: Any) -> None:
         self._finish()

@@ -129,6 +129,12 @@ def prepare_run(cfg: DictConfig | dict[str, Any]) -> PreparedRun:
     # The method's own checks against the model config (drop layers, schedules, [CLS]) before loading.
     build_method(cfg["method"]["name"], budget=budget, seed=cfg.get("seed", 0),
                  **(cfg["method"].get("params") or {})).check_model_config(cfg["model"])
+    from apet_bench.wandb_logger import LOGGERS, _wandb_settings
+
+    if (cfg.get("logger") or "none") not in LOGGERS:  # checked before the evaluation, not after it
+        raise ConfigError(f"logger {cfg.get('logger')!r} is invalid (use {' | '.join(LOGGERS)})")
+    if cfg.get("logger") == "wandb":
+        _wandb_settings(cfg.get("wandb") or {})
     if cfg.get("on_corrupt_image") not in ("skip", "error"):
         raise ConfigError(f"on_corrupt_image {cfg.get('on_corrupt_image')!r} is invalid (use skip or error)")
     limit = cfg.get("limit")
