@@ -53,6 +53,18 @@ def test_visionzip64_within_5pct_of_paper():
     assert abs(r.total_tflops - 2.03) / 2.03 < 0.05
 
 
+def test_pdrop64_overhead_counts_the_probe_projections():
+    """PDrop's probe projects q/k/v/o of the pre-drop sequence at each stage layer (baselines/pdrop.py)."""
+    r = flops.count_flops("llava15", "pdrop", 64, text_tokens=LLAVA_TEXT)
+    d = 4096  # Vicuna-7B: hidden 4096, 32 heads, no GQA (d_kv = d)
+    stages = [i for i in range(1, 32) if r.layer_visual_tokens[i] < r.layer_visual_tokens[i - 1]]
+    assert stages == [2, 8, 16]
+    for layer in stages:
+        seq = r.layer_visual_tokens[layer - 1] + LLAVA_TEXT
+        assert r.method_breakdown[f"probe_projections_L{layer}"] * 1e12 == pytest.approx(2 * seq * d * 4 * d)
+    assert abs(r.total_tflops - 2.16) / 2.16 < 0.02  # the paper's PDrop row (Table 7)
+
+
 def test_documented_plan_used_when_class_is_absent(monkeypatch):
     monkeypatch.setattr(flops, "_registered", lambda name: False)
     r = flops.count_flops("llava15", "visionzip", 64, text_tokens=LLAVA_TEXT)

@@ -973,7 +973,21 @@ def _fastv_overhead(family: str, plan: TokenPlan, text_tokens: int, params: Mapp
 
 @register_overhead("pdrop")
 def _pdrop_overhead(family: str, plan: TokenPlan, text_tokens: int, params: Mapping[str, Any]) -> dict[str, int]:
-    return {k.replace("attention_row", "last_instruction_row"): v for k, v in _fastv_overhead(family, plan, text_tokens, params).items()}
+    """At each stage layer ℓ the probe (``AttentionRowCapture.probe``, as the official ``pdrop_rank_drop``)
+    runs ℓ's q/k/v/o projections over the pre-drop sequence ``seq`` (``2·seq·d·(2d + 2·d_kv)``; the
+    official code projects q/k/v only) and the last instruction token's row ``2·seq·d`` (+ softmax);
+    baselines/pdrop.py, methods.md §5.2."""
+    model = meta_model(family)
+    tc = _text_model(model).config
+    d = tc.hidden_size
+    head_dim = getattr(tc, "head_dim", None) or d // tc.num_attention_heads
+    d_kv = (getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads) * head_dim
+    out = {}
+    for drop in plan.stage_counts.get("drops", []) or _drops_of(plan):
+        seq = drop["from"] + text_tokens
+        out[f"last_instruction_row_L{drop['layer']}"] = _attention_row_flops(seq, d, 1)
+        out[f"probe_projections_L{drop['layer']}"] = 2 * seq * d * (2 * d + 2 * d_kv)
+    return out
 
 
 #: Text tokens before the visual span (LLaVA vicuna_v1: system prompt + "USER: " = 35 with BOS,
