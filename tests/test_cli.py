@@ -47,7 +47,7 @@ def assert_nothing_written(tmp_path):
         (["method=random", "budget=1.5"], "1.5"),
         (["method=random", "benchmark=mme", "data_root=/nonexistent/benchmarks"], "/nonexistent/benchmarks"),
         (["method=random", "benchmark=mme", f"data_root={REPO / 'configs'}"], str(REPO / "configs")),
-        (["on_corrupt_image=maybe"], "maybe"),
+        (["method=random", "on_corrupt_image=maybe"], "maybe"),
         (["method=random", "logger=tensorboard"], "logger 'tensorboard' is invalid"),
         (["method=random", "logger=wandb", "wandb.mode=sometimes"], "wandb.mode 'sometimes' is invalid"),
         (["model=qwen25vl", "method=none"], "Qwen/Qwen2.5-VL-7B-Instruct"),  # real weights absent offline
