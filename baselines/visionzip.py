@@ -501,7 +501,10 @@ class VisionZipCompressor(TokenCompressor):
         """LLaVA-1.5 / Video-LLaVA image: ``[CLS, dominant patches, contextual]`` projected."""
         res = self._unit(batch, image_index, 1.0)
         out = self._adapter.project_visual(res.tokens.to(features.dtype))
-        return VisualSelection(out.to(features.dtype), None)
+        # rows: [CLS] (none of the 576 visual tokens: -1), dominant patches, contextual targets (stand-ins
+        # for their clusters); layer tokens are [CLS] + patches, so patch p is visual token p - 1
+        reported = torch.cat([res.dominant, res.targets]).to(torch.long) - 1
+        return VisualSelection(out.to(features.dtype), None, reported_indices=reported.to(features.device))
 
     def _video(self, features: torch.Tensor, seg: Any, batch: dict[str, torch.Tensor]) -> VisualSelection:
         """Video-LLaVA video: per frame (257 tokens, [CLS] = token 0 of the frame), kept indices reported."""

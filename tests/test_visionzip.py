@@ -131,6 +131,9 @@ def test_dominant_rows_are_the_projected_layer_minus2_tokens():
     dom = torch.tensor(m.records[0]["dominant"][1:]) - 1
     assert sels[0].num_tokens == 64 and sels[0].kept_indices is None
     assert torch.allclose(sels[0].features[1:54], tokens[dom], atol=1e-5)
+    # reported for accounting/figures: [CLS] = -1, dominant patches, contextual targets (visual-token indices)
+    targets = torch.tensor(m.records[0]["targets"]) - 1
+    assert sels[0].reported_indices.tolist() == [-1, *dom.tolist(), *targets.tolist()]
 
 
 def test_qwen_recomputed_attention_reproduces_the_block_output():
@@ -215,7 +218,8 @@ def test_end_to_end_plan_equals_measured(tmp_path, model, over, budget, bench):
         assert layers == s["planned_layer_visual_tokens"] and len(set(layers)) == 1
         n = layers[0]
         if model == "tiny_llava15":
-            assert n == budget and s["kept_indices"] is None
+            # recorded: dominant patches + contextual targets; the [CLS] row has no visual-token index
+            assert n == budget and len(s["kept_indices"][0]) == budget - 1 and min(s["kept_indices"][0]) >= 0
         elif model == "tiny_llava_next":  # per crop min(b, 1 + 64 or 576 patches); crops = base + grid
             per = min(round(budget / 5), 1 + (576 if over else 64))
             assert n % per == 0 and n // per in (3, 4, 5, 7)  # 1 + rows*cols crops (tiny pinpoints)
@@ -345,5 +349,5 @@ def test_video_llava_image_uses_the_image_tower():
     a = adapter("tiny_video_llava")
     m = build_method("visionzip", budget=64)
     out = a.generate([make_image(9, (80, 80))], "What?", GEN, m)
-    assert out.visual_tokens_in == 256 and out.visual_tokens_llm == 64 and out.kept_indices is None
+    assert out.visual_tokens_in == 256 and out.visual_tokens_llm == 64 and len(out.kept_indices[0]) == 63
     assert len(m.records) == 1 and len(m.records[0]["dominant"]) == 54 and len(m.records[0]["targets"]) == 10

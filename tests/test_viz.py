@@ -43,11 +43,11 @@ def test_highlighted_tokens_are_the_kept_tokens(method, photo, tiny_llava15, tmp
     # The drawn grid state: cells drawn as kept, counted from the array the overlay was drawn from.
     drawn = int((mm.grid_state == KEPT).sum())
     # The method's kept count, measured independently: visual tokens at the input of the last layer.
-    if mm.kept_source == "GenerationOutput.kept_indices":
-        assert drawn == len(mm.kept_indices) == mm.layer_visual_tokens[-1] < 576
-    else:  # VisionZip on LLaVA-1.5: its records; the [CLS] row it also feeds the LLM has no cell
-        assert method == "visionzip"
+    assert mm.kept_source == "GenerationOutput.kept_indices"
+    if method == "visionzip":  # its [CLS] row also enters the LLM but is none of the 576 visual tokens
         assert drawn == len(mm.kept_indices) == mm.layer_visual_tokens[-1] - 1
+    else:
+        assert drawn == len(mm.kept_indices) == mm.layer_visual_tokens[-1] < 576
     # The JSON beside the PNG: kept indices the figure was drawn from, and the cells they map to
     # (LLaVA-1.5: 24 x 24 raster order).
     rec = json.loads((tmp_path / f"image__tiny_llava15__{budget}__token_maps.json").read_text())

@@ -466,10 +466,12 @@ def compute_token_maps(
             mm.merge_roots = np.asarray(roots[0], dtype=np.int64)
         elif kept is not None and _tome_roots(method, kept, out.visual_tokens_in) is not None:
             mm.merge_roots = _tome_roots(method, kept, out.visual_tokens_in)
-        elif kept is None and (vz := _visionzip_selection(method, out.visual_tokens_in)) is not None:
-            mm.kept_indices, mm.merge_roots = vz
-            mm.kept_source = f"{name}.records (dominant + contextual targets; [CLS] row not drawn)"
-            kept = mm.kept_indices
+        elif (vz := _visionzip_selection(method, out.visual_tokens_in)) is not None:
+            if kept is None:
+                mm.kept_indices = vz[0]
+                mm.kept_source = f"{name}.records (dominant + contextual targets; [CLS] row not drawn)"
+                kept = mm.kept_indices
+            mm.merge_roots = vz[1]
         elif calls:
             composed = _apet_roots(calls, seg.num_tokens if out.visual_tokens_in == seg.num_tokens else -1)
             if composed is not None:

@@ -74,10 +74,16 @@ class VisualSelection:
         ``(num_kept,)`` long: for each row of ``features``, its index in the image's original visual
         tokens (``0 <= i < num_visual_tokens``), when the method keeps (or writes over) original tokens;
         ``None`` when the rows have no single original token (e.g. pooled tokens).
+    reported_indices : torch.Tensor or None
+        ``(num_kept,)`` long, only when ``kept_indices`` is ``None``: each row's original token index for
+        accounting and figures (``samples.jsonl`` ``kept_indices``, token maps, positional bias), or
+        ``-1`` for a row that is none of the model's visual tokens (VisionZip's [CLS] row on LLaVA-1.5);
+        ``-1`` rows are left out of the recorded indices. Never used for positions.
     """
 
     features: torch.Tensor
     kept_indices: torch.Tensor | None = None
+    reported_indices: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -1176,8 +1176,9 @@ class ModelAdapter:
                 probe = stack.enter_context(_PrefillProbe(self.model, self.decoder_layers, self._clock))
                 if method.stage in STAGE_ONE and len(images) > 0:
                     gen_inputs, selections = self.apply_visual_stage(inputs, method)
-                    if all(s.kept_indices is not None for s in selections):
-                        kept = [s.kept_indices.tolist() for s in selections]  # type: ignore[union-attr]
+                    reports = [s.kept_indices if s.kept_indices is not None else s.reported_indices for s in selections]
+                    if all(r is not None for r in reports):
+                        kept = [r.tolist() for r in reports]  # type: ignore[union-attr]  (-1: no original token)
                 else:
                     gen_inputs = dict(inputs)
                 out = self.model.generate(**gen_inputs, **kwargs)
@@ -1197,6 +1198,8 @@ class ModelAdapter:
                         kept = [[kept[0][j] for j in in_run.tolist()]]
                     elif method.stage == "llm":
                         kept = [in_run.tolist()]
+        if kept is not None:  # rows without an original token (reported as -1) have no index to record
+            kept = [[int(i) for i in row if i >= 0] for row in kept]
         input_ids = gen_inputs["input_ids"]
         mask = gen_inputs.get("attention_mask")
         prompt_len = int(input_ids.shape[1])
