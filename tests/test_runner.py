@@ -151,3 +151,20 @@ def test_method_checks_model_config_before_loading(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"layer 4 is not usable on model 'tiny_llava15' with 4 decoder layers"):
         execute(cfg)
     assert not (tmp_path / "results" / "runs").exists() or not any((tmp_path / "results" / "runs").iterdir())
+
+
+def test_model_variants_get_their_own_run_name():
+    """A model setting that differs from its config file is part of the run name (eager vs sdpa, a deeper
+    tiny tower), so two variants never share a run directory; local_path (where the weights are) is not."""
+    from omegaconf import OmegaConf
+
+    from apet_bench.runner import model_label
+
+    def label(*overrides):
+        return model_label(OmegaConf.to_container(compose(list(overrides)), resolve=True)["model"])
+
+    assert label() == "tiny_llava15"
+    assert label("model.attn_implementation=eager") == "tiny_llava15-attn_implementation=eager"
+    assert label("+model.tiny_config.vision_layers=24") == "tiny_llava15-tiny_config.vision_layers=24"
+    assert label("model=llava15", "model.local_path=/weights/llava") == "llava15"
+    assert label("model=llava15", "model.dtype=bfloat16") == "llava15-dtype=bfloat16"

@@ -96,6 +96,45 @@ def method_label(method_cfg: dict[str, Any]) -> str:
     return label.replace("/", "_").replace("__", "_")
 
 
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+#: Model keys that do not change what a run measures (where the same weights are read from).
+_MODEL_KEYS_NOT_IN_NAME = ("local_path",)
+
+
+def model_label(model_cfg: dict[str, Any]) -> str:
+    """The model's part of a run name: its name, plus ``-key=value`` for every setting that differs from
+    ``configs/model/<name>.yaml`` (sorted, nested keys dotted), so e.g. an eager-attention run or a tiny
+    model with a deeper vision tower never shares a run directory with the default.
+
+    ``tiny_llava15`` -> ``tiny_llava15``; with ``model.attn_implementation=eager`` ->
+    ``tiny_llava15-attn_implementation=eager``; ``local_path`` is left out (same weights, other place).
+    """
+    from omegaconf import OmegaConf
+
+    from apet_bench.config import config_dir
+
+    name = model_cfg["name"]
+    default_file = config_dir() / "model" / f"{name}.yaml"
+    if not default_file.is_file():
+        return name
+    defaults = _flatten(OmegaConf.to_container(OmegaConf.load(default_file), resolve=False))
+    current = _flatten({k: v for k, v in model_cfg.items()})
+    changed = [f"{k}={current[k]}" for k in sorted(current)
+               if k not in _MODEL_KEYS_NOT_IN_NAME and (k not in defaults or current[k] != defaults[k])]
+    label = "-".join([name, *changed])
+    return label.replace("/", "_").replace("__", "_").replace(" ", "")
+
+
 def prepare_run(cfg: DictConfig | dict[str, Any]) -> PreparedRun:
     """Validate a composed config and prepare its benchmark data; writes nothing under results/.
 
@@ -142,7 +181,7 @@ def prepare_run(cfg: DictConfig | dict[str, Any]) -> PreparedRun:
         raise ConfigError(f"limit {limit!r} is invalid (use a positive integer or null)")
     cfg["data_root"] = _resolve_path(cfg.get("data_root"))
     cfg["cache_dir"] = _resolve_path(cfg.get("cache_dir")) or str(Path("~/.cache/apet_bench").expanduser())
-    name = run_name(cfg["model"]["name"], method_label(cfg["method"]), budget, cfg["benchmark"]["name"])
+    name = run_name(model_label(cfg["model"]), method_label(cfg["method"]), budget, cfg["benchmark"]["name"])
     prepared = prepare_benchmark(
         cfg["benchmark"], data_root=cfg["data_root"], cache_dir=cfg["cache_dir"],
         on_corrupt_image=cfg["on_corrupt_image"],

@@ -40,10 +40,10 @@ def _cell_name(cfg: dict) -> str | None:
     try:
         from apet_bench.budget import validate_budget
         from apet_bench.results import run_name
-        from apet_bench.runner import method_label
+        from apet_bench.runner import method_label, model_label
 
         budget = None if cfg["method"]["name"] == "none" else validate_budget(cfg.get("budget"))
-        return run_name(cfg["model"]["name"], method_label(cfg["method"]), budget, cfg["benchmark"]["name"])
+        return run_name(model_label(cfg["model"]), method_label(cfg["method"]), budget, cfg["benchmark"]["name"])
     except Exception:
         return None
 

@@ -99,7 +99,9 @@ def _row(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {
         "name": name,
         "status": summary.get("status"),
-        "model": summary.get("model"),
+        # the run name's model part: the model plus any setting that differs from its config file
+        # (runner.model_label), so a variant (eager attention, a deeper tiny tower) is its own model row
+        "model": parts[0] if len(parts) == 4 else summary.get("model"),
         "method": method,
         "method_label": parts[1] if len(parts) == 4 else method,
         "budget": summary.get("budget"),
