@@ -25,10 +25,13 @@ ARGS ?=
 TABLE_ARGS ?=
 ## The sweep runs through apet_bench.sweep (same config as run.py; a cell that cannot run is recorded as
 ## missing with its reason instead of ending the sweep); table5/table6 also run their Qwen2.5-VL half.
+## The table is printed even when some evaluation failed; the target then exits with the sweep's code.
 table1 table2 table3 table4 table5 table6: $(STAMP)
-	$(PY) -m apet_bench.sweep experiment=$@ $(ARGS) || true
-	if [ -f configs/experiment/$@_qwen.yaml ]; then $(PY) -m apet_bench.sweep experiment=$@_qwen $(ARGS) || true; fi
-	$(PY) -m apet_bench.tables $@ $(ARGS) $(TABLE_ARGS)
+	@rc=0; \
+	$(PY) -m apet_bench.sweep experiment=$@ $(ARGS) || rc=$$?; \
+	if [ -f configs/experiment/$@_qwen.yaml ]; then $(PY) -m apet_bench.sweep experiment=$@_qwen $(ARGS) || rc=$$?; fi; \
+	$(PY) -m apet_bench.tables $@ $(ARGS) $(TABLE_ARGS) || exit $$?; \
+	exit $$rc
 
 ## Table 7 (efficiency): meta-device TFLOPs everywhere, GPU timing where a GPU is present.
 table7: $(STAMP)
