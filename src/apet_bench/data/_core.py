@@ -76,6 +76,31 @@ def one_line(text: Any) -> str:
     return " ".join(str(text).split())
 
 
+def resolve_data_root(data_root: Any, benchmark: str, needs: str) -> Path:
+    """The benchmark's data root as an absolute directory (``~`` expanded, symlinks resolved).
+
+    Parameters
+    ----------
+    data_root : str or os.PathLike or None
+        The configured ``data_root``.
+    benchmark : str
+        Benchmark name for the message (``"MME"``, ``"POPE"``, ...).
+    needs : str
+        What the benchmark reads under it, for the message when ``data_root`` is None.
+
+    Raises
+    ------
+    DataError
+        ``data_root`` is None, or not an existing directory (one line naming the path).
+    """
+    if data_root is None:
+        raise DataError(f"data_root is None: {benchmark} needs a data root holding {needs}")
+    root = Path(os.path.expanduser(str(data_root))).resolve()
+    if not root.is_dir():
+        raise DataError(f"{benchmark} data_root {root} does not exist or is not a directory")
+    return root
+
+
 @dataclass
 class PreparedTask:
     """A local lmms-eval task built from a benchmark's files.

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._core import MME_SUBTASKS, BuildResult, DataError, FileHasher, mme_features, one_line
+from ._core import MME_SUBTASKS, BuildResult, DataError, FileHasher, mme_features, one_line, resolve_data_root
 
 log = logging.getLogger("apet_bench.data")
 
@@ -136,13 +136,7 @@ def scan_mme(cfg: Mapping[str, Any], data_root: str | os.PathLike | None) -> MME
     """Locate and validate an MME copy; see the module docstring for the rules."""
     subdir = str(cfg.get("subdir", "mme"))
     gt_subdir = str(cfg.get("ground_truth_subdir", "mme_ground_truth"))
-    if data_root is None:
-        raise DataError(
-            f"data_root is None: MME needs a data root holding {subdir}/<subtask>/ and {gt_subdir}/<subtask>.txt"
-        )
-    root = Path(os.path.expanduser(str(data_root))).resolve()
-    if not root.is_dir():
-        raise DataError(f"MME data_root {root} does not exist or is not a directory")
+    root = resolve_data_root(data_root, "MME", f"{subdir}/<subtask>/ and {gt_subdir}/<subtask>.txt")
     release = root / subdir
     gt_dir = root / gt_subdir
     if not release.is_dir():

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._core import SPLIT, BuildResult, DataError, FileHasher, _q, one_line
+from ._core import SPLIT, BuildResult, DataError, FileHasher, _q, one_line, resolve_data_root
 
 log = logging.getLogger("apet_bench.data")
 
@@ -145,12 +145,8 @@ def scan_pope(cfg: Mapping[str, Any], data_root: str | os.PathLike | None) -> PO
     subdir = str(cfg.get("subdir", "pope"))
     images_subdir = str(cfg.get("images_subdir", "coco/val2014"))
     random_file = str(cfg.get("random_file", "coco_pope_random_2910_llava.json"))
-    if data_root is None:
-        raise DataError(f"data_root is None: benchmark {str(cfg.get('name', 'pope'))!r} needs {subdir}/coco_pope_*.json "
-                        f"and the COCO val2014 images in {images_subdir}/")
-    root = Path(os.path.expanduser(str(data_root))).resolve()
-    if not root.is_dir():
-        raise DataError(f"POPE data_root {root} does not exist or is not a directory")
+    root = resolve_data_root(data_root, f"POPE (benchmark {str(cfg.get('name', 'pope'))!r})",
+                             f"{subdir}/coco_pope_*.json and the COCO val2014 images in {images_subdir}/")
     folder = root / subdir
     images = root / images_subdir
     files = {"adversarial": folder / "coco_pope_adversarial.json", "popular": folder / "coco_pope_popular.json",

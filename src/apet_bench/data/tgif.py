@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._core import SPLIT, BuildResult, DataError, FileHasher, _q, one_line
+from ._core import SPLIT, BuildResult, DataError, FileHasher, _q, one_line, resolve_data_root
 
 log = logging.getLogger("apet_bench.data")
 
@@ -119,11 +119,7 @@ def scan_tgif(cfg: Mapping[str, Any], data_root: str | os.PathLike | None) -> TG
         ``local_gifs.tsv`` row that is not an official test row; no question left.
     """
     subdir = str(cfg.get("subdir", "tgif_qa"))
-    if data_root is None:
-        raise DataError(f"data_root is None: TGIF-QA needs a data root holding {subdir}/{LOCAL_INDEX}")
-    root = Path(os.path.expanduser(str(data_root))).resolve()
-    if not root.is_dir():
-        raise DataError(f"TGIF-QA data_root {root} does not exist or is not a directory")
+    root = resolve_data_root(data_root, "TGIF-QA", f"{subdir}/{LOCAL_INDEX}")
     folder = root / subdir
     index = folder / LOCAL_INDEX
     if not index.is_file():

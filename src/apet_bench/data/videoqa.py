@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._core import SPLIT, BuildResult, DataError, FileHasher, _q, one_line
+from ._core import SPLIT, BuildResult, DataError, FileHasher, _q, one_line, resolve_data_root
 
 log = logging.getLogger("apet_bench.data")
 
@@ -102,11 +102,7 @@ def scan_videoqa(cfg: Mapping[str, Any], data_root: str | os.PathLike | None) ->
     qa_file = str(cfg.get("qa_file", "test_qa.json"))
     videos_subdir = str(cfg.get("videos_subdir", "videos"))
     pattern = str(cfg.get("video_pattern", "{video}"))
-    if data_root is None:
-        raise DataError(f"data_root is None: {name} needs {subdir}/{qa_file} and {subdir}/{videos_subdir}/")
-    root = Path(os.path.expanduser(str(data_root))).resolve()
-    if not root.is_dir():
-        raise DataError(f"{name} data_root {root} does not exist or is not a directory")
+    root = resolve_data_root(data_root, name, f"{subdir}/{qa_file} and {subdir}/{videos_subdir}/")
     folder = root / subdir
     qa = folder / qa_file
     if not qa.is_file():
