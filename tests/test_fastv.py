@@ -12,10 +12,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_image
-from omegaconf import OmegaConf
-from test_stage2 import count_hooks
-
 from apet_bench.baselines.fastv import (
     FastV,
     ModelFacts,
@@ -23,10 +19,14 @@ from apet_bench.baselines.fastv import (
     model_facts,
     scale_layers,
 )
+from conftest import make_image
+from omegaconf import OmegaConf
+from test_model_matrix import get_adapter
+from test_stage2 import count_hooks
+
 from apet_bench.budget import BudgetError
 from apet_bench.config import compose
 from apet_bench.methods import build_method
-from apet_bench.models import load_model
 from apet_bench.models.video_llava import VideoClip
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,16 +35,9 @@ GEN = {"max_new_tokens": 2}
 Q = "What is in the image?"
 MODELS = ["tiny_llava15", "tiny_llava_next", "tiny_qwen25vl", "tiny_video_llava"]
 
-_ADAPTERS: dict = {}
-
-
 def adapter_for(model: str, attn: str = "sdpa"):
-    """Each tiny model (and backend) loaded once per module."""
-    key = (model, attn)
-    if key not in _ADAPTERS:
-        cfg = compose([f"model={model}", f"model.attn_implementation={attn}"])
-        _ADAPTERS[key] = load_model(OmegaConf.to_container(cfg.model, resolve=True))
-    return _ADAPTERS[key]
+    """Each tiny model (and backend) loaded once per session (shared with the model matrix)."""
+    return get_adapter(model, attn)
 
 
 def fake_adapter(family="llava15", num_layers=32, max_tokens=576, tiny=False):

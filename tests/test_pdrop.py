@@ -6,16 +6,10 @@ row against eager ``output_attentions``, sdpa == eager selection, positions, the
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_image
-from omegaconf import OmegaConf
-from test_stage2 import count_hooks
-
 from apet_bench.baselines.fastv import model_facts
 from apet_bench.baselines.pdrop import (
     OFFICIAL_LAMBDA,
@@ -26,41 +20,17 @@ from apet_bench.baselines.pdrop import (
     solve_lambda,
     stage_counts,
 )
+from conftest import make_image
+from omegaconf import OmegaConf
+
+# Shared with the FastV tests: tiny models loaded once per session, fake 32-/28-layer adapters, a clip.
+from test_fastv import GEN, MODELS, REPO, SHARED, Q, adapter_for, clip, fake_adapter  # noqa: E402,F401
+from test_stage2 import count_hooks
+
 from apet_bench.budget import BudgetError
 from apet_bench.config import compose
 from apet_bench.methods import build_method
 from apet_bench.models import load_model
-from apet_bench.models.video_llava import VideoClip
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("APET_BENCH_TEST_DATA_ROOT", REPO.parent / "shared" / "benchmarks"))
-GEN = {"max_new_tokens": 2}
-Q = "What is in the image?"
-MODELS = ["tiny_llava15", "tiny_llava_next", "tiny_qwen25vl", "tiny_video_llava"]
-
-_ADAPTERS: dict = {}
-
-
-def adapter_for(model: str, attn: str = "sdpa"):
-    """Each tiny model (and backend) loaded once per module."""
-    key = (model, attn)
-    if key not in _ADAPTERS:
-        cfg = compose([f"model={model}", f"model.attn_implementation={attn}"])
-        _ADAPTERS[key] = load_model(OmegaConf.to_container(cfg.model, resolve=True))
-    return _ADAPTERS[key]
-
-
-def fake_adapter(family="llava15", num_layers=32, max_tokens=576, tiny=False):
-    spec = SimpleNamespace(tiny=tiny, options={}, visual_tokens=max_tokens)
-    return SimpleNamespace(name=f"fake_{family}", family=family, num_layers=num_layers, spec=spec,
-                           position_encoding="mrope-3d" if family == "qwen25vl" else "rope-1d")
-
-
-def clip(seed: int = 3) -> VideoClip:
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    return VideoClip((rng.random((8, 48, 64, 3)) * 255).astype("uint8"))
 
 
 def expand(n, layers, counts, depth):
