@@ -3,11 +3,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.apet-bench-installed
 
-.PHONY: install run test lint clean-runs tables table1 table2 table3 table4 table5 table6 table7
+.PHONY: install lock run test lint clean-runs tables table1 table2 table3 table4 table5 table6 table7
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/constraints.txt scripts/install.sh
+## Regenerate requirements/lock-{cpu,cuda}.txt from pyproject.toml (uv) and print what changed.
+lock:
+	@if [ -x $(VENV)/bin/uv ]; then UV=$(VENV)/bin/uv bash scripts/lock.sh; else bash scripts/lock.sh; fi
+
+$(STAMP): pyproject.toml requirements/lock-cpu.txt requirements/lock-cuda.txt scripts/install.sh
 	bash scripts/install.sh $(VENV)
 
 ## The main job on the embedded default (tiny random-weight LLaVA-1.5, methods none + random, demo photos).
