@@ -95,7 +95,7 @@ def installed_lock_path(prefix: str | None = None) -> Path | None:
 def pip_check() -> tuple[list[str], list[str]]:
     """``pip check`` lines split into (explained, unexplained) by ``KNOWN_PIP_CHECK``."""
     proc = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
-    lines = [l for l in (proc.stdout + proc.stderr).splitlines() if l.strip() and "No broken requirements" not in l]
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip() and "No broken requirements" not in ln]
     explained, unexplained = [], []
     for line in lines:
         (explained if any(k in line for k in KNOWN_PIP_CHECK) else unexplained).append(line)
