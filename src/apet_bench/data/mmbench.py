@@ -66,7 +66,7 @@ def judge_option(question: str, choices: Mapping[str, str], prediction: str, cfg
     prompt = ev.build_prompt(question, ev.build_option_str(opts), prediction)
     client = client or _client(cfg)
     try:
-        resp = client.chat.completions.create(model=cfg.model, temperature=cfg.temperature,
+        resp = client.chat.completions.create(model=cfg.model, temperature=0.0 if cfg.temperature is None else cfg.temperature,
                                               messages=[{"role": "user", "content": prompt}])
         text = resp.choices[0].message.content or ""
     except Exception as exc:  # network, HTTP, malformed body: a failed call, counted
