@@ -466,6 +466,7 @@ def write_run(result: Mapping[str, Any], *, results_dir: str | os.PathLike, mode
         "method_params": {},
         "budget": None if method == "none" else budget,
         "benchmark": result["benchmark"],
+        "protocol": "llava",  # LLaVA's own answers, scored with the LLaVA protocol's parsers
         "task": f"imported:{result['benchmark']}",
         "metrics": dict(result["metrics"]),
         "num_samples": result["num_samples"],
