@@ -248,12 +248,24 @@ def videoqa_process_results(doc: Mapping[str, Any], results: Sequence[str]) -> d
     return {"gpt_eval_accuracy": dict(rec), "gpt_eval_score": dict(rec), "judge_failures": dict(rec)}
 
 
+_VERDICTS: dict[str, dict] = {}
+
+
+def last_verdicts() -> dict[str, dict]:
+    """The verdicts of the latest judged task in this process, by ``question_id``: ``ok``, ``pred``,
+    ``score``, ``error``, ``raw`` (the judge's reply). The runner stores them in ``samples.jsonl``."""
+    return dict(_VERDICTS)
+
+
 def _summary(results: Sequence[Mapping[str, Any]]) -> JudgeSummary:
     cfg = _env_config()
     key = (json.dumps(asdict(cfg), sort_keys=True),
            tuple((r.get("question_id"), r["question"], r["answer"], r["pred"]) for r in results))
     if key not in _MEMO:
-        _MEMO[key] = judge_all(results, cfg)[0]
+        summary, verdicts = judge_all(results, cfg)
+        _MEMO[key] = summary
+        _VERDICTS.clear()
+        _VERDICTS.update({str(r.get("question_id")): asdict(v) for r, v in zip(results, verdicts)})
     return _MEMO[key]
 
 

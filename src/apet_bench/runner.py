@@ -391,6 +391,13 @@ def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None 
         row["sample_id"] = sample_id(row)
         samples.append(row)
     samples.sort(key=lambda r: r["doc_id"])
+    if cfg["benchmark"].get("scoring") == "judge":  # every judged answer's verdict, next to the answer
+        from apet_bench.judge import last_verdicts
+
+        verdicts = last_verdicts()
+        for row in samples:
+            qid = (row.get("gpt_eval_accuracy") or {}).get("question_id")
+            row["judge_verdict"] = verdicts.get(str(qid))
     task_res = results["results"][task.task_name]
     metrics = {k.split(",")[0]: v for k, v in task_res.items() if k.endswith(",none") and "_stderr" not in k}
     tokens = _token_summary(records, run.budget, cfg["model"].get("visual_tokens"))

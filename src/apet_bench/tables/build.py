@@ -251,10 +251,10 @@ def build_table(name: str, runs: Any, *, failures: Any = None, model: str | list
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol {protocol!r} is invalid (use {' or '.join(PROTOCOLS)})")
 
-    def _of_protocol(df):  # runs of the chosen evaluation protocol only (apet_bench.protocol)
+    def _of_protocol(df):  # runs of the chosen evaluation protocol (apet_bench.protocol) or recorded without one
         if df is None or not len(df) or "protocol" not in df.columns:
             return df
-        return df[df["protocol"].fillna("lmms_eval") == protocol]
+        return df[df["protocol"].isna() | (df["protocol"] == protocol)]
 
     runs = _of_protocol(runs)
     failures = _of_protocol(failures)

@@ -107,8 +107,8 @@ def _row(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
         "budget": summary.get("budget"),
         "budget_label": parts[2] if len(parts) == 4 else _budget_label(summary.get("budget"), method),
         "benchmark": summary.get("benchmark"),
-        # evaluation protocol (apet_bench.protocol); runs recorded before protocols existed ran lmms-eval's tasks
-        "protocol": summary.get("protocol") or "lmms_eval",
+        # evaluation protocol (apet_bench.protocol); None for runs recorded without one
+        "protocol": summary.get("protocol"),
         "num_samples": summary.get("num_samples"),
         "limit": _read_limit(run_dir),
         "random_weights": summary.get("random_weights"),
