@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ._core import SPLIT, BuildResult, DataError, FileHasher, _q, one_line, resolve_data_root
-from .llava_protocol import MMBENCH_OPTIONS, is_none, mmbench_body, mmbench_options
+from .llava_protocol import MMBENCH_OPTIONS, is_none, mmbench_options
 
 log = logging.getLogger("apet_bench.data")
 
@@ -301,7 +301,7 @@ def build_mmbench(scan: MMBenchScan, on_corrupt_image: str) -> BuildResult:
         cols[c] = datasets.Value("string")
     rows = []
     res = BuildResult(chunks=[])
-    for i, r in df.iterrows():
+    for _, r in df.iterrows():
         try:
             data = base64.b64decode(r["image"], validate=False)
         except Exception as exc:

@@ -15,7 +15,15 @@ from . import mme as _mme
 from . import pope as _pope
 from . import tgif as _tgif
 from . import videoqa as _videoqa
-from ._core import DataError, FileHasher, PreparedTask, check_task_name, fingerprint_of, materialize, render_mme_task_yaml
+from ._core import (
+    DataError,
+    FileHasher,
+    PreparedTask,
+    check_task_name,
+    fingerprint_of,
+    materialize,
+    render_mme_task_yaml,
+)
 
 CONVERTERS = ("mme", "demo", "tgif", "pope", "videoqa", "mmbench")
 SCORINGS = ("exact_match", "judge")
