@@ -274,3 +274,32 @@ def test_mmbench_judge_fallback_only_for_unparsable_answers():
     assert failing.score == 0.0 and failing.judge_failures == 1 and failing.unparsable == 1
     with pytest.raises(ValueError, match="circular copies of question 7"):
         circular_eval([{"index": 1000007, "answer": "A", "prediction": "A"}])
+
+
+def test_pope_run_reports_both_parsers_and_sample_ids(tmp_path):
+    """A tiny-model POPE run (crafted 3 x 4 questions, the first 6): metrics.json holds both parsers' mean F1, the count of
+    answers that are not a bare yes/no and the F1 difference; samples.jsonl rows carry per-sample records keyed
+    by a stable sample id (<category>/<question_id>) with the category."""
+    import math
+
+    from apet_bench.config import compose
+    from apet_bench.runner import execute
+    from test_benchmarks import _mini_pope
+
+    root = tmp_path / "root"
+    _mini_pope(root)
+    cfg = compose(["model=tiny_llava15", "method=none", "benchmark=pope", f"data_root={root}",
+                   f"results_dir={tmp_path / 'results'}", f"cache_dir={tmp_path / 'cache'}", "limit=6"])
+    out = execute(cfg)
+    assert out.name == "tiny_llava15__none__full__pope" and out.summary["protocol"] == "llava"
+    metrics = json.loads((Path(out.run_dir) / "metrics.json").read_text())
+    m = metrics["metrics"]
+    rows = [json.loads(line) for line in (Path(out.run_dir) / "samples.jsonl").read_text().splitlines()]
+    recs = [r["pope_f1_mean"] for r in rows]
+    assert m["pope_non_binary_answers"] == sum(r["non_binary"] for r in recs)
+    assert m["pope_f1_mean"] == pytest.approx(lp.pope_aggregate_f1_llava(recs))
+    assert m["pope_f1_mean_lmms_eval"] == pytest.approx(lp.pope_aggregate_f1_lmms_eval(recs))
+    assert math.isclose(m["pope_f1_parser_diff"], m["pope_f1_mean"] - m["pope_f1_mean_lmms_eval"], abs_tol=1e-12)
+    assert [r["sample_id"] for r in rows] == [f"adversarial/{i}" for i in range(1, 5)] + ["popular/1", "popular/2"]
+    assert [r["pope_f1_mean"]["category"] for r in rows] == ["adversarial"] * 4 + ["popular"] * 2
+    assert metrics["protocol"]["name"] == "llava" and "2,910" in metrics["protocol"]["data"]
