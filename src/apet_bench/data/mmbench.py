@@ -270,8 +270,8 @@ def scan_mmbench(cfg: Mapping[str, Any], data_root: str | os.PathLike | None) ->
                              f"{subdir}/{tsv_file}")
     tsv = root / subdir / tsv_file
     if not tsv.is_file():
-        raise DataError(f"MMBench needs the official TSV {tsv} (LLaVA-1.5 used mmbench_dev_20230712.tsv, 4,377 rows "
-                        "with base64 images); absent here (or use benchmark.source=hub)")
+        raise DataError(f"MMBench needs the official TSV {tsv} (the release LLaVA-1.5 evaluated, with base64 images); "
+                        "absent here (or use benchmark.source=hub)")
     return MMBenchScan(root=root, tsv=tsv, files=[tsv])
 
 

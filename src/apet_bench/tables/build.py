@@ -385,7 +385,7 @@ def build_table(name: str, runs: Any, *, failures: Any = None, model: str | list
     used = complete[complete["model"].isin(our_models)] if len(complete) else complete
     header = [
         f"ours: {len(used)} finished run(s) of {', '.join(dict.fromkeys(our_models))} read from results/runs/ "
-        "(scored by lmms-eval's task functions; apet_bench.tables)",
+        "(scored by each benchmark's evaluation protocol, see the [P] footnotes; apet_bench.tables)",
         f"paper: {', '.join(paper_models)} numbers from the ApET paper, {spec['title'].split(':')[0]} "
         "(src/apet_bench/tables/paper_numbers.yaml); Δ = ours - paper",
     ]
@@ -400,7 +400,7 @@ def build_table(name: str, runs: Any, *, failures: Any = None, model: str | list
         devices = sorted({f"{d} / {a}" for d, a in zip(used["device"].fillna("?"), used["attn_implementation"].fillna("?"))})
         header.append(f"device / attention: {'; '.join(devices)}")
     header.append(f"evaluation protocol: {protocol} (benchmark.protocol; llava = the official LLaVA-family "
-                  "evaluation, lmms_eval = lmms-eval's stock tasks; docs/protocol.md), per benchmark:")
+                  "evaluation, lmms_eval = lmms-eval's stock tasks; docs/protocol.md); each benchmark's variant in the [P] footnotes")
     footnotes = [f"[{i}] {t}" for t, i in notes.items()]
     footnotes += [f"[P] {line}" for line in protocol_notes([c["benchmark"] for c in spec["columns"]], protocol)]
     return TableResult(name=name, title=spec["title"], display=display, cells=cells_df, footnotes=footnotes, header=header)
