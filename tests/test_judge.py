@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -143,7 +144,8 @@ def test_parse_and_config_errors():
         JudgeConfig.from_mapping({"model": "m", "base_url": "http://x/v1", "timeout_s": 0})
 
 
-SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
+SHARED = __import__("pathlib").Path(__import__("os").environ.get(
+    "APET_BENCH_TEST_DATA_ROOT", __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "benchmarks"))
 
 
 @pytest.mark.skipif(not (SHARED / "tgif_qa").is_dir(), reason=f"no TGIF-QA data at {SHARED}")
@@ -169,3 +171,11 @@ def test_judged_tgif_end_to_end_through_runner(stub, tmp_path):
     assert m["gpt_eval_accuracy"] == pytest.approx(100.0) and m["gpt_eval_score"] == pytest.approx(4.0)
     assert m["judge_failures"] == 1  # counted, not scored as wrong
     assert len(seen) == 2  # each answer judged once across the three aggregations
+    # The paper's protocol: Video-LLaVA's judge prompt, no temperature sent (the endpoint's default sampling).
+    from apet_bench.judge import SYSTEM_PROMPT_VIDEO_LLAVA
+
+    assert seen[0]["body"]["messages"][0]["content"] == SYSTEM_PROMPT_VIDEO_LLAVA
+    assert "temperature" not in seen[0]["body"]
+    rows = [json.loads(line) for line in (Path(out.run_dir) / "samples.jsonl").read_text().splitlines()]
+    assert [r["judge_verdict"]["ok"] for r in rows].count(True) == 1  # every verdict kept with its answer
+    assert all(r["sample_id"].startswith("FRAMEQA") for r in rows)  # FrameQA only

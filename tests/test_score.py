@@ -4,13 +4,14 @@ answers, synthetic answer files with hand-computed scores, the run directory and
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from apet_bench.score import ScoreError, main, score_answers, write_run
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
+SHARED = Path(os.environ.get("APET_BENCH_TEST_DATA_ROOT", Path(__file__).resolve().parents[2] / "shared" / "benchmarks"))
 ANSWERS = SHARED / "llava_eval_answers"
 needs_shared = pytest.mark.skipif(
     not (ANSWERS / "pope").is_dir() or not (SHARED / "pope").is_dir() or not (SHARED / "mme_ground_truth").is_dir(),
@@ -28,6 +29,10 @@ def test_pope_llava15_13b_published_mean_f1(capsys):
     assert round(100 * m["pope_f1_mean"], 1) == 85.9
     assert m["pope_f1_mean"] == pytest.approx(sum(m[f"pope_f1_{c}"] for c in ("adversarial", "popular", "random")) / 3)
     assert out["num_samples"] == 8910
+    # Both parsers agree on LLaVA-1.5-13B's answers (all bare Yes/No), and our question text is LLaVA's.
+    assert m["pope_non_binary_answers"] == 0 and m["pope_f1_parser_diff"] == 0.0
+    assert m["pope_f1_mean_lmms_eval"] == m["pope_f1_mean"]
+    assert out["question_text_mismatches"] == 0
     # The 3000-line random file is a different question set: it must not line up with LLaVA's 2910.
     with pytest.raises(ScoreError, match="2910 questions"):
         score_answers("pope", ANSWERS / "pope" / "llava-v1.5-13b.jsonl", SHARED, pope_random=3000)
@@ -43,6 +48,15 @@ def test_mme_llava15_13b_published_perception(capsys):
     assert out["num_samples"] == 2374
 
 
+@needs_shared
+def test_mmbench_llava15_13b_published_circular_eval(capsys):
+    rc = main(["benchmark=mmbench", f"answers={ANSWERS / 'mmbench' / 'llava-v1.5-13b.jsonl'}", f"data_root={SHARED}"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert round(out["metrics"]["gpt_eval_score"], 1) == 67.7  # LLaVA-1.5 paper, 13B, MMBench (dev)
+    assert out["metrics"]["mmbench_unparsable"] == 0 and out["num_samples"] == out["metrics"]["mmbench_groups"]
+
+
 def _pope_root(tmp_path: Path, answers: dict[str, list[tuple[str, str]]]) -> tuple[Path, Path]:
     """A tiny POPE layout: 4 questions per category, with given (label, prediction) pairs."""
     root = tmp_path / "root"
@@ -56,7 +70,8 @@ def _pope_root(tmp_path: Path, answers: dict[str, list[tuple[str, str]]]) -> tup
             qid += 1
             img = f"img{i}.jpg"
             gt.append({"question_id": i + 1, "image": img, "text": f"Is there a cat {i}?", "label": label})
-            qlines.append({"question_id": qid, "image": img, "text": f"Is there a cat {i}?\nAnswer briefly.", "category": cat})
+            qlines.append({"question_id": qid, "image": img, "category": cat,
+                           "text": f"Is there a cat {i}?\nAnswer the question using a single word or phrase."})
             alines.append({"question_id": qid, "text": pred})
         (root / "pope" / fname).write_text("\n".join(json.dumps(g) for g in gt) + "\n")
     (root / "llava_eval_answers" / "pope" / "llava_pope_test.jsonl").write_text("\n".join(json.dumps(q) for q in qlines))
@@ -68,8 +83,8 @@ def _pope_root(tmp_path: Path, answers: dict[str, list[tuple[str, str]]]) -> tup
 def test_pope_synthetic_hand_computed(tmp_path):
     perfect = [("yes", "Yes"), ("no", "No"), ("yes", "Yes"), ("no", "No")]
     # adversarial: TP=1, FN=1, FP=1, TN=1 -> P=R=F1=0.5; popular: TP=2 FP=0 FN=0 -> 1.0;
-    # random: a verbose "Yes, there is." is neither "yes" nor "no" for lmms-eval's exact match: wrong in
-    # accuracy (3/4) but counted in neither TP nor FN, so P=R=F1=1 (lmms-eval pope/utils.py behaviour).
+    # random: a verbose "Yes, there is." is "yes" for eval_pope.py (all right: F1 = 1, accuracy 1); for
+    # lmms-eval's exact match it is neither yes nor no: wrong in accuracy (3/4) but in no TP/FN cell (F1 = 1).
     ans = {
         "adversarial": [("yes", "Yes"), ("yes", "No"), ("no", "yes"), ("no", "no")],
         "popular": perfect,
@@ -81,8 +96,10 @@ def test_pope_synthetic_hand_computed(tmp_path):
     assert m["pope_f1_adversarial"] == pytest.approx(0.5)
     assert m["pope_f1_popular"] == pytest.approx(1.0)
     assert m["pope_f1_random"] == pytest.approx(1.0)
-    assert m["pope_accuracy_random"] == pytest.approx(0.75)
+    assert m["pope_accuracy_random"] == pytest.approx(1.0)
+    assert m["pope_accuracy_random_lmms_eval"] == pytest.approx(0.75)
     assert m["pope_f1_mean"] == pytest.approx((0.5 + 1.0 + 1.0) / 3)
+    assert m["pope_non_binary_answers"] == 1 and m["pope_f1_parser_diff"] == pytest.approx(0.0)
     assert out["question_text_mismatches"] == 0
 
 

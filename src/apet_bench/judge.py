@@ -50,6 +50,17 @@ SYSTEM_PROMPT = (
     "- Consider synonyms or paraphrases as valid matches.\n"
     "- Evaluate the correctness of the prediction compared to the answer."
 )
+#: Video-LLaVA's own judge system prompt (videollava/eval/video/eval_video_qa.py @ a8404b9): the same
+#: sentences joined without the line breaks around "------" and after "##INSTRUCTIONS:".
+SYSTEM_PROMPT_VIDEO_LLAVA = (
+    "You are an intelligent chatbot designed for evaluating the correctness of generative outputs for "
+    "question-answer pairs. Your task is to compare the predicted answer with the correct answer and determine "
+    "if they match meaningfully. Here's how you can accomplish the task:------##INSTRUCTIONS: "
+    "- Focus on the meaningful match between the predicted answer and the correct answer.\n"
+    "- Consider synonyms or paraphrases as valid matches.\n"
+    "- Evaluate the correctness of the prediction compared to the answer."
+)
+SYSTEM_PROMPTS = {"video_chatgpt": SYSTEM_PROMPT, "video_llava": SYSTEM_PROMPT_VIDEO_LLAVA}
 USER_PROMPT = (
     "Please evaluate the following video-based question-answer pair:\n\n"
     "Question: {question}\nCorrect Answer: {answer}\nPredicted Answer: {pred}\n\n"
@@ -83,8 +94,11 @@ class JudgeConfig:
         Per-call timeout in seconds.
     max_retries : int
         Retries of the OpenAI client per call (0 = one attempt).
-    temperature : float
-        0 for reproducible verdicts.
+    temperature : float or None
+        0 for reproducible verdicts; None sends none (the endpoint's default, 1.0 on OpenAI), as
+        Video-LLaVA's ``eval_video_qa.py`` does.
+    prompt : {"video_chatgpt", "video_llava"}
+        The system prompt: Video-ChatGPT's (line breaks kept) or Video-LLaVA's copy of it.
     """
 
     model: str = "gpt-3.5-turbo-0613"
@@ -92,7 +106,8 @@ class JudgeConfig:
     api_key_env: str | None = "OPENAI_API_KEY"
     timeout_s: float = 60.0
     max_retries: int = 2
-    temperature: float = 0.0
+    temperature: float | None = 0.0
+    prompt: str = "video_chatgpt"
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any] | None) -> JudgeConfig:
@@ -103,6 +118,8 @@ class JudgeConfig:
         cfg = cls(**m)
         if not cfg.model or not cfg.base_url:
             raise JudgeError(f"judge needs model and base_url (got model={cfg.model!r}, base_url={cfg.base_url!r})")
+        if cfg.prompt not in SYSTEM_PROMPTS:
+            raise JudgeError(f"judge prompt {cfg.prompt!r} is invalid (use {' or '.join(SYSTEM_PROMPTS)})")
         if float(cfg.timeout_s) <= 0:
             raise JudgeError(f"judge timeout_s {cfg.timeout_s!r} must be > 0")
         return cfg
@@ -160,9 +177,10 @@ def judge_one(question: str, answer: str, pred: str, cfg: JudgeConfig, *, client
     """Judge one prediction; never raises for call failures (they come back as ``Verdict(ok=False)``)."""
     client = client or _client(cfg)
     try:
+        extra = {} if cfg.temperature is None else {"temperature": cfg.temperature}
         resp = client.chat.completions.create(
-            model=cfg.model, temperature=cfg.temperature,
-            messages=[{"role": "system", "content": SYSTEM_PROMPT},
+            model=cfg.model, **extra,
+            messages=[{"role": "system", "content": SYSTEM_PROMPTS[cfg.prompt]},
                       {"role": "user", "content": USER_PROMPT.format(question=question, answer=answer, pred=pred)}],
         )
         text = resp.choices[0].message.content or ""
@@ -230,12 +248,24 @@ def videoqa_process_results(doc: Mapping[str, Any], results: Sequence[str]) -> d
     return {"gpt_eval_accuracy": dict(rec), "gpt_eval_score": dict(rec), "judge_failures": dict(rec)}
 
 
+_VERDICTS: dict[str, dict] = {}
+
+
+def last_verdicts() -> dict[str, dict]:
+    """The verdicts of the latest judged task in this process, by ``question_id``: ``ok``, ``pred``,
+    ``score``, ``error``, ``raw`` (the judge's reply). The runner stores them in ``samples.jsonl``."""
+    return dict(_VERDICTS)
+
+
 def _summary(results: Sequence[Mapping[str, Any]]) -> JudgeSummary:
     cfg = _env_config()
     key = (json.dumps(asdict(cfg), sort_keys=True),
            tuple((r.get("question_id"), r["question"], r["answer"], r["pred"]) for r in results))
     if key not in _MEMO:
-        _MEMO[key] = judge_all(results, cfg)[0]
+        summary, verdicts = judge_all(results, cfg)
+        _MEMO[key] = summary
+        _VERDICTS.clear()
+        _VERDICTS.update({str(r.get("question_id")): asdict(v) for r, v in zip(results, verdicts)})
     return _MEMO[key]
 
 

@@ -181,7 +181,14 @@ def prepare_run(cfg: DictConfig | dict[str, Any]) -> PreparedRun:
         raise ConfigError(f"limit {limit!r} is invalid (use a positive integer or null)")
     cfg["data_root"] = _resolve_path(cfg.get("data_root"))
     cfg["cache_dir"] = _resolve_path(cfg.get("cache_dir")) or str(Path("~/.cache/apet_bench").expanduser())
-    name = run_name(model_label(cfg["model"]), method_label(cfg["method"]), budget, cfg["benchmark"]["name"])
+    from apet_bench.protocol import ProtocolError, benchmark_label, resolve
+
+    try:  # the benchmark's evaluation protocol (llava | lmms_eval) fills its settings; the name says which
+        bench_name = benchmark_label(cfg["benchmark"])
+        cfg["benchmark"] = resolve(cfg["benchmark"])
+    except ProtocolError as exc:
+        raise ConfigError(str(exc)) from None
+    name = run_name(model_label(cfg["model"]), method_label(cfg["method"]), budget, bench_name)
     prepared = prepare_benchmark(
         cfg["benchmark"], data_root=cfg["data_root"], cache_dir=cfg["cache_dir"],
         on_corrupt_image=cfg["on_corrupt_image"],
@@ -208,10 +215,18 @@ def _evaluate(run: PreparedRun, lmm: Any) -> dict[str, Any]:
     cfg, task = run.cfg, run.prepared_task
     _set_verbosity(cfg.get("verbosity", "WARNING"))
     tm = TaskManager(str(cfg.get("verbosity", "WARNING")).upper(), include_path=task.include_path, model_name="apet_bench")
-    if cfg["benchmark"].get("scoring") == "judge":  # read by apet_bench.judge inside the task's aggregation
-        import json
+    import json
 
-        os.environ["APET_BENCH_JUDGE"] = json.dumps(dict(cfg["benchmark"].get("judge") or {}))
+    from apet_bench.data.mmbench import JUDGE_ENV_VAR as MMBENCH_JUDGE
+    from apet_bench.judge import ENV_VAR as JUDGE
+
+    judge = {**dict(cfg["benchmark"].get("judge") or {}), **dict(cfg["benchmark"].get("judge_overrides") or {})}
+    for var, wanted in ((JUDGE, cfg["benchmark"].get("scoring") == "judge"),  # read inside the task's aggregation
+                        (MMBENCH_JUDGE, bool(cfg["benchmark"].get("judge_fallback")))):
+        if wanted:
+            os.environ[var] = json.dumps(judge)
+        else:
+            os.environ.pop(var, None)  # never left over from an earlier run of the sweep
     model_args = (f"model={cfg['model']['name']},method={cfg['method']['name']},budget={run.budget},"
                   f"seed={cfg.get('seed', 0)}")
     t_submit = time.time()
@@ -256,6 +271,30 @@ def _evaluate(run: PreparedRun, lmm: Any) -> dict[str, Any]:
             extra = f"; {int(fails)} judge call(s) failed (see benchmark.judge)" if isinstance(fails, (int, float)) and fails else ""
             raise EvaluationError(f"task {task.task_name!r}: metric {metric!r} missing or not a number ({value!r}){extra}")
     return results
+
+
+def sample_id(row: dict[str, Any]) -> str:
+    """A stable id of one sample of ``samples.jsonl``: the ``sample_id`` our task functions put in their
+    per-sample records (POPE ``<category>/<question_id>``, MMBench the row ``index``), else the record's
+    ``question_id`` (MME: ``<subtask>/<image>`` + ``#<doc_id>``, since both questions of an image share it),
+    else ``doc<doc_id>``."""
+    recs = [v for v in row.values() if isinstance(v, dict)]
+    for r in recs:
+        if r.get("sample_id") not in (None, ""):
+            return str(r["sample_id"])
+    for r in recs:
+        if r.get("question_id") not in (None, ""):
+            return f"{r['question_id']}#{row.get('doc_id')}"
+    return f"doc{row.get('doc_id')}"
+
+
+def protocol_record(bench_cfg: dict[str, Any]) -> dict[str, Any]:
+    """What ``metrics.json`` records of the protocol: its name and its documented fields (data version...)."""
+    from apet_bench.protocol import DOC_FIELDS
+
+    name = bench_cfg.get("protocol")
+    block = dict((bench_cfg.get("protocols") or {}).get(name) or {})
+    return {"name": name, **{k: block.get(k) for k in DOC_FIELDS if k in block}}
 
 
 def _token_summary(records: list[dict[str, Any]], budget: Any, visual_tokens: int | None) -> dict[str, Any]:
@@ -329,7 +368,8 @@ def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None 
     redo = bool(cfg.get("force"))
     if run.store.is_finished(run.name) and not redo:
         summary = run.store.load(run.name)
-        if _covers(summary.get("limit"), cfg.get("limit")):
+        same_protocol = summary.get("protocol", "lmms_eval") == cfg["benchmark"].get("protocol", "lmms_eval")
+        if _covers(summary.get("limit"), cfg.get("limit")) and same_protocol:
             return RunOutcome(run.name, "skipped", str(run_dir), summary)
         redo = True  # the finished run scored fewer samples than asked for: redo and replace it
 
@@ -348,8 +388,16 @@ def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None 
     for s in results.pop("samples")[task.task_name]:
         row = {k: v for k, v in s.items() if k not in ("arguments", "doc", "doc_hash")}
         row.update({k: v for k, v in by_doc.get(s["doc_id"], {}).items() if k not in ("task", "doc_id", "attention_backends")})
+        row["sample_id"] = sample_id(row)
         samples.append(row)
     samples.sort(key=lambda r: r["doc_id"])
+    if cfg["benchmark"].get("scoring") == "judge":  # every judged answer's verdict, next to the answer
+        from apet_bench.judge import last_verdicts
+
+        verdicts = last_verdicts()
+        for row in samples:
+            qid = (row.get("gpt_eval_accuracy") or {}).get("question_id")
+            row["judge_verdict"] = verdicts.get(str(qid))
     task_res = results["results"][task.task_name]
     metrics = {k.split(",")[0]: v for k, v in task_res.items() if k.endswith(",none") and "_stderr" not in k}
     tokens = _token_summary(records, run.budget, cfg["model"].get("visual_tokens"))
@@ -366,6 +414,7 @@ def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None 
         "method_params": cfg["method"].get("params") or {},
         "budget": run.budget,
         "benchmark": cfg["benchmark"]["name"],
+        "protocol": cfg["benchmark"].get("protocol"),
         "task": task.task_name,
         "metrics": {m: metrics.get(m) for m in (cfg["benchmark"].get("metrics") or metrics)},
         "num_samples": len(samples),
@@ -394,6 +443,7 @@ def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None 
             "subtasks": task.subtasks,
             "missing_subtasks": task.missing_subtasks,
             "data_source": task.source,
+            "protocol": protocol_record(cfg["benchmark"]),
             "data_fingerprint": task.fingerprint,
             "tokens": tokens,
             "eval_s": summary["eval_s"],

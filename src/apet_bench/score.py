@@ -22,25 +22,24 @@ mme        ``mme_ground_truth/<subtask>.txt`` (eval_tool)            ``tasks/mme
 sqa        ``llava_eval_answers/scienceqa/llava_test_CQM-A.json``    ``tasks/scienceqa/utils.py``
            (LLaVA's test questions; questions with an image =        ``sqa_process_results`` (exact
            ScienceQA-IMG, 2,017)                                     letter or ``"X."``); mean (fraction)
-mmbench    ``llava_eval_answers/mmbench/                             ``tasks/mmbench/mmbench_evals.py``
-           mmbench_dev_20230712_qa_from_xlsx.json`` (MMBench-dev)    ``MMBench_Evaluator.eval_result``
-                                                                     with ``eval_method="static"``
-                                                                     (CircularEval, no GPT), ×100
+mmbench    ``llava_eval_answers/mmbench/                             CircularEval with MMBench's
+           mmbench_dev_20230712_qa_from_xlsx.json`` (MMBench-dev)    ``can_infer`` extraction
+                                                                     (apet_bench.data.mmbench), ×100
 ========== ======================================================== =====================================
 
 Deviations from LLaVA's own scripts (named, and why they do not change the published figures):
 
-* POPE: LLaVA's ``eval_pope.py`` maps an answer to "no" when it contains "no"/"not", lmms-eval needs an
-  exact ``yes``/``no`` (after lower-casing). LLaVA-1.5's answers are all ``Yes``/``No``, so both agree
-  (85.9). With lmms-eval's functions a verbose answer ("Yes, there is a cat.") is wrong in accuracy
-  and counted in neither TP/FP nor FN, so it does not lower precision/recall. The LLaVA question file predates two typo fixes in POPE ("imange"); rows are matched by
-  order within each category as ``eval_pope.py`` does, checking the image names; question-text
-  differences are counted in ``question_text_mismatches``.
+* POPE: the headline uses LLaVA's ``eval_pope.py`` parser (first sentence; "no" when a word is
+  No/no/not); lmms-eval's exact yes/no parser is reported alongside (``*_lmms_eval``,
+  ``pope_non_binary_answers``, ``pope_f1_parser_diff``). LLaVA-1.5's answers are all ``Yes``/``No``, so
+  both give 85.9. Rows are matched by order within each category as ``eval_pope.py`` does, checking
+  the image names; ``question_text_mismatches`` counts LLaVA questions that differ from our LLaVA-protocol
+  text (``apet_bench.data.llava_protocol.pope_question``).
 * MME: LLaVA's prompts drop " Please answer yes or no." and add the short-answer instruction; a
   question is matched to the ground truth on (subtask, image file name, question without either).
 * SQA: lmms-eval's parser (LLaVA's rule without the random guess for unparsable answers: those score 0).
-* MMBench-dev: the static (regex) option extraction replaces the GPT fallback; single-letter answers
-  (LLaVA-1.5's) are parsed identically either way.
+* MMBench-dev: no judge fallback (an answer MMBench's rules cannot place counts wrong and is counted in
+  ``mmbench_unparsable``); LLaVA-1.5's single-letter answers all parse.
 
 The last stdout line is one JSON object: ``{"benchmark", "metrics", "paper_units", "num_samples",
 "answers", "answers_sha256", "ground_truth", ..., "run_dir"}``.
@@ -131,7 +130,6 @@ def score_pope(answers: Path, data_root: Path, *, questions: Path | None = None,
         A missing file, an answer for an unknown question, a category whose question count differs
         from its ground truth, an image mismatch, or a question without an answer.
     """
-    from lmms_eval.tasks.pope import utils as pope_utils
 
     questions = questions or data_root / "llava_eval_answers" / "pope" / "llava_pope_test.jsonl"
     qrows = _read_jsonl(questions, "POPE question")
@@ -147,8 +145,11 @@ def score_pope(answers: Path, data_root: Path, *, questions: Path | None = None,
     unknown = sorted(set(ans) - known)
     if unknown:
         raise ScoreError(f"{answers}: {len(unknown)} answer(s) for question ids not in {questions}, e.g. {unknown[0]}")
+    from apet_bench.data import llava_protocol as lp
+
     metrics: dict[str, float] = {}
     samples = []
+    recs = []
     mismatches = 0
     for cat in POPE_CATEGORIES:
         gt = _read_jsonl(gt_files[cat], f"POPE {cat} ground-truth")
@@ -158,35 +159,37 @@ def score_pope(answers: Path, data_root: Path, *, questions: Path | None = None,
                 f"POPE {cat}: {len(cq)} questions in {questions} but {len(gt)} ground-truth lines in {gt_files[cat]} "
                 "(pope_random=3000 selects the 3000-line random file)"
             )
-        res = []
         for q, g in zip(cq, gt):
             if q.get("image") != g.get("image"):
                 raise ScoreError(f"POPE {cat}: question {q['question_id']} is about {q.get('image')} "
                                  f"but ground truth {gt_files[cat].name} line {g.get('question_id')} is about {g.get('image')}")
-            if q.get("text", "").split("\n")[0].strip() != g.get("text", "").strip():
+            if q.get("text", "") != lp.pope_question(g.get("text", "")):
                 mismatches += 1
             got = ans.get(str(q["question_id"]))
             if not got:
                 raise ScoreError(f"{answers}: no answer for POPE question {q['question_id']} ({cat})")
-            doc = {"question_id": q["question_id"], "answer": g["label"]}
-            r = pope_utils.pope_process_results(doc, [str(got[0]["text"])])
-            res.append(r["pope_f1_score"])
-            samples.append({"question_id": q["question_id"], "category": cat, "answer": got[0]["text"],
-                            "target": g["label"], "score": r["pope_accuracy"]["score"]})
-        metrics[f"pope_accuracy_{cat}"] = pope_utils.pope_aggregate_accuracy(res)
-        metrics[f"pope_precision_{cat}"] = pope_utils.pope_aggregate_precision(res)
-        metrics[f"pope_recall_{cat}"] = pope_utils.pope_aggregate_recall(res)
-        metrics[f"pope_f1_{cat}"] = pope_utils.pope_aggregate_f1_score(res)
-        metrics[f"pope_yes_ratio_{cat}"] = pope_utils.pope_aggregate_yes_ratio(res)
-    metrics["pope_f1_mean"] = sum(metrics[f"pope_f1_{c}"] for c in POPE_CATEGORIES) / 3
-    metrics["pope_accuracy_mean"] = sum(metrics[f"pope_accuracy_{c}"] for c in POPE_CATEGORIES) / 3
+            doc = {"question_id": g.get("question_id"), "answer": g["label"], "category": cat}
+            r = lp.pope_process_results(doc, [str(got[0]["text"])])["pope_f1_mean"]
+            recs.append(r)
+            samples.append({**r, "llava_question_id": q["question_id"]})
+    for parser, suffix in (("llava", ""), ("lmms_eval", "_lmms_eval")):
+        for cat, m in lp.pope_by_category(recs, parser).items():
+            for k in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
+                metrics[f"pope_{k}_{cat}{suffix}"] = m[k]
+    metrics["pope_f1_mean"] = lp.pope_aggregate_f1_llava(recs)
+    metrics["pope_accuracy_mean"] = lp.pope_aggregate_accuracy_llava(recs)
+    metrics["pope_f1_mean_lmms_eval"] = lp.pope_aggregate_f1_lmms_eval(recs)
+    metrics["pope_accuracy_mean_lmms_eval"] = lp.pope_aggregate_accuracy_lmms_eval(recs)
+    metrics["pope_non_binary_answers"] = lp.pope_aggregate_non_binary(recs)
+    metrics["pope_f1_parser_diff"] = lp.pope_aggregate_f1_diff(recs)
     return {
         "metrics": metrics,
         "paper_units": {"POPE F1 (%)": round(100 * metrics["pope_f1_mean"], 1)},
         "samples": samples,
         "ground_truth": [str(p) for p in gt_files.values()] + [str(questions)],
         "question_text_mismatches": mismatches,
-        "scoring": "lmms_eval.tasks.pope.utils (pope_process_results, pope_aggregate_*), mean F1 over 3 categories",
+        "scoring": "llava/eval/eval_pope.py parser (apet_bench.data.llava_protocol), mean F1 over 3 categories; "
+                   "lmms-eval's exact yes/no parser reported as *_lmms_eval",
     }
 
 
@@ -339,8 +342,13 @@ def score_sqa(answers: Path, data_root: Path, *, questions: Path | None = None, 
 
 
 def score_mmbench(answers: Path, data_root: Path, *, questions: Path | None = None) -> dict:
-    """MMBench-dev CircularEval accuracy (×100) with lmms-eval's ``MMBench_Evaluator`` (static extraction)."""
-    from lmms_eval.tasks.mmbench.mmbench_evals import MMBench_Evaluator
+    """MMBench-dev CircularEval accuracy (x100) with MMBench's official option extraction
+    (:func:`apet_bench.data.mmbench.circular_eval`; no judge: an unparsable answer counts wrong).
+
+    The ground truth is ``mmbench_dev_20230712_qa_from_xlsx.json`` (an xlsx export in which a row with fewer
+    than 4 options has no ``prediction`` key and a shifted letter in its first empty option column, dropped here).
+    """
+    from apet_bench.data.mmbench import circular_eval
 
     questions = questions or data_root / "llava_eval_answers" / "mmbench" / "mmbench_dev_20230712_qa_from_xlsx.json"
     gt = _read_json(questions, "MMBench-dev ground-truth")
@@ -350,25 +358,21 @@ def score_mmbench(answers: Path, data_root: Path, *, questions: Path | None = No
         got = ans.get(str(g["index"]))
         if not got:
             raise ScoreError(f"{answers}: no answer for MMBench-dev index {g['index']} (CircularEval needs every variant)")
+        opts = [g[c] for c in "ABCD" if c in g]
+        if "prediction" not in g:
+            opts = opts[:-1]
         row = {"index": int(g["index"]), "question": g["question"], "answer": g["answer"],
-               "prediction": str(got[0]["text"]), "category": g.get("category", "uncategorized"),
-               "hint": g.get("hint", "nan"), "split": g.get("split", "dev")}
-        for c in "ABCD":
-            row[c] = g.get(c, "nan")
+               "prediction": str(got[0]["text"]), "category": g.get("category", "uncategorized")}
+        row.update(dict(zip("ABCD", opts)))
         rows.append(row)
-    ev = MMBench_Evaluator(sys_prompt="There are several options:")
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints per-category tables
-        overall, _cat, _l2 = ev.eval_result(rows, eval_method="static")
-    score = 100.0 * float(overall)
+    res = circular_eval(rows)
     return {
-        "metrics": {"gpt_eval_score": score},
-        "paper_units": {"MMBench-dev CircularEval (%)": round(score, 1)},
-        "samples": [{"question_id": r["index"], "answer": r["prediction"], "target": r["answer"]} for r in rows],
+        "metrics": {"gpt_eval_score": res.score, "mmbench_unparsable": res.unparsable, "mmbench_groups": res.num_groups},
+        "paper_units": {"MMBench-dev CircularEval (%)": round(res.score, 1)},
+        "samples": [{"sample_id": f"group{g['group_id']}", "group_id": g["group_id"], "hit": g["hit"],
+                     "members": g["members"]} for g in res.groups],
         "ground_truth": [str(questions)],
-        "scoring": "lmms_eval.tasks.mmbench.mmbench_evals.MMBench_Evaluator.eval_result(eval_method='static')",
+        "scoring": "CircularEval with MMBench's can_infer extraction (apet_bench.data.mmbench.circular_eval)",
     }
 
 
@@ -462,6 +466,7 @@ def write_run(result: Mapping[str, Any], *, results_dir: str | os.PathLike, mode
         "method_params": {},
         "budget": None if method == "none" else budget,
         "benchmark": result["benchmark"],
+        "protocol": "llava",  # LLaVA's own answers, scored with the LLaVA protocol's parsers
         "task": f"imported:{result['benchmark']}",
         "metrics": dict(result["metrics"]),
         "num_samples": result["num_samples"],

@@ -43,8 +43,19 @@ def _cell_name(cfg: dict) -> str | None:
         from apet_bench.runner import method_label, model_label
 
         budget = None if cfg["method"]["name"] == "none" else validate_budget(cfg.get("budget"))
-        return run_name(model_label(cfg["model"]), method_label(cfg["method"]), budget, cfg["benchmark"]["name"])
+        from apet_bench.protocol import benchmark_label
+
+        return run_name(model_label(cfg["model"]), method_label(cfg["method"]), budget, benchmark_label(cfg["benchmark"]))
     except Exception:
+        return None
+
+
+def _protocol(cfg: dict) -> str | None:
+    try:
+        from apet_bench.protocol import resolve
+
+        return resolve(cfg["benchmark"])["protocol"]
+    except Exception:  # a bad protocol is itself the recorded failure
         return None
 
 
@@ -65,7 +76,7 @@ def record_failure(cfg: dict, status: str, error: str) -> str | None:
         "groups": {g: cfg[g]["name"] for g in ("model", "method", "benchmark")},
         "model": cfg["model"]["name"], "method": cfg["method"]["name"],
         "method_params": cfg["method"].get("params") or {}, "budget": budget,
-        "benchmark": cfg["benchmark"]["name"], "metrics": {},
+        "benchmark": cfg["benchmark"]["name"], "protocol": _protocol(cfg), "metrics": {},
         "note": "not a result: why this cell could not run (python -m apet_bench.sweep); rerun retries it",
     }
     try:

@@ -247,8 +247,12 @@ def _q(value: Any) -> str:
     return json.dumps(value)
 
 
-def render_mme_task_yaml(task_name: str, dataset_path: str, header: Sequence[str]) -> str:
-    """Text of a task YAML equivalent to lmms-eval's ``mme.yaml`` but reading a local saved dataset."""
+def render_mme_task_yaml(task_name: str, dataset_path: str, header: Sequence[str], *,
+                         doc_to_text: str = f"{_MME_UTILS}.mme_doc_to_text") -> str:
+    """Text of a task YAML equivalent to lmms-eval's ``mme.yaml`` but reading a local saved dataset.
+
+    ``doc_to_text``: the question-text function (lmms-eval's, or
+    ``apet_bench.data.llava_protocol.mme_doc_to_text`` for LLaVA's ``llava_mme.jsonl`` text)."""
     lines = [f"# {one_line(h)}" for h in header]
     lines += [
         f"task: {_q(task_name)}",
@@ -258,7 +262,7 @@ def render_mme_task_yaml(task_name: str, dataset_path: str, header: Sequence[str
         f"test_split: {SPLIT}",
         "output_type: generate_until",
         f"doc_to_visual: !function {_MME_UTILS}.mme_doc_to_visual",
-        f"doc_to_text: !function {_MME_UTILS}.mme_doc_to_text",
+        f"doc_to_text: !function {doc_to_text}",
         'doc_to_target: "answer"',
         "generation_kwargs:",
         *(f"  {k}: {_q(v)}" for k, v in MME_GENERATION_KWARGS.items()),

@@ -79,8 +79,36 @@ def pope_aggregate_mean_accuracy(results: Sequence[Mapping[str, Any]]) -> float:
     return sum(acc) / len(acc) if acc else 0.0
 
 
-def render_pope_yaml(task_name: str, dataset_path: str, header: Sequence[str], *, hub: bool = False) -> str:
-    """The task YAML: lmms-eval's POPE prompt/visual functions, our per-category mean metrics."""
+_PROTO = "apet_bench.data.llava_protocol"
+
+
+def render_pope_yaml(task_name: str, dataset_path: str, header: Sequence[str], *, hub: bool = False,
+                     protocol: str = "llava") -> str:
+    """The task YAML: POPE's question text, both answer parsers on every run, per-category mean metrics.
+
+    ``protocol="llava"``: LLaVA's question text (:func:`apet_bench.data.llava_protocol.pope_question`) and
+    ``pope_f1_mean`` / ``pope_accuracy_mean`` from ``eval_pope.py``'s parser; ``"lmms_eval"``: lmms-eval's
+    ``pope_doc_to_text`` and its exact yes/no parser for the headline. Either way the metrics also hold
+    ``pope_f1_mean_llava``, ``pope_f1_mean_lmms_eval``, ``pope_accuracy_mean_lmms_eval``,
+    ``pope_non_binary_answers`` (answers that are not a bare yes/no) and ``pope_f1_parser_diff``
+    (LLaVA's minus lmms-eval's mean F1).
+
+    Raises
+    ------
+    ValueError
+        Unknown ``protocol``.
+    """
+    if protocol not in ("llava", "lmms_eval"):
+        raise ValueError(f"POPE protocol {protocol!r} is invalid (llava or lmms_eval)")
+    head = "llava" if protocol == "llava" else "lmms_eval"
+    metrics = [("pope_f1_mean", f"pope_aggregate_f1_{head}", True),
+               ("pope_accuracy_mean", f"pope_aggregate_accuracy_{head}", True),
+               ("pope_f1_mean_llava", "pope_aggregate_f1_llava", True),
+               ("pope_f1_mean_lmms_eval", "pope_aggregate_f1_lmms_eval", True),
+               ("pope_accuracy_mean_lmms_eval", "pope_aggregate_accuracy_lmms_eval", True),
+               ("pope_non_binary_answers", "pope_aggregate_non_binary", False),
+               ("pope_f1_parser_diff", "pope_aggregate_f1_diff", False)]
+    text_fn = f"{_PROTO}.pope_doc_to_text" if protocol == "llava" else f"{_POPE}.pope_doc_to_text"
     lines = [f"# {one_line(h)}" for h in header]
     lines += [f"task: {_q(task_name)}", f"dataset_path: {_q(dataset_path)}"]
     if hub:
@@ -90,7 +118,7 @@ def render_pope_yaml(task_name: str, dataset_path: str, header: Sequence[str], *
     lines += [
         "output_type: generate_until",
         f"doc_to_visual: !function {_POPE}.pope_doc_to_visual",
-        f"doc_to_text: !function {_POPE}.pope_doc_to_text",
+        f"doc_to_text: !function {text_fn}",
         'doc_to_target: "answer"',
         "generation_kwargs:",
         "  max_new_tokens: 128",
@@ -98,14 +126,10 @@ def render_pope_yaml(task_name: str, dataset_path: str, header: Sequence[str], *
         "  top_p: 1.0",
         "  num_beams: 1",
         "  do_sample: false",
-        f"process_results: !function {_MOD}.pope_process_results",
+        f"process_results: !function {_PROTO}.pope_process_results",
         "metric_list:",
-        "  - metric: pope_f1_mean",
-        f"    aggregation: !function {_MOD}.pope_aggregate_mean_f1",
-        "    higher_is_better: true",
-        "  - metric: pope_accuracy_mean",
-        f"    aggregation: !function {_MOD}.pope_aggregate_mean_accuracy",
-        "    higher_is_better: true",
+        *[line for m, fn, hib in metrics for line in (
+            f"  - metric: {m}", f"    aggregation: !function {_PROTO}.{fn}", f"    higher_is_better: {'true' if hib else 'false'}")],
         "lmms_eval_specific_kwargs:",
         "  default:",
         '    pre_prompt: ""',

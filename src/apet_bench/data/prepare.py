@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -9,13 +10,22 @@ from pathlib import Path
 from typing import Any
 
 from . import demo as _demo
+from . import mmbench as _mmbench
 from . import mme as _mme
 from . import pope as _pope
 from . import tgif as _tgif
 from . import videoqa as _videoqa
-from ._core import DataError, FileHasher, PreparedTask, check_task_name, fingerprint_of, materialize
+from ._core import (
+    DataError,
+    FileHasher,
+    PreparedTask,
+    check_task_name,
+    fingerprint_of,
+    materialize,
+    render_mme_task_yaml,
+)
 
-CONVERTERS = ("mme", "demo", "tgif", "pope", "videoqa")
+CONVERTERS = ("mme", "demo", "tgif", "pope", "videoqa", "mmbench")
 SCORINGS = ("exact_match", "judge")
 SOURCES = ("local", "hub")
 ON_CORRUPT = ("skip", "error")
@@ -23,7 +33,7 @@ ON_CORRUPT = ("skip", "error")
 
 def _default_task_name(converter: str, name: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_") or converter
-    return f"apet_{slug}_local" if converter in ("mme", "tgif", "pope", "videoqa") else f"apet_{slug}"
+    return f"apet_{slug}_local" if converter in ("mme", "tgif", "pope", "videoqa", "mmbench") else f"apet_{slug}"
 
 
 def prepare_benchmark(
@@ -97,6 +107,13 @@ def prepare_benchmark(
     """
     if not isinstance(bench_cfg, Mapping):
         raise DataError(f"bench_cfg must be a mapping, got {type(bench_cfg).__name__}")
+    from apet_bench.protocol import ProtocolError, resolve
+
+    try:
+        bench_cfg = resolve(bench_cfg)  # the protocol's settings (apet_bench.protocol)
+    except ProtocolError as exc:
+        raise DataError(str(exc)) from None
+    protocol = bench_cfg["protocol"]
     if on_corrupt_image not in ON_CORRUPT:
         raise DataError(f"on_corrupt_image must be 'skip' or 'error', got {on_corrupt_image!r}")
     source = bench_cfg.get("source") or "local"
@@ -126,9 +143,13 @@ def prepare_benchmark(
 
     hasher = FileHasher(cache)
     render_yaml = None  # the MME-style task YAML
+    variant = protocol  # part of the fingerprint: the same files under another protocol are another task
     if converter == "mme":
         scan = _mme.scan_mme(bench_cfg, data_root)
         items = _mme.fingerprint_items(scan, hasher)
+        if protocol == "llava":
+            render_yaml = functools.partial(render_mme_task_yaml,
+                                            doc_to_text="apet_bench.data.llava_protocol.mme_doc_to_text")
 
         def build():
             return _mme.build_mme(scan, on_corrupt_image)
@@ -136,7 +157,7 @@ def prepare_benchmark(
     elif converter == "pope":
         scan = _pope.scan_pope(bench_cfg, data_root)
         items = _pope.fingerprint_items(scan, hasher)
-        render_yaml = _pope.render_pope_yaml
+        render_yaml = functools.partial(_pope.render_pope_yaml, protocol=protocol)
 
         def build():
             return _pope.build_pope(scan, on_corrupt_image)
@@ -149,6 +170,18 @@ def prepare_benchmark(
         def build():
             return _videoqa.build_videoqa(scan, on_corrupt_image)
 
+    elif converter == "mmbench":
+        scan = _mmbench.scan_mmbench(bench_cfg, data_root)
+        items = _mmbench.fingerprint_items(scan, hasher)
+        lang = str(bench_cfg.get("lang", "en"))
+        if lang not in ("en", "cn"):
+            raise DataError(f"benchmark lang {lang!r} is invalid (en or cn)")
+        render_yaml = functools.partial(_mmbench.render_mmbench_yaml, lang=lang)
+        variant = f"{protocol}:{lang}"
+
+        def build():
+            return _mmbench.build_mmbench(scan, on_corrupt_image)
+
     elif converter == "tgif":
         scan = _tgif.scan_tgif(bench_cfg, data_root)
         items = _tgif.fingerprint_items(scan, hasher)
@@ -156,6 +189,7 @@ def prepare_benchmark(
         if scoring not in SCORINGS:
             raise DataError(f"benchmark scoring {scoring!r} is invalid (exact_match or judge)")
         render_yaml = _videoqa.render_judge_yaml if scoring == "judge" else _tgif.render_tgif_task_yaml
+        variant = f"{protocol}:{','.join(scan.categories)}"
 
         def build():
             return _tgif.build_tgif(scan, on_corrupt_image)
@@ -168,7 +202,7 @@ def prepare_benchmark(
             return _demo.build_demo(scan, on_corrupt_image)
 
     hasher.save()
-    fingerprint = fingerprint_of(converter, task_name, items)
+    fingerprint = fingerprint_of(f"{converter}:{variant}", task_name, items)
     entry, man = materialize(
         cache_dir=cache,
         benchmark=name,

@@ -89,10 +89,11 @@ class TGIFScan:
     gifs: dict[str, Path]  # gif_name -> local file
     questions: list[_Question] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+    categories: list[str] = field(default_factory=lambda: list(CATEGORIES))  # cfg ``categories``
 
     @property
     def source(self) -> str:
-        return f"TGIF-QA test CSVs + {len(self.gifs)} local GIFs in {self.folder}"
+        return f"TGIF-QA test CSVs ({'+'.join(self.categories)}) + {len(self.gifs)} local GIFs in {self.folder}"
 
 
 def _read_tsv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
@@ -134,7 +135,11 @@ def scan_tgif(cfg: Mapping[str, Any], data_root: str | os.PathLike | None) -> TG
         if not path.is_file():
             raise DataError(f"GIF listed in {index} is missing: {path}")
         gifs.setdefault(row["gif_name"], path)
-    scan = TGIFScan(root=root, folder=folder, gifs=gifs, files=[index])
+    cats = list(cfg.get("categories") or CATEGORIES)
+    bad = [c for c in cats if c not in CATEGORIES]
+    if bad or not cats:
+        raise DataError(f"TGIF-QA categories {cats!r} are invalid (choose from {', '.join(CATEGORIES)})")
+    scan = TGIFScan(root=root, folder=folder, gifs=gifs, files=[index], categories=[c for c in CATEGORIES if c in cats])
     official: dict[str, _Question] = {}
     for category, fname in QUESTION_FILES.items():
         path = folder / fname
@@ -144,7 +149,7 @@ def scan_tgif(cfg: Mapping[str, Any], data_root: str | os.PathLike | None) -> TG
         for row in _read_tsv(path, ("gif_name", "question", "answer", "vid_id", "key")):
             q = _Question(category, row["vid_id"], row["gif_name"], row["question"], row["answer"], row["key"])
             official[q.vid_id] = q
-            if q.gif_name in gifs:
+            if q.gif_name in gifs and category in scan.categories:
                 scan.questions.append(q)
     for row in local:
         ref = official.get(row["vid_id"])
@@ -204,7 +209,7 @@ def build_tgif(scan: TGIFScan, on_corrupt_image: str) -> BuildResult:
         if rows:
             res.chunks.append(datasets.Dataset.from_list(rows, features=tgif_features()))
             res.subtasks.append(category)
-    res.missing_subtasks = [c for c in CATEGORIES if c not in res.subtasks]
+    res.missing_subtasks = [c for c in scan.categories if c not in res.subtasks]
     return res
 
 

@@ -1,10 +1,12 @@
-"""``python -m apet_bench.tables table1|...|table6|all [model=<name>[,<name>]] [results_dir=results] [out_dir=...]``
+"""``python -m apet_bench.tables table1|...|table6|all [model=<name>[,<name>]] [results_dir=results] [out_dir=...]
+[benchmark.protocol=llava|lmms_eval]``
 
 Prints each table (markdown) with the paper's numbers beside ours, writes markdown/CSV/LaTeX under
 ``<results_dir>/tables/``, and lists run directories that were left out (half-written / corrupt).
 Other ``key=value`` arguments (the sweep's Hydra overrides, e.g. ``data_root=...``, ``limit=...``)
 are accepted and ignored, so ``make table1 ARGS=...`` can pass the same overrides to both steps.
-Exit 2 on an unknown table name.
+Only runs of the chosen evaluation protocol (default ``llava``) fill the cells; the footnotes ``[P]``
+name each benchmark's protocol variant. Exit 2 on an unknown table name.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = df[df["status"] == "complete"]
     failures = df[df["status"] != "complete"]
     for name in wanted:
-        table = build_table(name, runs, failures=failures, model=model_list)
+        table = build_table(name, runs, failures=failures, model=model_list,
+                            protocol=opts.get("benchmark.protocol", "llava"))
         written = table.write(out_dir)
         print(table.to_markdown())
         print(f"written: {', '.join(str(p) for p in written)}\n", flush=True)

@@ -175,8 +175,39 @@ def _metric_value(run: Any, metric: str, scale: float) -> tuple[float | None, st
     return total * scale, None, notes
 
 
+def protocol_notes(benchmarks: list[str], protocol: str) -> list[str]:
+    """One line per benchmark naming the evaluation protocol its column shows (from its config's
+    ``protocols`` block: the task variant, question text, scorer and official source)."""
+    import yaml
+
+    from apet_bench.config import config_dir
+    from apet_bench.protocol import resolve
+
+    lines = []
+    for bench in dict.fromkeys(benchmarks):
+        f = config_dir() / "benchmark" / f"{bench}.yaml"
+        if not f.is_file():
+            continue
+        cfg = yaml.safe_load(f.read_text(encoding="utf-8"))
+        block = (cfg.get("protocols") or {}).get(protocol)
+        if not block:
+            lines.append(f"{bench}: protocol {protocol} not described for this benchmark")
+            continue
+        res = resolve({**cfg, "protocol": protocol})
+        if (res.get("source") or "local") == "local":
+            task = f"local converter {res.get('converter')}"
+        else:
+            task = f"lmms-eval {res.get('lmms_eval_submission_task') if res.get('submission') else res.get('lmms_eval_task')}"
+        if res.get("custom"):
+            task += f" with our {res['custom']} functions"
+        split = ", server-scored split: submission file" if res.get("submission") else ""
+        lines.append(f"{bench}: protocol {protocol} [{task}{split}]: question {block.get('question')}; "
+                     f"post-prompt {block.get('post_prompt')}; scorer {block.get('scorer')}; source {block.get('source')}")
+    return lines
+
+
 def build_table(name: str, runs: Any, *, failures: Any = None, model: str | list[str] | None = None,
-                spec: dict[str, Any] | None = None) -> TableResult:
+                spec: dict[str, Any] | None = None, protocol: str = "llava") -> TableResult:
     """Build table ``name`` (``table1`` ... ``table6``).
 
     Parameters
@@ -215,6 +246,18 @@ def build_table(name: str, runs: Any, *, failures: Any = None, model: str | list
         our_models = [given[min(i, len(given) - 1)] for i in range(len(paper_models))]
     model_map = dict(zip(paper_models, our_models))
 
+    from apet_bench.protocol import PROTOCOLS
+
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol {protocol!r} is invalid (use {' or '.join(PROTOCOLS)})")
+
+    def _of_protocol(df):  # runs of the chosen evaluation protocol (apet_bench.protocol) or recorded without one
+        if df is None or not len(df) or "protocol" not in df.columns:
+            return df
+        return df[df["protocol"].isna() | (df["protocol"] == protocol)]
+
+    runs = _of_protocol(runs)
+    failures = _of_protocol(failures)
     complete = runs[runs["status"] == "complete"] if len(runs) else runs
     fails = failures if failures is not None and len(failures) else None
     notes: dict[str, int] = {}
@@ -342,7 +385,7 @@ def build_table(name: str, runs: Any, *, failures: Any = None, model: str | list
     used = complete[complete["model"].isin(our_models)] if len(complete) else complete
     header = [
         f"ours: {len(used)} finished run(s) of {', '.join(dict.fromkeys(our_models))} read from results/runs/ "
-        "(scored by lmms-eval's task functions; apet_bench.tables)",
+        "(scored by each benchmark's evaluation protocol, see the [P] footnotes; apet_bench.tables)",
         f"paper: {', '.join(paper_models)} numbers from the ApET paper, {spec['title'].split(':')[0]} "
         "(src/apet_bench/tables/paper_numbers.yaml); Δ = ours - paper",
     ]
@@ -356,5 +399,8 @@ def build_table(name: str, runs: Any, *, failures: Any = None, model: str | list
             header.append("NOTE: built from limited runs (limit=N: first N samples), not full benchmarks")
         devices = sorted({f"{d} / {a}" for d, a in zip(used["device"].fillna("?"), used["attn_implementation"].fillna("?"))})
         header.append(f"device / attention: {'; '.join(devices)}")
+    header.append(f"evaluation protocol: {protocol} (benchmark.protocol; llava = the official LLaVA-family "
+                  "evaluation, lmms_eval = lmms-eval's stock tasks; docs/protocol.md); each benchmark's variant in the [P] footnotes")
     footnotes = [f"[{i}] {t}" for t, i in notes.items()]
+    footnotes += [f"[P] {line}" for line in protocol_notes([c["benchmark"] for c in spec["columns"]], protocol)]
     return TableResult(name=name, title=spec["title"], display=display, cells=cells_df, footnotes=footnotes, header=header)

@@ -24,7 +24,7 @@ __all__ = ["RunProblem", "load_runs", "load_runs_report", "METRIC_PREFIX", "RUN_
 METRIC_PREFIX = "metric."
 #: Columns of :func:`load_runs` besides one ``metric.<key>`` column per metric in any run.
 RUN_COLUMNS = [
-    "name", "status", "model", "method", "method_label", "budget", "budget_label", "benchmark",
+    "name", "status", "model", "method", "method_label", "budget", "budget_label", "benchmark", "protocol",
     "num_samples", "limit", "random_weights", "source", "weights", "device", "attn_implementation",
     "visual_tokens_llm_mean", "layer_average_visual_tokens", "eval_s", "wall_s", "missing_subtasks",
     "skipped_samples", "note", "error", "run_dir",
@@ -107,6 +107,8 @@ def _row(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
         "budget": summary.get("budget"),
         "budget_label": parts[2] if len(parts) == 4 else _budget_label(summary.get("budget"), method),
         "benchmark": summary.get("benchmark"),
+        # evaluation protocol (apet_bench.protocol); None for runs recorded without one
+        "protocol": summary.get("protocol"),
         "num_samples": summary.get("num_samples"),
         "limit": _read_limit(run_dir),
         "random_weights": summary.get("random_weights"),
