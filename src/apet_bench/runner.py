@@ -298,6 +298,17 @@ def _covers(done_limit: int | None, wanted_limit: int | None) -> bool:
     return wanted_limit is not None and int(wanted_limit) <= int(done_limit)
 
 
+def _add_sample_ids(samples: list[dict[str, Any]], docs: dict[Any, Any]) -> None:
+    """Give every sample row a stable ``sample_id`` (:func:`apet_bench.stats.doc_sample_id` of its
+    document's text fields), so two runs on the same benchmark can be paired question by question."""
+    from apet_bench.stats import doc_sample_id, unique_ids
+
+    ids = unique_ids([doc_sample_id(docs.get(r["doc_id"])) for r in samples])
+    for r, i in zip(samples, ids):
+        if i is not None:
+            r["sample_id"] = i
+
+
 def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None = None) -> RunOutcome:
     """Run one configuration end to end, or skip it when already finished.
 
@@ -345,11 +356,13 @@ def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None 
     records = lmm.records_as_dicts()
     by_doc = {r["doc_id"]: r for r in records}
     samples = []
-    for s in results.pop("samples")[task.task_name]:
+    logged = results.pop("samples")[task.task_name]
+    for s in logged:
         row = {k: v for k, v in s.items() if k not in ("arguments", "doc", "doc_hash")}
         row.update({k: v for k, v in by_doc.get(s["doc_id"], {}).items() if k not in ("task", "doc_id", "attention_backends")})
         samples.append(row)
     samples.sort(key=lambda r: r["doc_id"])
+    _add_sample_ids(samples, {s["doc_id"]: s.get("doc") for s in logged})
     task_res = results["results"][task.task_name]
     metrics = {k.split(",")[0]: v for k, v in task_res.items() if k.endswith(",none") and "_stderr" not in k}
     tokens = _token_summary(records, run.budget, cfg["model"].get("visual_tokens"))
