@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -131,6 +132,10 @@ def test_lmms_eval_aggregations_through_env(stub, monkeypatch):
     fails = videoqa_aggregate_failures([r["judge_failures"] for r in recs])
     assert (acc, score, fails) == (pytest.approx(50.0), pytest.approx(2.5), 0.0)
     assert len(seen) == 4  # judged once, memoised across the three aggregations
+    from apet_bench.judge import verdict_for
+
+    assert verdict_for(recs[1]["gpt_eval_score"]) == {"ok": True, "pred": "no", "score": 1.0, "error": None}
+    assert verdict_for({**recs[1]["gpt_eval_score"], "pred": "4"}) is None  # another answer: not judged
 
 
 def test_parse_and_config_errors():
@@ -169,3 +174,8 @@ def test_judged_tgif_end_to_end_through_runner(stub, tmp_path):
     assert m["gpt_eval_accuracy"] == pytest.approx(100.0) and m["gpt_eval_score"] == pytest.approx(4.0)
     assert m["judge_failures"] == 1  # counted, not scored as wrong
     assert len(seen) == 2  # each answer judged once across the three aggregations
+    rows = [json.loads(x) for x in (Path(out.run_dir) / "samples.jsonl").read_text().splitlines()]
+    assert sorted((r["judge"]["ok"], r["judge"]["pred"]) for r in rows) == [(False, None), (True, "yes")]
+    from apet_bench.stats import load_units
+
+    assert load_units(out.run_dir, "gpt_eval_score").point == pytest.approx(4.0)  # failures left out, as lmms-eval

@@ -214,6 +214,8 @@ def judge_all(items: Iterable[Mapping[str, Any]], cfg: JudgeConfig, *, client: A
 # ------------------------------------------------------------------- lmms-eval task functions
 
 _MEMO: dict[tuple, JudgeSummary] = {}
+#: Per-answer verdicts of the aggregations run in this process, by :func:`_verdict_key`.
+VERDICTS: dict[tuple, Verdict] = {}
 
 
 def _env_config() -> JudgeConfig:
@@ -235,8 +237,23 @@ def _summary(results: Sequence[Mapping[str, Any]]) -> JudgeSummary:
     key = (json.dumps(asdict(cfg), sort_keys=True),
            tuple((r.get("question_id"), r["question"], r["answer"], r["pred"]) for r in results))
     if key not in _MEMO:
-        _MEMO[key] = judge_all(results, cfg)[0]
+        _MEMO[key], verdicts = judge_all(results, cfg)
+        VERDICTS.update({_verdict_key(r): v for r, v in zip(results, verdicts)})
     return _MEMO[key]
+
+
+def _verdict_key(rec: Mapping[str, Any]) -> tuple:
+    return (rec.get("question_id"), rec.get("question"), rec.get("answer"), rec.get("pred"))
+
+
+def verdict_for(rec: Mapping[str, Any] | None) -> dict | None:
+    """The judge's verdict for one per-sample record (``question_id``, ``question``, ``answer``,
+    ``pred``) as ``{ok, pred, score, error}``, or None when it was not judged in this process (the
+    runner copies it into the sample's ``samples.jsonl`` row as ``judge``)."""
+    if not isinstance(rec, Mapping):
+        return None
+    v = VERDICTS.get(_verdict_key(rec))
+    return None if v is None else {"ok": v.ok, "pred": v.pred, "score": v.score, "error": v.error}
 
 
 def videoqa_aggregate_accuracy(results: Sequence[Mapping[str, Any]]) -> float:

@@ -363,6 +363,13 @@ def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None 
         samples.append(row)
     samples.sort(key=lambda r: r["doc_id"])
     _add_sample_ids(samples, {s["doc_id"]: s.get("doc") for s in logged})
+    if cfg["benchmark"].get("scoring") == "judge":  # per-answer verdicts, for paired statistics
+        from apet_bench.judge import verdict_for
+
+        for row in samples:
+            verdict = verdict_for(row.get("gpt_eval_accuracy"))
+            if verdict is not None:
+                row["judge"] = verdict
     task_res = results["results"][task.task_name]
     metrics = {k.split(",")[0]: v for k, v in task_res.items() if k.endswith(",none") and "_stderr" not in k}
     tokens = _token_summary(records, run.budget, cfg["model"].get("visual_tokens"))

@@ -237,6 +237,17 @@ def load_units(run_dir: str | Path, metric: str | None = None) -> RunUnits:
         return _finish(frame, kind="strata_sum", unit="image pair (within subtask)",
                        sample_ids=[k for k, _ in recs], **common)
 
+    # Judged video QA: the judge's verdict per answer (``judge`` field of the sample row).
+    judged = [r.get(metric) for r in rows if isinstance(r.get(metric), dict)]
+    if metric in ("gpt_eval_accuracy", "gpt_eval_score") and judged and "pred" in judged[0] and "index" not in judged[0]:
+        verdicts = [(k, r.get("judge")) for k, r in zip(keys, rows)]
+        ok = [(k, v) for k, v in verdicts if isinstance(v, dict) and v.get("ok", True) and v.get("pred") in ("yes", "no")]
+        if not ok:
+            raise StatsUnavailable(f"run {name}: samples.jsonl records no per-answer judge verdicts")
+        vals = [100.0 * (v["pred"] == "yes") if metric == "gpt_eval_accuracy" else float(v["score"]) for _, v in ok]
+        frame = pd.DataFrame({"stratum": "all", "value": vals}, index=pd.Index([k for k, _ in ok], name="unit"))
+        return _finish(frame, kind="mean", unit="answer (judged)", sample_ids=[k for k, _ in ok], **common)
+
     recs = _field(rows, metric)
     have = [(k, r) for k, r in zip(keys, recs) if r is not None]
     if not have:
@@ -263,16 +274,6 @@ def load_units(run_dir: str | Path, metric: str | None = None) -> RunUnits:
         frame = pd.DataFrame({"stratum": "all", "value": [100.0 * h for h in hits.values()]},
                              index=pd.Index([str(g) for g in hits], name="unit"))
         return _finish(frame, kind="mean", unit="CircularEval group", sample_ids=[k for k, _ in have], **common)
-
-    # Judged video QA: the judge's verdict per answer (``judge`` field of the sample row).
-    if metric in ("gpt_eval_accuracy", "gpt_eval_score"):
-        verdicts = [(k, r.get("judge")) for k, r in zip(keys, rows)]
-        ok = [(k, v) for k, v in verdicts if isinstance(v, dict) and v.get("ok", True) and v.get("pred") in ("yes", "no")]
-        if not ok:
-            raise StatsUnavailable(f"run {name}: samples.jsonl records no per-answer judge verdicts")
-        vals = [100.0 * (v["pred"] == "yes") if metric == "gpt_eval_accuracy" else float(v["score"]) for _, v in ok]
-        frame = pd.DataFrame({"stratum": "all", "value": vals}, index=pd.Index([k for k, _ in ok], name="unit"))
-        return _finish(frame, kind="mean", unit="answer (judged)", sample_ids=[k for k, _ in ok], **common)
 
     # TGIF-QA exact match (percent).
     if isinstance(first, dict) and "correct" in first:
