@@ -195,3 +195,16 @@ def test_doc_sample_id_is_stable_and_ignores_media():
     assert stats.doc_sample_id(d1) == stats.doc_sample_id(d2)
     assert stats.doc_sample_id({**d1, "question": "Is it blue?"}) != stats.doc_sample_id(d1)
     assert stats.unique_ids(["x", "y", "x"]) == ["x", "y", "x#2"]
+
+
+def test_sweep_seeds_option_becomes_a_seed_sweep():
+    from apet_bench.config import ConfigError
+    from apet_bench.sweep import expand_seeds
+
+    assert expand_seeds(["experiment=table1", "seeds=3"]) == ["experiment=table1", "seed=0,1,2"]
+    assert expand_seeds(["seeds=4,7"]) == ["seed=4,7"]
+    assert expand_seeds(["method=random"]) == ["method=random"]
+    with pytest.raises(ConfigError, match="seeds 'x'"):
+        expand_seeds(["seeds=x"])
+    with pytest.raises(ConfigError, match="not both"):
+        expand_seeds(["seeds=2", "seed=1"])

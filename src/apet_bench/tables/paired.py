@@ -260,7 +260,7 @@ def _seed_lines(runs: Any, cells: dict[tuple, _Cell], labels: list[str], dec: di
     df["group_method"] = [_SEED_RE.sub("", str(m)) for m in df["method_label"]]
     df["group_model"] = [_SEED_RE.sub("", str(m)) for m in df["model"]]
     for (model, method, budget, bench), sub in df.groupby(["group_model", "group_method", "budget_label", "benchmark"]):
-        seeds = sub.dropna(subset=["seed"]).drop_duplicates("seed")
+        seeds = sub.dropna(subset=["seed"]).drop_duplicates("seed").sort_values("seed")
         if len(seeds) < 2:
             continue
         for cell in (c for c in cells.values() if c.model == model and c.method == method and c.budget == budget
