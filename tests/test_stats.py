@@ -208,3 +208,11 @@ def test_sweep_seeds_option_becomes_a_seed_sweep():
         expand_seeds(["seeds=x"])
     with pytest.raises(ConfigError, match="not both"):
         expand_seeds(["seeds=2", "seed=1"])
+
+
+def test_mcnemar_also_when_one_run_never_scores(tmp_path):
+    a = stats.load_units(write_run(tmp_path, "a", "gqa", qa_rows([0] * 50)), "exact_match")
+    b = stats.load_units(write_run(tmp_path, "b", "gqa", qa_rows([1] * 10 + [0] * 40)), "exact_match")
+    c = stats.compare(a, b, n_resamples=499)
+    assert c.test == "exact McNemar" and c.discordant == (0, 10)
+    assert c.p_value == pytest.approx(exact_mcnemar(0, 10))

@@ -109,7 +109,11 @@ def paired_section(table: Any, runs: Any, spec: dict[str, Any], opts: PairedOpti
     cells_df = table.cells
     run_dir = dict(zip(runs["name"], runs["run_dir"])) if len(runs) else {}
     scale = {c["label"]: float(c.get("scale", 1)) for c in spec["columns"]}
-    dec = {c["label"]: 1 if scale[c["label"]] == 100 or c["metric"].startswith("mme") else 2 for c in spec["columns"]}
+    from .build import _decimals
+
+    # one decimal more than the paper prints, at least one (MME 1714 -> 1714.0 +- intervals of a few points)
+    dec = {c["label"]: max(1, _decimals([r["values"][i] for r in spec["rows"]]) + 1) if spec.get("rows") else 1
+           for i, c in enumerate(spec["columns"])}
     labels = [c["label"] for c in spec["columns"]]
     vanilla = spec.get("vanilla")
     units_cache: dict[tuple, RunUnits | str] = {}
