@@ -320,11 +320,13 @@ def _metric_arrays(a: _Arrays, groups: Sequence[np.ndarray]) -> np.ndarray:
         return s if a.kind == "strata_sum" else s / len(per)
     if a.kind == "pope_f1":
         out = []
+        # per-unit confusion codes, gathered once per resample: 1 = TP, 2 = FP, 3 = FN, 0 = TN
+        code = (a.pred & a.gt) * 1 + (a.pred & ~a.gt) * 2 + (~a.pred & a.gt) * 3
         for g in groups:
-            p, t = a.pred[g], a.gt[g]
-            tp = (p & t).sum(axis=-1).astype(float)
-            fp = (p & ~t).sum(axis=-1).astype(float)
-            fn = (~p & t).sum(axis=-1).astype(float)
+            c = code[g]
+            tp = (c == 1).sum(axis=-1).astype(float)
+            fp = (c == 2).sum(axis=-1).astype(float)
+            fn = (c == 3).sum(axis=-1).astype(float)
             with np.errstate(invalid="ignore", divide="ignore"):
                 prec = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
                 rec = np.where(tp + fn > 0, tp / (tp + fn), 0.0)
