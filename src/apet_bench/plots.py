@@ -147,7 +147,7 @@ def add_intervals(df, *, n_resamples: int = 9999, confidence: float = 0.95):
     for m in metrics:
         df[CI_LOW + m] = math.nan
         df[CI_HIGH + m] = math.nan
-    for (model, bench), sub in df.groupby(["model", "benchmark"]):
+    for _, sub in df.groupby(["model", "benchmark"]):
         van = sub[sub["method"] == "none"]
         if van.empty:
             continue
