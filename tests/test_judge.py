@@ -132,6 +132,10 @@ def test_lmms_eval_aggregations_through_env(stub, monkeypatch):
     fails = videoqa_aggregate_failures([r["judge_failures"] for r in recs])
     assert (acc, score, fails) == (pytest.approx(50.0), pytest.approx(2.5), 0.0)
     assert len(seen) == 4  # judged once, memoised across the three aggregations
+    from apet_bench.judge import verdict_for
+
+    assert verdict_for(recs[1]["gpt_eval_score"]) == {"ok": True, "pred": "no", "score": 1.0, "error": None}
+    assert verdict_for({**recs[1]["gpt_eval_score"], "pred": "4"}) is None  # another answer: not judged
 
 
 def test_parse_and_config_errors():
@@ -176,6 +180,9 @@ def test_judged_tgif_end_to_end_through_runner(stub, tmp_path):
 
     assert seen[0]["body"]["messages"][0]["content"] == SYSTEM_PROMPT_VIDEO_LLAVA
     assert "temperature" not in seen[0]["body"]
-    rows = [json.loads(line) for line in (Path(out.run_dir) / "samples.jsonl").read_text().splitlines()]
-    assert [r["judge_verdict"]["ok"] for r in rows].count(True) == 1  # every verdict kept with its answer
+    rows = [json.loads(x) for x in (Path(out.run_dir) / "samples.jsonl").read_text().splitlines()]
+    assert sorted((r["judge"]["ok"], r["judge"]["pred"]) for r in rows) == [(False, None), (True, "yes")]
     assert all(r["sample_id"].startswith("FRAMEQA") for r in rows)  # FrameQA only
+    from apet_bench.stats import load_units
+
+    assert load_units(out.run_dir, "gpt_eval_score").point == pytest.approx(4.0)  # failures left out, as lmms-eval

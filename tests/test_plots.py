@@ -68,3 +68,31 @@ def test_no_runs_is_not_an_error(tmp_path, capsys):
     assert "nothing to plot" in capsys.readouterr().out
     with pytest.raises(ValueError, match="no run of model 'x'"):
         plots.plot_accuracy_efficiency(plots.add_efficiency(plots._load_runs(tmp_path)), "x", "demo", tmp_path)
+
+
+def test_stats_error_bars_are_paired_intervals_vs_vanilla(tmp_path):
+    """stats=true: each compressed run's bar = vanilla score + the paired bootstrap interval of Δ."""
+    from apet_bench import stats
+
+    def samples(d, wrong):
+        rows = []
+        for j in range(12):  # 12 image pairs of one subtask, two questions each
+            for q in range(2):
+                rows.append({"doc_id": 2 * j + q, "sample_id": f"s{j}-{q}", "mme_perception_score": {
+                    "question_id": f"existence/{j}.jpg", "category": "existence", "score": float(j >= wrong)}})
+        (d / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        run = json.loads((d / "run.json").read_text())
+        run["metrics"] = {"mme_perception_score": stats.load_units(d, "mme_perception_score").point}
+        (d / "run.json").write_text(json.dumps(run))
+
+    samples(_run(tmp_path, "m", "none", None, score=0.0, layer_avg=576, ms=40.0), wrong=0)
+    samples(_run(tmp_path, "m", "random", 64, score=0.0, layer_avg=64, ms=10.0), wrong=6)
+    df = plots.add_intervals(plots._load_runs(tmp_path), n_resamples=499)
+    van = df[df["method"] == "none"].iloc[0]
+    rnd = df[df["method"] == "random"].iloc[0]
+    assert van["metric.mme_perception_score"] == 200.0 and rnd["metric.mme_perception_score"] == 100.0
+    lo, hi = rnd["ci_low.mme_perception_score"], rnd["ci_high.mme_perception_score"]
+    assert lo < 100.0 < hi < 200.0  # 6 of 12 pairs lost: the interval excludes the vanilla score
+    out = tmp_path / "plots"
+    assert plots.main([f"results_dir={tmp_path}", f"out_dir={out}", "stats=true", "n_resamples=199"]) == 0
+    assert "error bars: vanilla score + 95% paired bootstrap interval" in (out / "acc_eff__m__demo.svg").read_text()

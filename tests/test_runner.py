@@ -36,6 +36,7 @@ def test_mme_random_64_end_to_end_then_skip(tmp_path):
     assert all(s["visual_tokens_in"] == 576 and s["visual_tokens_llm"] == 64 for s in samples)
     assert all(s["layer_visual_tokens"] == [64] * 4 for s in samples)
     assert all("mme_perception_score" in s or "mme_cognition_score" in s for s in samples)
+    assert len({s["sample_id"] for s in samples}) == 40  # one stable id per question, for paired statistics
     prov = json.loads((run_dir / "provenance.json").read_text())
     assert prov["attn_implementation"] == "sdpa" and prov["random_weights"] is True and prov["device"] == "cpu"
     assert "budget: 64" in (run_dir / "config.yaml").read_text()

@@ -232,6 +232,8 @@ def judge_all(items: Iterable[Mapping[str, Any]], cfg: JudgeConfig, *, client: A
 # ------------------------------------------------------------------- lmms-eval task functions
 
 _MEMO: dict[tuple, JudgeSummary] = {}
+#: Per-answer verdicts of the aggregations run in this process, by :func:`_verdict_key`.
+VERDICTS: dict[tuple, Verdict] = {}
 
 
 def _env_config() -> JudgeConfig:
@@ -248,25 +250,28 @@ def videoqa_process_results(doc: Mapping[str, Any], results: Sequence[str]) -> d
     return {"gpt_eval_accuracy": dict(rec), "gpt_eval_score": dict(rec), "judge_failures": dict(rec)}
 
 
-_VERDICTS: dict[str, dict] = {}
-
-
-def last_verdicts() -> dict[str, dict]:
-    """The verdicts of the latest judged task in this process, by ``question_id``: ``ok``, ``pred``,
-    ``score``, ``error``, ``raw`` (the judge's reply). The runner stores them in ``samples.jsonl``."""
-    return dict(_VERDICTS)
-
-
 def _summary(results: Sequence[Mapping[str, Any]]) -> JudgeSummary:
     cfg = _env_config()
     key = (json.dumps(asdict(cfg), sort_keys=True),
            tuple((r.get("question_id"), r["question"], r["answer"], r["pred"]) for r in results))
     if key not in _MEMO:
-        summary, verdicts = judge_all(results, cfg)
-        _MEMO[key] = summary
-        _VERDICTS.clear()
-        _VERDICTS.update({str(r.get("question_id")): asdict(v) for r, v in zip(results, verdicts)})
+        _MEMO[key], verdicts = judge_all(results, cfg)
+        VERDICTS.update({_verdict_key(r): v for r, v in zip(results, verdicts)})
     return _MEMO[key]
+
+
+def _verdict_key(rec: Mapping[str, Any]) -> tuple:
+    return (rec.get("question_id"), rec.get("question"), rec.get("answer"), rec.get("pred"))
+
+
+def verdict_for(rec: Mapping[str, Any] | None) -> dict | None:
+    """The judge's verdict for one per-sample record (``question_id``, ``question``, ``answer``,
+    ``pred``) as ``{ok, pred, score, error, raw}`` (``raw``: the judge's reply), or None when it was not
+    judged in this process (the runner copies it into the sample's ``samples.jsonl`` row as ``judge``)."""
+    if not isinstance(rec, Mapping):
+        return None
+    v = VERDICTS.get(_verdict_key(rec))
+    return None if v is None else asdict(v)
 
 
 def videoqa_aggregate_accuracy(results: Sequence[Mapping[str, Any]]) -> float:

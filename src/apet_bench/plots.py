@@ -1,6 +1,6 @@
 """Accuracy-efficiency plots from ``results/runs/``: per model and benchmark, every method across budgets.
 
-``python -m apet_bench.plots [results_dir=results] [out_dir=<results_dir>/plots] [model=a,b] [benchmark=x]``
+``python -m apet_bench.plots [results_dir=results] [out_dir=<results_dir>/plots] [model=a,b] [benchmark=x] [stats=true]``
 (run by ``make tables`` after the table aggregators) writes, per (model, benchmark),
 ``<out_dir>/acc_eff__<model>__<benchmark>.png`` and ``.svg``: one row per headline metric of the
 benchmark (MME: perception and cognition), with
@@ -21,6 +21,8 @@ dashed horizontal reference. Runs are read with :func:`apet_bench.tables.load_ru
 reader). TFLOPs per (model, method, params, budget) are cached in ``<out_dir>/.flops_cache.json``
 (a count runs the method once on a shape proxy: seconds per cell), keyed also by the hash of
 ``apet_bench/flops.py`` so a changed counter recounts. An ``index.md`` lists the figures.
+With ``stats=true`` every compressed run gets an error bar: the vanilla score plus the 95 % paired bootstrap
+interval of its difference to vanilla (:func:`add_intervals`, :mod:`apet_bench.stats`).
 Scores of random-weight runs are a pipeline check, never accuracy, and the figure title says so.
 The positional-bias report of the same runs (:mod:`apet_bench.bias`) goes to ``<out_dir>/bias/``.
 """
@@ -33,7 +35,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_efficiency", "main", "plot_accuracy_efficiency", "tflops_of"]
+__all__ = ["add_efficiency", "add_intervals", "main", "plot_accuracy_efficiency", "tflops_of"]
 
 METRIC_PREFIX = "metric."
 
@@ -128,6 +130,46 @@ def add_efficiency(df, *, flops: Callable[..., float | None] = tflops_of, cache:
     return df
 
 
+CI_LOW, CI_HIGH = "ci_low.", "ci_high."
+
+
+def add_intervals(df, *, n_resamples: int = 9999, confidence: float = 0.95):
+    """Add ``ci_low.<metric>`` / ``ci_high.<metric>`` columns (copy): the run's score interval implied by
+    its paired bootstrap interval of Δ against the vanilla run (``method == "none"``) of the same model and
+    benchmark, i.e. ``vanilla + [lo, hi]`` (:func:`apet_bench.stats.compare`). NaN where there is no
+    vanilla run, the runs do not share their samples, or the samples carry no per-unit scores."""
+    import math
+
+    from apet_bench.stats import StatsUnavailable, compare, load_units
+
+    df = df.copy()
+    metrics = [c[len(METRIC_PREFIX):] for c in df.columns if c.startswith(METRIC_PREFIX)]
+    for m in metrics:
+        df[CI_LOW + m] = math.nan
+        df[CI_HIGH + m] = math.nan
+    for _, sub in df.groupby(["model", "benchmark"]):
+        van = sub[sub["method"] == "none"]
+        if van.empty:
+            continue
+        van = van.iloc[0]
+        for idx, run in sub.iterrows():
+            if run["name"] == van["name"]:
+                continue
+            for m in metrics:
+                base = van.get(METRIC_PREFIX + m)
+                if base is None or (isinstance(base, float) and math.isnan(base)):
+                    continue
+                try:
+                    c = compare(load_units(van["run_dir"], m), load_units(run["run_dir"], m),
+                                n_resamples=n_resamples, confidence=confidence)
+                except StatsUnavailable:
+                    continue
+                if c.paired:
+                    df.loc[idx, CI_LOW + m] = float(base) + c.low
+                    df.loc[idx, CI_HIGH + m] = float(base) + c.high
+    return df
+
+
 def _budget(row: Any) -> int | float | None:
     """The run's budget as recorded (int tokens / float ratio): pandas turns an int column holding a
     ``None`` into floats, so it is read back from the run name's label (``64``, ``0.1``, ``full``)."""
@@ -176,6 +218,7 @@ def plot_accuracy_efficiency(df, model: str, benchmark: str, out_dir: str | Path
     fig, axes = plt.subplots(len(metrics), ncols, figsize=(6.2 * ncols, 3.8 * len(metrics)), squeeze=False)
     labels = sorted(sub["method_label"].unique(), key=lambda m: (m != "none", m))
     colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(labels)}
+    has_ci = False
     for r, metric in enumerate(metrics):
         for c, (x, xl) in enumerate([(xcol, xlabel), ("prefill_ms", None)][:ncols]):
             ax = axes[r, c]
@@ -189,6 +232,13 @@ def plot_accuracy_efficiency(df, model: str, benchmark: str, out_dir: str | Path
                     ax.plot(xs, ys, "*", ms=11, color=colours[label], label="none (no compression)")
                     continue
                 ax.plot(xs, ys, "o-", color=colours[label], label=label, ms=4)
+                lo_col, hi_col = CI_LOW + metric[len(METRIC_PREFIX):], CI_HIGH + metric[len(METRIC_PREFIX):]
+                if lo_col in pts and pts[lo_col].notna().any():
+                    lo, hi = pts[lo_col].astype(float).to_numpy(), pts[hi_col].astype(float).to_numpy()
+                    ok = np.isfinite(lo) & np.isfinite(hi)
+                    ax.errorbar(xs[ok], ys[ok], yerr=[np.maximum(ys[ok] - lo[ok], 0), np.maximum(hi[ok] - ys[ok], 0)],
+                                fmt="none", ecolor=colours[label], elinewidth=0.8, capsize=2)
+                    has_ci = True
                 budgets = pts["budget_label"] if "budget_label" in pts else pts["budget"]
                 for xv, yv, b in zip(xs, ys, budgets):
                     ax.annotate(str(b), (xv, yv), textcoords="offset points", xytext=(3, 3), fontsize=6,
@@ -204,6 +254,8 @@ def plot_accuracy_efficiency(df, model: str, benchmark: str, out_dir: str | Path
         axes[r, 0].legend(fontsize=7)
     random = bool(sub["random_weights"].fillna(False).astype(bool).any())
     title = f"{model} on {benchmark}: accuracy vs efficiency, every method across budgets"
+    if has_ci:
+        title += "\nerror bars: vanilla score + 95% paired bootstrap interval of the difference to vanilla"
     if random:
         title += "\n(random-weight runs: a pipeline check, these scores are not accuracy numbers)"
     fig.suptitle(title, fontsize=10)
@@ -224,7 +276,7 @@ def _parse(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
             ignored.append(a)
             continue
         k, v = a.split("=", 1)
-        if k in ("results_dir", "out_dir", "model", "benchmark"):
+        if k in ("results_dir", "out_dir", "model", "benchmark", "stats", "n_resamples", "confidence"):
             opts[k] = v
         else:
             ignored.append(a)
@@ -255,6 +307,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:
         cache = {}
     df = add_efficiency(df, cache=cache)
+    if opts.get("stats", "false").lower() in ("1", "true", "yes"):  # error bars: paired intervals vs vanilla
+        df = add_intervals(df, n_resamples=int(opts.get("n_resamples", 9999)),
+                           confidence=float(opts.get("confidence", 0.95)))
     cache_file.write_text(json.dumps(cache, indent=0, sort_keys=True), encoding="utf-8")
     written = []
     for (model, bench), _ in df.groupby(["model", "benchmark"]):

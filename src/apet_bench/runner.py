@@ -273,19 +273,15 @@ def _evaluate(run: PreparedRun, lmm: Any) -> dict[str, Any]:
     return results
 
 
-def sample_id(row: dict[str, Any]) -> str:
-    """A stable id of one sample of ``samples.jsonl``: the ``sample_id`` our task functions put in their
-    per-sample records (POPE ``<category>/<question_id>``, MMBench the row ``index``), else the record's
-    ``question_id`` (MME: ``<subtask>/<image>`` + ``#<doc_id>``, since both questions of an image share it),
-    else ``doc<doc_id>``."""
+def sample_id(row: dict[str, Any]) -> str | None:
+    """The id our task functions put in a sample's per-sample records (POPE ``<category>/<question_id>``,
+    MMBench the row ``index``), else the records' ``question_id``; None when neither is there."""
     recs = [v for v in row.values() if isinstance(v, dict)]
-    for r in recs:
-        if r.get("sample_id") not in (None, ""):
-            return str(r["sample_id"])
-    for r in recs:
-        if r.get("question_id") not in (None, ""):
-            return f"{r['question_id']}#{row.get('doc_id')}"
-    return f"doc{row.get('doc_id')}"
+    for key in ("sample_id", "question_id"):
+        for r in recs:
+            if r.get(key) not in (None, ""):
+                return str(r[key])
+    return None
 
 
 def protocol_record(bench_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -337,6 +333,22 @@ def _covers(done_limit: int | None, wanted_limit: int | None) -> bool:
     return wanted_limit is not None and int(wanted_limit) <= int(done_limit)
 
 
+def _add_sample_ids(samples: list[dict[str, Any]], docs: dict[Any, Any]) -> None:
+    """Give every sample row a stable ``sample_id``, so two runs on the same benchmark pair question by
+    question whatever their order or ``limit``: the task's own id (:func:`sample_id`) when it is unique
+    across the run (MME's ``question_id`` names the image, shared by its two questions, so it is not),
+    else :func:`apet_bench.stats.doc_sample_id` of the document's text fields, else ``doc<doc_id>``."""
+    from apet_bench.stats import doc_sample_id, unique_ids
+
+    own = [sample_id(r) for r in samples]
+    if None not in own and len(set(own)) == len(own):
+        ids = own
+    else:
+        ids = unique_ids([doc_sample_id(docs.get(r["doc_id"])) for r in samples])
+    for r, i in zip(samples, ids):
+        r["sample_id"] = i if i is not None else f"doc{r['doc_id']}"
+
+
 def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None = None) -> RunOutcome:
     """Run one configuration end to end, or skip it when already finished.
 
@@ -385,19 +397,20 @@ def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None 
     records = lmm.records_as_dicts()
     by_doc = {r["doc_id"]: r for r in records}
     samples = []
-    for s in results.pop("samples")[task.task_name]:
+    logged = results.pop("samples")[task.task_name]
+    for s in logged:
         row = {k: v for k, v in s.items() if k not in ("arguments", "doc", "doc_hash")}
         row.update({k: v for k, v in by_doc.get(s["doc_id"], {}).items() if k not in ("task", "doc_id", "attention_backends")})
-        row["sample_id"] = sample_id(row)
         samples.append(row)
     samples.sort(key=lambda r: r["doc_id"])
+    _add_sample_ids(samples, {s["doc_id"]: s.get("doc") for s in logged})
     if cfg["benchmark"].get("scoring") == "judge":  # every judged answer's verdict, next to the answer
-        from apet_bench.judge import last_verdicts
+        from apet_bench.judge import verdict_for
 
-        verdicts = last_verdicts()
         for row in samples:
-            qid = (row.get("gpt_eval_accuracy") or {}).get("question_id")
-            row["judge_verdict"] = verdicts.get(str(qid))
+            verdict = verdict_for(row.get("gpt_eval_accuracy"))
+            if verdict is not None:
+                row["judge"] = verdict
     task_res = results["results"][task.task_name]
     metrics = {k.split(",")[0]: v for k, v in task_res.items() if k.endswith(",none") and "_stderr" not in k}
     tokens = _token_summary(records, run.budget, cfg["model"].get("visual_tokens"))

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from apet_bench.config import GROUPS, ConfigError, check_group_overrides, config_dir  # noqa: E402
 
-__all__ = ["run_cell", "record_failure"]
+__all__ = ["expand_seeds", "run_cell", "record_failure"]
 
 
 def _cell_name(cfg: dict) -> str | None:
@@ -140,6 +140,31 @@ def run_cell(cfg: DictConfig | dict, choices: dict | None = None):
     return outcome
 
 
+def expand_seeds(args: list[str]) -> list[str]:
+    """Rewrite ``seeds=N`` (seeds 0 .. N-1) or ``seeds=a,b,c`` into the Hydra sweep override ``seed=...``.
+
+    Every cell of the sweep then runs once per seed (narrow the sweep to the methods with randomness,
+    e.g. ``method=random,apet,sparsevlm``); the tables report mean ± sd over the seeds found.
+
+    Raises
+    ------
+    ConfigError
+        ``seeds`` given together with ``seed``, or a value that is not a positive count / a list of
+        non-negative integers.
+    """
+    given = [a for a in args if a.split("=", 1)[0] == "seeds"]
+    if not given:
+        return list(args)
+    if any(a.split("=", 1)[0].lstrip("+~") == "seed" for a in args):
+        raise ConfigError("give either seeds=... or seed=..., not both")
+    value = given[-1].split("=", 1)[1].strip()
+    parts = [v.strip() for v in value.split(",") if v.strip()]
+    if not parts or not all(v.isdigit() for v in parts) or (len(parts) == 1 and int(parts[0]) < 1):
+        raise ConfigError(f"seeds {value!r} is invalid (use a count N >= 1, or a list of seeds like 0,1,2)")
+    seeds = list(range(int(parts[0]))) if len(parts) == 1 else [int(v) for v in parts]
+    return [a for a in args if a.split("=", 1)[0] != "seeds"] + [f"seed={','.join(map(str, seeds))}"]
+
+
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def main(cfg: DictConfig):
     hc = HydraConfig.get()
@@ -148,6 +173,11 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    try:
+        sys.argv[1:] = expand_seeds(sys.argv[1:])
+    except ConfigError as exc:
+        print(f"apet-bench sweep: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     chosen = {a.split("=", 1)[0].lstrip("+~") for a in sys.argv[1:] if "=" in a and not a.startswith("-")}
     if not chosen & set(GROUPS):
         print("apet-bench sweep: error: choose an experiment (e.g. experiment=table1) or model/method/benchmark",

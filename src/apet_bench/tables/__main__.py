@@ -1,12 +1,15 @@
 """``python -m apet_bench.tables table1|...|table6|all [model=<name>[,<name>]] [results_dir=results] [out_dir=...]
-[benchmark.protocol=llava|lmms_eval]``
+[benchmark.protocol=llava|lmms_eval] [stats=true [ref=<method>] [n_resamples=9999] [confidence=0.95]]``
 
 Prints each table (markdown) with the paper's numbers beside ours, writes markdown/CSV/LaTeX under
 ``<results_dir>/tables/``, and lists run directories that were left out (half-written / corrupt).
 Other ``key=value`` arguments (the sweep's Hydra overrides, e.g. ``data_root=...``, ``limit=...``)
 are accepted and ignored, so ``make table1 ARGS=...`` can pass the same overrides to both steps.
 Only runs of the chosen evaluation protocol (default ``llava``) fill the cells; the footnotes ``[P]``
-name each benchmark's protocol variant. Exit 2 on an unknown table name.
+name each benchmark's protocol variant. ``stats=true`` also prints (and writes ``<name>_ci.md``) the
+paired Δ of every cell against the vanilla row and against ``ref`` at the same budget, with bootstrap
+intervals and Holm-marked cells (:mod:`apet_bench.tables.paired`). Exit 2 on an unknown table name or
+a bad stats option.
 """
 
 from __future__ import annotations
@@ -42,11 +45,30 @@ def main(argv: list[str] | None = None) -> int:
     df, problems = load_runs_report(results_dir, include_failed=True)
     runs = df[df["status"] == "complete"]
     failures = df[df["status"] != "complete"]
+    stats_on = opts.get("stats", "false").lower() in ("1", "true", "yes")
+    paired_opts = None
+    if stats_on:
+        from .paired import PairedOptions
+
+        try:
+            paired_opts = PairedOptions.from_opts(opts)
+        except ValueError as exc:
+            print(f"apet-bench tables: error: {exc}", file=sys.stderr)
+            return 2
     for name in wanted:
         table = build_table(name, runs, failures=failures, model=model_list,
                             protocol=opts.get("benchmark.protocol", "llava"))
         written = table.write(out_dir)
         print(table.to_markdown())
+        if paired_opts is not None:
+            from .build import load_paper_numbers
+            from .paired import paired_section
+
+            section = paired_section(table, runs, load_paper_numbers()[name], paired_opts)
+            ci_file = out_dir / f"{name}_ci.md"
+            ci_file.write_text(section, encoding="utf-8")
+            written.append(ci_file)
+            print(section)
         print(f"written: {', '.join(str(p) for p in written)}\n", flush=True)
     if problems:
         print(f"left out {len(problems)} run director{'y' if len(problems) == 1 else 'ies'} under {results_dir / 'runs'}:")
