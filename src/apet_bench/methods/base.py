@@ -470,7 +470,7 @@ class TokenCompressor:
         """
         from apet_bench.attention import AttentionRequest
 
-        return AttentionRequest(layer=layer_idx - 1, rows="last")
+        return AttentionRequest(layer=layer_idx - 1, rows="last", numerics=self.numerics)
 
     def plan(self, adapter: ModelAdapter, num_visual_tokens: int) -> list[int]:
         """Planned visual tokens at the input of every decoder layer during prefill.
