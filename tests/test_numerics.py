@@ -375,3 +375,35 @@ def test_visionzip_cls_row_official_is_eager_clip_in_the_model_dtype():
         ref = torch.softmax(torch.matmul(q, kk.transpose(2, 3)), dim=-1)[:, :, 0]  # softmax in fp16
     assert attn.dtype == torch.float16 and torch.equal(attn, ref)
     assert torch.equal(keys, kk.mean(dim=1))
+
+
+def ref_tome_bipartite(metric: torch.Tensor, r: int):
+    """``tome/merge.py`` ``bipartite_soft_matching`` (class_token=True) in the metric's dtype; the edge
+    argsort made stable so ties have one answer."""
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[..., ::2, :], metric[..., 1::2, :]
+    scores = a @ b.transpose(-1, -2)
+    scores[..., 0, :] = -float("inf")
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)[..., None]
+    src_idx = edge_idx[..., :r, :]
+    dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+    return src_idx[..., 0], dst_idx[..., 0]
+
+
+def test_tome_matching_official_fp16():
+    from apet_bench.baselines.tome import bipartite_soft_matching, merge_wavg
+
+    differs = False
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        base = torch.randn(1, 8, 16, generator=g)
+        metric = (base.repeat(1, 13, 1) + 0.02 * torch.randn(1, 104, 16, generator=g)).half()  # near-duplicates
+        match = bipartite_soft_matching(metric, 30, protect_first=True, numerics="official")
+        src, dst = ref_tome_bipartite(metric, 30)
+        assert match.src_idx.tolist() == src.tolist() and match.dst_idx.tolist() == dst.tolist()
+        clean = bipartite_soft_matching(metric, 30, protect_first=True)
+        differs |= clean.src_idx.tolist() != match.src_idx.tolist()
+        x, size = merge_wavg(match, metric, numerics="official")
+        assert x.dtype == torch.float16 and size.dtype == torch.float16 and int(size.sum()) == 104
+    assert differs  # fp16 similarities tie or reorder where fp32 ones do not
