@@ -245,7 +245,7 @@ def fps(
     official code (the last one is at fp32 rounding level):
 
     * the official code runs in the input dtype (fp16 at the LLaVA vision stage, where the squared
-      distances of LLM hidden states can overflow); here fp32 always;
+      distances of LLM hidden states can overflow); ``"fp32"`` computes in fp32;
     * the official running distance starts at 1e10; here at +inf (differs only for squared distances
       above 1e10);
     * a squared distance below the rounding level of the expansion,
