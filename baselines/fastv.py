@@ -250,9 +250,10 @@ class FastV(TokenCompressor):
     LLaVA-1.5 192/128/64 -> 166/98/30; LLaVA-NeXT 640/320 -> ``round((32·B − 2·N)/30)`` on the sample's
     span (491/149 at N = 2880), 160 -> K=1, ``round((32·160 − N)/31)`` (72 at 2880); Qwen2.5-VL 20 %/10 %
     -> ``round(N·(28·r − 2)/26)`` (13.8 %/3.1 % of N); Video-LLaVA 256 of 2056 -> 136.
-    The selection is FastV's: head-mean of the last row in float32 (the official code averages the
-    model-dtype eager probabilities; identical in float32), ``topk`` over the visual span in position
-    order, kept positions sorted.
+    The selection is FastV's: head-mean of the last row, ``topk`` over the visual span in position
+    order, kept positions sorted. ``numerics="official"`` (default) computes the row as eager attention
+    in the model's dtype and averages the heads in that dtype, as the official fp16 code does;
+    ``"fp32"`` computes both in float32 (identical on fp32 models).
     """
 
     stage: ClassVar[str] = "llm"
@@ -367,8 +368,8 @@ class FastV(TokenCompressor):
         layer_idx : int
             ``K`` on the model.
         attention : torch.Tensor
-            ``(batch, heads, rows, seq_len)`` float32 probabilities of layer ``K - 1``; the last row
-            (the last prompt token) is used.
+            ``(batch, heads, rows, seq_len)`` probabilities of layer ``K - 1`` (float32, or the model's
+            dtype under ``numerics="official"``); the last row (the last prompt token) is used.
 
         Returns
         -------
@@ -383,7 +384,9 @@ class FastV(TokenCompressor):
         if attention is None or attention.ndim != 4 or attention.shape[-1] != hidden_states.shape[1]:
             shape = None if attention is None else tuple(attention.shape)
             raise ValueError(f"fastv needs (batch, heads, rows, {hidden_states.shape[1]}) attention rows, got {shape}")
-        scores = attention[:, :, -1, :].float().mean(dim=1)  # (B, L): head mean of the last prompt token's row
+        row = attention[:, :, -1, :]  # (B, H, L): the last prompt token's row
+        # head mean: official in the probabilities' (model) dtype, as torch.mean of the fp16 eager weights
+        scores = row.mean(dim=1) if self.numerics == "official" else row.float().mean(dim=1)  # (B, L)
         rows = []
         for b, pos in enumerate(visual_positions):
             n = int(pos.numel())

@@ -174,8 +174,9 @@ class PyramidDrop(TokenCompressor):
 
     Notes
     -----
-    Deviations from the official code, all numerically minor: the row's softmax and head mean are in
-    float32 (official: softmax in float32 cast back to the model dtype before the head mean); the
+    Deviations from the official code, all numerically minor: under ``numerics="fp32"`` the row's
+    softmax and head mean are in float32 (``"official"``, the default: probabilities cast back to the
+    model dtype and the head mean in it, as the official eager code); the
     scores are those of the last prompt token (the official ``prompt_len + n_cur - 1`` for batch size 1
     without an answer); a padded batch is supported (left padding; official: right padding only).
     """
@@ -315,7 +316,7 @@ class PyramidDrop(TokenCompressor):
 
     def attention_request(self, layer_idx: int) -> AttentionRequest:
         """The last prompt token's row of layer ``ℓ_s``'s own attention on its pre-drop input."""
-        return AttentionRequest(layer=int(layer_idx), rows="last", pre_drop=True)
+        return AttentionRequest(layer=int(layer_idx), rows="last", pre_drop=True, numerics=self.numerics)
 
     def counts(self, facts: ModelFacts, n: int, adapter: Any = None) -> list[int]:
         """Visual tokens after each stage for a sample of ``n``: ``int(n · λ^s)``."""
@@ -393,7 +394,8 @@ class PyramidDrop(TokenCompressor):
         if attention is None or attention.ndim != 4 or attention.shape[-1] != hidden_states.shape[1]:
             shape = None if attention is None else tuple(attention.shape)
             raise ValueError(f"pdrop needs (batch, heads, rows, {hidden_states.shape[1]}) attention rows, got {shape}")
-        scores = attention[:, :, -1, :].float().mean(dim=1)  # (B, L)
+        row = attention[:, :, -1, :]  # (B, H, L)
+        scores = row.mean(dim=1) if self.numerics == "official" else row.float().mean(dim=1)  # (B, L)
         rows = []
         for b, pos in enumerate(visual_positions):
             keep = self.llm_keep_count(int(pos.numel()), layer_idx=layer_idx)

@@ -449,7 +449,9 @@ def select_text_raters(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor
     return torch.nonzero(m > m.mean()).flatten()
 
 
-def rater_scores(attention: torch.Tensor, rater_rows: torch.Tensor, visual_columns: torch.Tensor) -> torch.Tensor:
+def rater_scores(
+    attention: torch.Tensor, rater_rows: torch.Tensor, visual_columns: torch.Tensor, *, numerics: str = "fp32"
+) -> torch.Tensor:
     """Visual-token scores from the raters' attention (``score.py`` ``attn_postprocess_topk``).
 
     Parameters
@@ -460,13 +462,17 @@ def rater_scores(attention: torch.Tensor, rater_rows: torch.Tensor, visual_colum
         ``(num_raters,)`` indices into ``num_rows``.
     visual_columns : torch.Tensor
         ``(num_visual,)`` columns of the visual tokens.
+    numerics : {"fp32", "official"}
+        ``"fp32"``: both means in float32. ``"official"``: both in ``attention``'s dtype (the official
+        ``self_attn_weights.mean(1)`` then ``relation_vis_text.mean(1)`` on the fp16 eager weights).
 
     Returns
     -------
     torch.Tensor
-        ``(num_visual,)`` float32: mean over heads, then over raters, of the attention on each visual token.
+        ``(num_visual,)``: mean over heads, then over raters, of the attention on each visual token
+        (float32, or ``attention``'s dtype under ``"official"``).
     """
-    a = attention.float().mean(0)  # (rows, seq)
+    a = (attention if numerics == "official" else attention.float()).mean(0)  # (rows, seq)
     a = a.index_select(0, rater_rows.to(a.device)).index_select(1, visual_columns.to(a.device))
     return a.mean(0)
 
@@ -843,7 +849,7 @@ class SparseVLMCompressor(TokenCompressor):
                 t = int(ids.shape[1]) - 1 - int(vis[-1])
                 if t > 0:
                     rows = TextRows(t)
-        return AttentionRequest(layer=layer_idx - 1, rows=rows)
+        return AttentionRequest(layer=layer_idx - 1, rows=rows, numerics=self.numerics)
 
     def plan(self, adapter: Any, num_visual_tokens: int) -> list[int]:
         """Visual tokens at the input of every decoder layer: ``N`` up to the first drop, then kept + recycled."""
@@ -918,7 +924,7 @@ class SparseVLMCompressor(TokenCompressor):
         heads = None
         if self.version == "2.0":
             probs, heads = self._v20_correct(probs, raters, pos, int(hidden_states.shape[1]), int(layer_idx) - 1)
-        scores = rater_scores(probs, raters, pos)
+        scores = rater_scores(probs, raters, pos, numerics=self.numerics)
         if self.keep_rule == "rank":  # video branch attn_postprocess_rank: keep rank(P) tokens, or all
             p_mat = probs.float().mean(0).index_select(0, raters.to(probs.device)).index_select(1, pos.to(probs.device))
             k = int(torch.linalg.matrix_rank(p_mat))

@@ -105,7 +105,9 @@ class BipartiteMatch:
         return self.num_tokens - self.r
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int, protect_first: bool = False) -> BipartiteMatch:
+def bipartite_soft_matching(
+    metric: torch.Tensor, r: int, protect_first: bool = False, *, numerics: str = "fp32"
+) -> BipartiteMatch:
     """ToMe's balanced bipartite soft matching (``tome/merge.py`` ``bipartite_soft_matching``).
 
     Cosine similarity of ``metric`` between A (even tokens) and B (odd tokens); each A token's best B
@@ -121,6 +123,9 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protect_first: bool = 
     protect_first : bool
         Token 0 is [CLS]: its A row gets ``-inf`` similarity, so it is never merged, and the unmerged A
         tokens are sorted so it stays first (official ``class_token=True``).
+    numerics : {"fp32", "official"}
+        ``"fp32"``: normalisation and similarity in fp32 whatever the metric's dtype. ``"official"``: in
+        the metric's dtype, as ``tome/merge.py`` runs inside an fp16 model.
 
     Returns
     -------
@@ -128,7 +133,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protect_first: bool = 
 
     Notes
     -----
-    Similarity in fp32 whatever the metric's dtype; ties in the edge ranking are broken by the lower A
+    Ties in the edge ranking are broken by the lower A
     index (``argsort(stable=True)``; the official ``argsort`` leaves ties unspecified).
     """
     b, t, _ = metric.shape
@@ -140,7 +145,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protect_first: bool = 
         empty = torch.zeros((b, 0), dtype=torch.long, device=dev)
         unm = torch.arange(ta, device=dev).expand(b, ta)
         return BipartiteMatch(unm, empty, empty, t)
-    m = metric.float()
+    m = metric if numerics == "official" else metric.float()
     m = m / m.norm(dim=-1, keepdim=True)
     a, bb = m[:, ::2], m[:, 1::2]
     scores = a @ bb.transpose(-1, -2)  # (B, ta, tb)
@@ -183,7 +188,7 @@ def merge_tokens(match: BipartiteMatch, x: torch.Tensor, mode: str = "sum") -> t
 
 
 def merge_wavg(
-    match: BipartiteMatch, x: torch.Tensor, size: torch.Tensor | None = None
+    match: BipartiteMatch, x: torch.Tensor, size: torch.Tensor | None = None, *, numerics: str = "fp32"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted merge (``tome/merge.py`` ``merge_wavg``): ``x <- Σ x·s / Σ s``, ``s <- Σ s``.
 
@@ -194,14 +199,22 @@ def merge_wavg(
         ``(B, t, c)`` tokens.
     size : torch.Tensor, optional
         ``(B, t, 1)`` float: how many original tokens each token stands for (``None`` = all 1).
+    numerics : {"fp32", "official"}
+        ``"fp32"``: computed in fp32. ``"official"``: ``x * size``, the sums and the division in ``x``'s
+        dtype, sizes in ``x``'s dtype (official ``size = ones_like(x[..., 0, None])``).
 
     Returns
     -------
     x : torch.Tensor
-        ``(B, t - r, c)`` in ``x``'s dtype (computed in fp32).
+        ``(B, t - r, c)`` in ``x``'s dtype.
     size : torch.Tensor
-        ``(B, t - r, 1)`` fp32.
+        ``(B, t - r, 1)`` fp32 (``"official"``: ``x``'s dtype; sizes are small integers, exact).
     """
+    if numerics == "official":
+        size = torch.ones_like(x[..., :1]) if size is None else size.to(x.dtype)
+        xs = merge_tokens(match, x * size, mode="sum")
+        size = merge_tokens(match, size, mode="sum")
+        return xs / size, size
     if size is None:
         size = torch.ones_like(x[..., :1], dtype=torch.float32)
     size = size.float()
@@ -740,8 +753,8 @@ class ToMeCompressor(TokenCompressor):
         rep = torch.arange(n, device=features.device).unsqueeze(0)
         group = rep.clone()
         for r in pass_schedule(n, target):
-            match = bipartite_soft_matching(x, r, protect_first=False)
-            x, size = merge_wavg(match, x, size)
+            match = bipartite_soft_matching(x, r, protect_first=False, numerics=self.numerics)
+            x, size = merge_wavg(match, x, size, numerics=self.numerics)
             group = slot_map(match).gather(1, group)
             rep = rep.gather(1, kept_slots(match))
         out, idx = x[0], rep[0]
@@ -827,10 +840,10 @@ def _make_forward(method: ToMeCompressor, state: _TowerState, layer_idx: int):
             keys = state.keys  # (B, t, D) this layer's k_proj output
             heads = int(self.self_attn.num_heads)
             metric = keys.view(keys.shape[0], keys.shape[1], heads, -1).mean(dim=2)  # (B, t, D / H)
-            match = bipartite_soft_matching(metric, r, protect_first=True)
+            match = bipartite_soft_matching(metric, r, protect_first=True, numerics=method.numerics)
             if match.r != r:
                 raise RuntimeError(f"tome: layer {layer_idx} could merge {match.r} of the {r} scheduled tokens")
-            x, state.size = merge_wavg(match, x, state.size)
+            x, state.size = merge_wavg(match, x, state.size, numerics=method.numerics)
             state.group = slot_map(match).gather(1, state.group)
             state.rep = state.rep.gather(1, kept_slots(match))
         state.keys = None

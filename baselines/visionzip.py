@@ -175,7 +175,9 @@ def visionzip_tokens(
     return VisionZipResult(torch.cat(out), dominant, targets, members)
 
 
-def cls_attention_row(layer: nn.Module, hidden_in: torch.Tensor, cls_index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def cls_attention_row(
+    layer: nn.Module, hidden_in: torch.Tensor, cls_index: int = 0, *, numerics: str = "fp32"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[CLS]-row attention and head-mean keys of one CLIP encoder layer, from the layer's input.
 
     Recomputes only what VisionZip reads: ``x = layer_norm1(h)``, ``q = q_proj(x[CLS])``, ``K = k_proj(x)``
@@ -190,18 +192,29 @@ def cls_attention_row(layer: nn.Module, hidden_in: torch.Tensor, cls_index: int 
         ``(B, N, D)``: the layer's input hidden states.
     cls_index : int
         Query row (0).
+    numerics : {"fp32", "official"}
+        ``"fp32"``: as above, in float32. ``"official"``: as the eager ``CLIPAttention`` of the
+        transformers 4.37 era that the official code runs with ``output_attentions=True``, in the
+        model's dtype: ``q = q_proj(x) * scale``, ``q Kᵀ`` and ``softmax`` in that dtype; keys averaged
+        over heads in that dtype.
 
     Returns
     -------
     attn : torch.Tensor
-        ``(B, heads, N)`` float32 probabilities of the [CLS] query over all ``N`` tokens.
+        ``(B, heads, N)`` probabilities of the [CLS] query over all ``N`` tokens (float32, or the
+        model's dtype under ``"official"``).
     keys : torch.Tensor
-        ``(B, N, head_dim)`` float32 keys averaged over heads (VisionZip's ``metric``).
+        ``(B, N, head_dim)`` keys averaged over heads (VisionZip's ``metric``), same dtype as ``attn``.
     """
     att = layer.self_attn
     x = layer.layer_norm1(hidden_in)
     b, n, _ = x.shape
     h = int(att.num_heads)
+    if numerics == "official":
+        q = (att.q_proj(x[:, cls_index : cls_index + 1]) * att.scale).view(b, 1, h, -1).transpose(1, 2)
+        k = att.k_proj(x).view(b, n, h, -1).transpose(1, 2)  # (B, H, N, d), model dtype
+        attn = torch.softmax(q @ k.transpose(-1, -2), dim=-1)[:, :, 0]  # (B, H, N), model dtype
+        return attn, k.mean(dim=1)
     q = att.q_proj(x[:, cls_index : cls_index + 1]).view(b, 1, h, -1).transpose(1, 2).float()  # (B, H, 1, d)
     k = att.k_proj(x).view(b, n, h, -1).transpose(1, 2).float()  # (B, H, N, d)
     attn = torch.softmax((q @ k.transpose(-1, -2)) * float(att.scale), dim=-1)[:, :, 0]  # (B, H, N)
@@ -409,14 +422,16 @@ class VisionZipCompressor(TokenCompressor):
             self.register_hook(layers[len(layers) + VISION_LAYER], self._clip_hook, with_kwargs=True)
         self.note_attention(
             "vision", VISION_LAYER, "[CLS]",
-            "q.k^T softmax of the [CLS] row only, recomputed in fp32 from the layer input; layer output on its backend",
+            f"q.k^T softmax of the [CLS] row only, recomputed from the layer input "
+            f"({'model dtype, as eager CLIP' if self.numerics == 'official' else 'fp32'}); layer output on its backend",
         )
 
     def _clip_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
         out = output[0] if isinstance(output, tuple) else output
-        attn, keys = cls_attention_row(module, hidden)
-        self._captured.append({"scores": attn.sum(dim=1), "keys": keys, "hidden": out})
+        attn, keys = cls_attention_row(module, hidden, numerics=self.numerics)
+        # head sum: official cls_attention.sum(dim=1) on the model-dtype weights; exact cast to fp32 after
+        self._captured.append({"scores": attn.sum(dim=1).float(), "keys": keys.float(), "hidden": out})
 
     def _qwen_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]

@@ -82,7 +82,8 @@ def test_random_needs_a_budget_none_does_not():
 
 def test_config_dict():
     d = build_method("random", budget=64, seed=3).config_dict()
-    assert d == {"name": "random", "stage": "vision", "needs_attention_weights": False, "budget": 64, "seed": 3}
+    assert d == {"name": "random", "stage": "vision", "needs_attention_weights": False, "budget": 64, "seed": 3,
+                 "numerics": "official"}
 
 
 # ---------------------------------------------------------------------- random: tensors only

@@ -17,9 +17,20 @@ stage), ``llava/model/modeling_llama_x.py`` (``layer_prune``; LLM stage),
 Shapes: ``B`` batch, ``N`` tokens, ``D`` feature width, ``M`` basis tokens (``num_basis``; 10 in the
 paper), ``K`` kept tokens (``keep``), ``T`` merge targets (``K - M`` official, ``K`` paper).
 
-Numerics, whatever the input dtype: everything is computed in fp32 (FPS, the ridge solve, the error,
-the cosine similarity and the merge) and the returned tokens are cast back to the input dtype; the
-approximation error is always fp32. NaN or inf features raise ``ValueError``.
+Numerics (``numerics=``, every public function that has a dtype-sensitive step):
+
+* ``"fp32"`` (the library default): everything is computed in fp32 (FPS on centred features, the ridge
+  solve, the error, the cosine similarity and the merge) and the returned tokens are cast back to the
+  input dtype.
+* ``"official"``: the dtype and order of operations of the official code (MaQianKun0/ApET @ 70cc01b,
+  ``llava/model/utils.py`` ``fps``; ``llava/model/llava_arch.py`` ``encode_images`` /
+  ``token_merging``): FPS in the input dtype (``((x - c) ** 2).sum(-1)``, so fp16 squared distances
+  above 65504 become ``inf``; the running distance starts at 1e10 in fp32, so every token whose distance
+  overflowed ties at 1e10 and the lowest index wins), the ridge solve and the error in fp32 from the
+  input values, the basis write and the merge (``F.cosine_similarity``, ``scatter_add_``, division by
+  the group size) in ``merge_dtype`` (default: the input dtype; the LLaVA LLM stage merges in fp32).
+
+The approximation error is always fp32. NaN or inf features raise ``ValueError``.
 
 Composition (``apet_compress``), per sample::
 
@@ -44,8 +55,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
+    "NUMERICS",
     "ApETInfo",
     "Basis",
     "apet_compress",
@@ -68,6 +81,13 @@ DEFAULT_RIDGE = 1e-5
 BASIS_METHODS = ("fps", "dpc", "random")
 VARIANTS = ("official", "paper")
 SLOT_ORDERS = ("position", "rank")
+#: ``"official"``: the official code's dtypes and order of operations; ``"fp32"``: fp32 throughout.
+NUMERICS = ("official", "fp32")
+#: Initial running distance of the official ``fps`` (``torch.full((B, N), 1e10)``, default dtype fp32).
+OFFICIAL_FPS_INIT = 1e10
+#: Elements of one ``F.cosine_similarity`` broadcast block in the official merge (memory bound, no effect
+#: on the result: every (dropped, target) pair is computed independently).
+_COS_BLOCK_ELEMENTS = 1 << 25
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,6 +156,12 @@ def check_features(x: torch.Tensor, name: str = "x") -> torch.Tensor:
     return sq
 
 
+def _check_numerics(numerics: object) -> str:
+    if numerics not in NUMERICS:
+        raise ValueError(f"numerics must be one of {NUMERICS}, got {numerics!r}")
+    return str(numerics)
+
+
 def _check_index(index: torch.Tensor, batch: int, num_tokens: int, name: str) -> None:
     if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must be an int64 (or int32) tensor")
@@ -200,12 +226,17 @@ def fps_start_index(
     return start if device is None else start.to(device)
 
 
-def fps(x: torch.Tensor, num_samples: int, start_index: torch.Tensor) -> torch.Tensor:
+def fps(
+    x: torch.Tensor, num_samples: int, start_index: torch.Tensor, *, numerics: str = "fp32"
+) -> torch.Tensor:
     """Farthest point sampling of ``num_samples`` tokens per sample, from a given start token.
 
     Step i picks the token with the largest squared Euclidean distance to the set picked so far
     (the running minimum over picked tokens), on the raw features (no normalisation), as the official
     ``fps`` (``llava/model/utils.py``; methods.md §1.2). Ties go to the lowest index (``argmax``).
+
+    ``numerics="official"`` runs the official loop as written, in the input dtype
+    (:func:`_fps_official`); the rest of this paragraph and the list below describe ``"fp32"``.
 
     Implementation: vectorised over B; the features are centred once (per sample; distances do not
     change, but a large common offset, as LLM hidden states have, would otherwise cost the expansion
@@ -214,7 +245,7 @@ def fps(x: torch.Tensor, num_samples: int, start_index: torch.Tensor) -> torch.T
     official code (the last one is at fp32 rounding level):
 
     * the official code runs in the input dtype (fp16 at the LLaVA vision stage, where the squared
-      distances of LLM hidden states can overflow); here fp32 always;
+      distances of LLM hidden states can overflow); ``"fp32"`` computes in fp32;
     * the official running distance starts at 1e10; here at +inf (differs only for squared distances
       above 1e10);
     * a squared distance below the rounding level of the expansion,
@@ -229,6 +260,8 @@ def fps(x: torch.Tensor, num_samples: int, start_index: torch.Tensor) -> torch.T
         ``M``, with ``0 <= M <= N``.
     start_index : torch.Tensor
         ``(B,)`` int64 index of the first pick of every sample (see ``fps_start_index``).
+    numerics : {"fp32", "official"}
+        See the module docstring.
 
     Returns
     -------
@@ -240,10 +273,11 @@ def fps(x: torch.Tensor, num_samples: int, start_index: torch.Tensor) -> torch.T
     Raises
     ------
     ValueError
-        ``M > N``, bad shapes, or NaN / inf features.
+        ``M > N``, bad shapes, NaN / inf features, or an unknown ``numerics``.
     IndexError
         ``start_index`` outside ``[0, N)``.
     """
+    numerics = _check_numerics(numerics)
     sq = check_features(x)
     B, N, D = x.shape
     M = _check_int(num_samples, "num_samples", 0)
@@ -254,7 +288,35 @@ def fps(x: torch.Tensor, num_samples: int, start_index: torch.Tensor) -> torch.T
     start = start_index.to(device=x.device, dtype=torch.long)
     if B and (int(start.min()) < 0 or int(start.max()) >= N):
         raise IndexError(f"start_index has values outside [0, {N})")
+    if numerics == "official":
+        return _fps_official(x, M, start)
     return _fps_core(x.float(), sq, M, start)
+
+
+def _fps_official(x: torch.Tensor, M: int, start: torch.Tensor) -> torch.Tensor:
+    """The official ``fps`` (``llava/model/utils.py`` @ 70cc01b; same in the Qwen and Video-LLaVA forks).
+
+    ``x`` (B, N, D) in its own dtype; per step ``((x - c) ** 2).sum(-1)`` in that dtype (elementwise
+    rounding, fp32 accumulation of the sum rounded once to the dtype, as torch's CUDA and CPU kernels
+    do; an fp16 sum above 65504 is ``inf``), ``torch.min`` with the fp32 running distance that starts at
+    1e10 (type promotion: the minimum is fp32, so an ``inf`` leaves the token at 1e10), next pick
+    ``dist.max(1).indices`` (the first maximum). Only the start comes from ``start`` instead of the
+    global RNG. Returns ``(B, M)`` int64 picks.
+    """
+    B, N, _ = x.shape
+    index = torch.empty(B, M, dtype=torch.long, device=x.device)
+    if M == 0 or B == 0:
+        return index
+    batch = torch.arange(B, device=x.device)
+    dist = torch.full((B, N), OFFICIAL_FPS_INIT, dtype=torch.float32, device=x.device)
+    farthest = start
+    for i in range(M):
+        index[:, i] = farthest
+        centroid = x[batch, farthest].unsqueeze(1)  # (B, 1, D), x's dtype
+        dist_cur = ((x - centroid) ** 2).sum(-1)  # (B, N), x's dtype (fp16: inf above 65504)
+        dist = torch.min(dist, dist_cur)  # promoted to fp32
+        farthest = dist.max(dim=1).indices
+    return index
 
 
 def _fps_core(xf: torch.Tensor, sq: torch.Tensor, M: int, start: torch.Tensor) -> torch.Tensor:
@@ -466,6 +528,7 @@ def select_basis(
     start_index: torch.Tensor | None = None,
     dpc_vectors: Literal["cluster_mean", "centre"] = "cluster_mean",
     replacement: bool = True,
+    numerics: str = "fp32",
 ) -> Basis:
     """Select ``M`` basis tokens per sample (paper §3.3 "Token Selection", Table 5 ablation).
 
@@ -488,6 +551,9 @@ def select_basis(
         "basis token subset B ⊂ V").
     replacement : bool
         Random draws with replacement (official) or M distinct tokens.
+    numerics : {"fp32", "official"}
+        ``"official"`` runs FPS in the input dtype (:func:`fps`). DPC always runs in fp32 (the official
+        LLaVA DPC path raises ``NameError``, see :func:`dpc_basis`); random draws have no arithmetic.
 
     Returns
     -------
@@ -497,16 +563,20 @@ def select_basis(
     Raises
     ------
     ValueError
-        Unknown method or ``dpc_vectors``, ``M > N`` (fps, dpc, random without replacement), NaN / inf
-        features.
+        Unknown method, ``dpc_vectors`` or ``numerics``, ``M > N`` (fps, dpc, random without
+        replacement), NaN / inf features.
     """
+    numerics = _check_numerics(numerics)
     if method not in BASIS_METHODS:
         raise ValueError(f"unknown basis method {method!r}; expected one of {BASIS_METHODS}")
     if dpc_vectors not in ("cluster_mean", "centre"):
         raise ValueError(f"dpc_vectors must be 'cluster_mean' or 'centre', got {dpc_vectors!r}")
     sq = check_features(x)
     M = _check_int(num_basis, "num_basis", 0)
-    return _select_basis_core(x.float(), sq, M, method, generator, start_index, dpc_vectors, replacement)
+    return _select_basis_core(
+        x.float(), sq, M, method, generator, start_index, dpc_vectors, replacement,
+        x if numerics == "official" else None,
+    )
 
 
 def _select_basis_core(
@@ -518,8 +588,12 @@ def _select_basis_core(
     start_index: torch.Tensor | None,
     dpc_vectors: str,
     replacement: bool,
+    x_official: torch.Tensor | None = None,
 ) -> Basis:
-    """``select_basis`` on validated fp32 features ``xf`` (B, N, D) with squared norms ``sq``."""
+    """``select_basis`` on validated fp32 features ``xf`` (B, N, D) with squared norms ``sq``.
+
+    ``x_official``: the features in their own dtype for the official FPS (``None``: fp32 FPS).
+    """
     B, N, _ = xf.shape
     if method == "fps":
         if M > N:
@@ -531,7 +605,10 @@ def _select_basis_core(
         start = start_index.to(device=xf.device, dtype=torch.long)
         if B and N and (int(start.min()) < 0 or int(start.max()) >= N):
             raise IndexError(f"start_index has values outside [0, {N})")
-        index = _fps_core(xf, sq, M, start)
+        if x_official is not None:
+            index = _fps_official(x_official, M, start)
+        else:
+            index = _fps_core(xf, sq, M, start)
         return Basis(index, _gather_tokens(xf, index))
     if method == "random":
         index = random_basis(xf, M, generator, replacement=replacement)
@@ -627,8 +704,21 @@ def _error_core(xf: torch.Tensor, s: torch.Tensor, ridge: float) -> tuple[torch.
     return torch.linalg.vector_norm(residual, dim=-1), fallback
 
 
+def _error_official(xf: torch.Tensor, s: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official error, operation for operation (``encode_images`` @ 70cc01b), in fp32.
+
+    ``G = S Sᵀ + εI``, ``A = solve(G, S Xᵀ)ᵀ``, ``X̂ = A S``, ``error = ||X - X̂||`` (explicit ``matmul``
+    then subtraction; ``"fp32"`` fuses the last two steps in ``baddbmm``). A singular ``G`` takes the
+    pseudo-inverse fallback of :func:`ridge_coefficients` (the official ``linalg.solve`` raises).
+    """
+    coef, fallback = _ridge_core(xf, s, ridge)
+    if s.shape[1] == 0:
+        return torch.linalg.vector_norm(xf, dim=-1), fallback
+    return torch.norm(xf - torch.matmul(coef, s), dim=-1), fallback
+
+
 def approximation_error_from_basis(
-    x: torch.Tensor, basis: torch.Tensor, ridge: float = DEFAULT_RIDGE
+    x: torch.Tensor, basis: torch.Tensor, ridge: float = DEFAULT_RIDGE, *, numerics: str = "fp32"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Approximation error of every token from arbitrary basis vectors (paper Eq. 5).
 
@@ -645,6 +735,9 @@ def approximation_error_from_basis(
         ``(B, M, D)`` basis vectors (tokens, or DPC cluster means).
     ridge : float
         Ridge ε (official 1e-5).
+    numerics : {"fp32", "official"}
+        Both solve in fp32 from the input values (as the official code, which calls ``.float()``
+        first); ``"official"`` forms ``X̂`` with a separate ``matmul`` as the official code does.
 
     Returns
     -------
@@ -658,11 +751,13 @@ def approximation_error_from_basis(
     ValueError
         Shapes, ridge, NaN / inf in ``x`` or ``basis``.
     """
+    numerics = _check_numerics(numerics)
     check_features(x)
     check_features(basis, "basis")
     _check_basis_shape(x, basis)
     _check_ridge(ridge)
-    return _error_core(x.float(), basis.float(), float(ridge))
+    core = _error_official if numerics == "official" else _error_core
+    return core(x.float(), basis.float(), float(ridge))
 
 
 def approximation_error(
@@ -765,7 +860,12 @@ def complement_index(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
 
 
 def merge_dropped(
-    x: torch.Tensor, target_index: torch.Tensor, dropped_index: torch.Tensor
+    x: torch.Tensor,
+    target_index: torch.Tensor,
+    dropped_index: torch.Tensor,
+    *,
+    numerics: str = "fp32",
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Merge every dropped token into its most cosine-similar target; plain mean with the target.
 
@@ -776,6 +876,13 @@ def merge_dropped(
     The argmax of ``cos`` is computed as the argmax of ``x_d · x_t / ||x_t||`` (dividing by
     ``||x_d||`` does not change it), in fp32 (the official vision stage merges in fp16, Qwen in bf16).
 
+    ``numerics="official"`` runs the official operations in ``dtype`` (default: ``x``'s dtype): targets
+    and dropped tokens gathered in that dtype, ``F.cosine_similarity`` of every (dropped, target) pair
+    (broadcast in blocks of dropped tokens; identical values), ``argmax`` (first maximum),
+    ``scatter_add_`` of the dropped tokens into their targets (one rounding to ``dtype`` per addition,
+    in ascending dropped-token order on CPU; CUDA's atomic additions have no fixed order), and an
+    in-place division by ``1 + count``.
+
     Parameters
     ----------
     x : torch.Tensor
@@ -784,11 +891,16 @@ def merge_dropped(
         ``(B, T)`` int64 merge targets.
     dropped_index : torch.Tensor
         ``(B, R)`` int64 dropped tokens (disjoint from the targets).
+    numerics : {"fp32", "official"}
+        See above.
+    dtype : torch.dtype, optional
+        Compute dtype of ``"official"`` (default ``x.dtype``); ignored by ``"fp32"``.
 
     Returns
     -------
     merged : torch.Tensor
-        ``(B, T, D)`` fp32 merged targets (row j is target ``target_index[:, j]``).
+        ``(B, T, D)`` merged targets (row j is target ``target_index[:, j]``), fp32 (``"fp32"``) or
+        ``dtype`` (``"official"``).
     assignment : torch.Tensor
         ``(B, R)`` int64 position in ``target_index`` that each dropped token joined.
     group_size : torch.Tensor
@@ -797,14 +909,45 @@ def merge_dropped(
     Raises
     ------
     ValueError
-        ``T == 0`` while ``R > 0`` (nothing to merge into); NaN / inf features; bad index shapes.
+        ``T == 0`` while ``R > 0`` (nothing to merge into); NaN / inf features; bad index shapes;
+        unknown ``numerics``.
     IndexError
         Indices outside ``[0, N)``.
     """
+    numerics = _check_numerics(numerics)
     check_features(x)
     _check_index(target_index, x.shape[0], x.shape[1], "target_index")
     _check_index(dropped_index, x.shape[0], x.shape[1], "dropped_index")
+    if numerics == "official":
+        return _merge_official(x.to(dtype or x.dtype), target_index.long(), dropped_index.long())
     return _merge_core(x.float(), target_index.long(), dropped_index.long())
+
+
+def _merge_official(
+    x: torch.Tensor, target_index: torch.Tensor, dropped_index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The official ``token_merging`` (``llava_arch.py`` @ 70cc01b) in ``x``'s dtype (see ``merge_dropped``)."""
+    B, T = target_index.shape
+    R = dropped_index.shape[1]
+    D = x.shape[-1]
+    merged = _gather_tokens(x, target_index).clone()  # (B, T, D): retained_tokens * scaling (1)
+    group_size = torch.ones(B, T, dtype=torch.long, device=x.device)
+    if R == 0:
+        return merged, dropped_index.new_empty(B, 0), group_size
+    if T == 0:
+        raise ValueError(f"cannot merge {R} dropped tokens into 0 targets")
+    dropped = _gather_tokens(x, dropped_index)  # (B, R, D)
+    assignment = torch.empty(B, R, dtype=torch.long, device=x.device)
+    block = max(1, _COS_BLOCK_ELEMENTS // max(1, B * T * D))
+    for lo in range(0, R, block):
+        cos = F.cosine_similarity(dropped[:, lo : lo + block].unsqueeze(2), merged.unsqueeze(1), dim=3)  # (B, r, T)
+        assignment[:, lo : lo + block] = cos.argmax(dim=2)
+    merged.scatter_add_(1, assignment.unsqueeze(-1).expand(-1, -1, D), dropped)
+    count = torch.zeros(B, T, dtype=torch.int, device=x.device)
+    count.scatter_add_(1, assignment, torch.ones_like(assignment, dtype=count.dtype))
+    merged /= 1 + count.unsqueeze(2)
+    group_size += count.long()
+    return merged, assignment, group_size
 
 
 def _merge_core(
@@ -896,6 +1039,8 @@ def apet_compress(
     start_index: torch.Tensor | None = None,
     basis_slot_order: Literal["position", "rank"] = "position",
     basis_blend: float = 1.0,
+    numerics: Literal["fp32", "official"] = "fp32",
+    merge_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, ApETInfo]:
     """Compress ``N`` tokens to ``K = keep`` with ApET (one stage; paper §3.3, methods.md §1.2).
 
@@ -946,6 +1091,13 @@ def apet_compress(
         Official only; see above.
     basis_blend : float
         Official only, in [0, 1]; see above.
+    numerics : {"fp32", "official"}
+        ``"fp32"``: fp32 throughout. ``"official"``: FPS in ``x``'s dtype, solve and error in fp32
+        (official form), basis write / blend and merge in ``merge_dtype`` (module docstring). DPC
+        runs in fp32 under both.
+    merge_dtype : torch.dtype, optional
+        ``"official"`` only: dtype of the basis write, blend and merge (default ``x.dtype``; fp32 at the
+        official LLaVA LLM stage, ``modeling_llama_x.py`` ``layer_prune``).
 
     Returns
     -------
@@ -960,7 +1112,7 @@ def apet_compress(
     ------
     ValueError
         NaN / inf features, ``keep < 1``, ``num_basis < 0``, unknown ``basis`` / ``variant`` /
-        ``basis_slot_order``, ``basis_blend`` outside [0, 1], bad ``ridge``.
+        ``basis_slot_order`` / ``numerics``, ``basis_blend`` outside [0, 1], bad ``ridge``.
     TypeError
         Non-float ``x``, non-int ``keep`` / ``num_basis``.
 
@@ -984,6 +1136,7 @@ def apet_compress(
         raise ValueError(f"basis_slot_order must be one of {SLOT_ORDERS}, got {basis_slot_order!r}")
     if not (isinstance(basis_blend, numbers.Real) and 0.0 <= basis_blend <= 1.0):
         raise ValueError(f"basis_blend must be in [0, 1], got {basis_blend!r}")
+    numerics = _check_numerics(numerics)
     dev = x.device
     empty = torch.empty(B, 0, dtype=torch.long, device=dev)
 
@@ -1000,11 +1153,12 @@ def apet_compress(
     official = variant == "official"
     M = min(M, K - 1 if official else K)
     xf = x.float()  # the one fp32 copy (a no-op for fp32 input)
+    exact = numerics == "official"
     sel = _select_basis_core(
         xf, sq, M, basis, generator, start_index,
-        "cluster_mean" if official else "centre", official,
+        "cluster_mean" if official else "centre", official, x if exact else None,
     )
-    error, fallback = _error_core(xf, sel.vectors, float(ridge))
+    error, fallback = (_error_official if exact else _error_core)(xf, sel.vectors, float(ridge))
     if not bool(torch.isfinite(error).all()):  # cannot happen for finite x; never return silent NaN
         raise RuntimeError("ApET approximation error is not finite")
 
@@ -1019,12 +1173,18 @@ def apet_compress(
         order = rank_by_error(forced, K)
         targets, slots = order, empty
     dropped = complement_index(order, N)
-    merged, assignment, group_size = _merge_core(xf, targets, dropped)
+    if exact:  # official dtype: basis write / blend and merge in merge_dtype
+        xm = x.to(merge_dtype or x.dtype)
+        merged, assignment, group_size = _merge_official(xm, targets, dropped)
+        basis_m = sel.vectors.to(xm.dtype)
+    else:
+        xm, basis_m = xf, sel.vectors
+        merged, assignment, group_size = _merge_core(xf, targets, dropped)
 
     if official and M > 0:
-        slot_values = sel.vectors
+        slot_values = basis_m
         if basis_blend != 1.0:
-            slot_values = basis_blend * sel.vectors + (1.0 - basis_blend) * _gather_tokens(xf, slots)
+            slot_values = basis_blend * basis_m + (1.0 - basis_blend) * _gather_tokens(xm, slots)
         values = torch.cat([merged, slot_values], dim=1)  # (B, K, D)
         positions = torch.cat([targets, slots], dim=1)  # (B, K)
     else:

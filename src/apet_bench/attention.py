@@ -69,11 +69,15 @@ class AttentionRequest:
         itself, and the rows are computed from layer K's ``input_layernorm``, q/k projections and RoPE
         applied to K's input **before** the drop (:meth:`AttentionRowCapture.probe`); layer K then
         runs on the reduced sequence as usual.
+    numerics : {"fp32", "official"}
+        How the rows are computed (:func:`attention_rows`): ``"fp32"`` (default) in float32,
+        ``"official"`` as eager attention in the model's dtype (probabilities returned in that dtype).
     """
 
     layer: int
     rows: RowSpec = "last"
     pre_drop: bool = False
+    numerics: str = "fp32"
 
 
 def resolve_rows(rows: RowSpec, seq_len: int, device: torch.device | None = None) -> torch.Tensor:
@@ -125,6 +129,7 @@ def attention_rows(
     *,
     scaling: float,
     sliding_window: int | None = None,
+    numerics: str = "fp32",
 ) -> torch.Tensor:
     """Attention probabilities of some query rows, as eager attention would compute them.
 
@@ -144,31 +149,46 @@ def attention_rows(
         Softmax scale (``head_dim ** -0.5`` for Llama / Qwen2).
     sliding_window : int, optional
         Window of a sliding-window layer (only applied for 2-D / ``None`` masks; 4-D masks carry it).
+    numerics : {"fp32", "official"}
+        ``"fp32"``: scores from float32 copies of ``query`` / ``key``. ``"official"``: as eager attention
+        in the model's dtype: ``matmul(q, kᵀ) * scaling`` and the additive mask in ``query``'s dtype,
+        softmax in float32, probabilities cast back to ``query``'s dtype (what ``output_attentions``
+        hands FastV / PDrop / SparseVLM in the official fp16 code).
 
     Returns
     -------
     torch.Tensor
-        ``(batch, num_heads, num_rows, kv_len)`` float32 probabilities (rows sum to 1 unless fully masked).
+        ``(batch, num_heads, num_rows, kv_len)`` probabilities (rows sum to 1 unless fully masked):
+        float32 (``"fp32"``) or ``query``'s dtype (``"official"``).
+
+    Raises
+    ------
+    ValueError
+        Unknown ``numerics``, or a mask that is neither 2-D nor 4-D.
 
     Notes
     -----
-    Follows ``eager_attention_forward`` in ``transformers/models/llama/modeling_llama.py`` (scores in
-    float32 here, softmax in float32 there too).
+    Follows ``eager_attention_forward`` in ``transformers/models/llama/modeling_llama.py`` (softmax in
+    float32 there too). The 4.37-era forks of the official baselines divide the scores by ``√head_dim``
+    instead of multiplying by ``scaling``: at most one rounding step of the model dtype apart.
     """
+    if numerics not in ("fp32", "official"):
+        raise ValueError(f"attention_rows: numerics must be 'fp32' or 'official', got {numerics!r}")
+    cd = query.dtype if numerics == "official" else torch.float32
     b, h, q_len, d = query.shape
     kv_len = key.shape[2]
     n_rep = h // key.shape[1]
     k = key if n_rep == 1 else key.repeat_interleave(n_rep, dim=1)  # == repeat_kv
     rows = rows.to(query.device)
-    q = query.index_select(2, rows).float()
-    scores = torch.matmul(q, k.float().transpose(2, 3)) * scaling  # (b, h, r, kv_len)
+    q = query.index_select(2, rows).to(cd)
+    scores = torch.matmul(q, k.to(cd).transpose(2, 3)) * scaling  # (b, h, r, kv_len)
     if attention_mask is not None and attention_mask.ndim == 4:
         m = attention_mask[..., :kv_len]
         m = m.index_select(2, rows) if m.shape[2] == q_len else m
         if m.dtype == torch.bool:
             scores = scores.masked_fill(~m, float("-inf"))
         else:
-            scores = scores + m.float()
+            scores = scores + m.to(cd)
     else:
         q_pos = rows + (kv_len - q_len)  # absolute positions of the query rows among the keys
         k_pos = torch.arange(kv_len, device=query.device)
@@ -182,7 +202,8 @@ def attention_rows(
             pad = ~attention_mask[:, -kv_len:].bool()
             blocked = blocked | pad[:, None, None, :]
         scores = scores.masked_fill(blocked, float("-inf"))
-    return torch.softmax(scores, dim=-1)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    return probs.to(query.dtype) if numerics == "official" else probs
 
 
 def _rows_attention_forward(module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
@@ -236,6 +257,8 @@ class AttentionRowCapture:
     record_forward : bool
         ``True`` (default): record at every prefill forward of the layer. ``False``: record only in
         :meth:`probe` (PyramidDrop-style rows of a drop layer's pre-drop input).
+    numerics : {"fp32", "official"}
+        Passed to :func:`attention_rows` (``"official"``: probabilities in the model's dtype).
 
     Attributes
     ----------
@@ -267,6 +290,7 @@ class AttentionRowCapture:
         rows: RowSpec = "last",
         callback: Callable[[torch.Tensor], Any] | None = None,
         record_forward: bool = True,
+        numerics: str = "fp32",
     ) -> None:
         layers = getattr(adapter_or_layers, "decoder_layers", adapter_or_layers)
         layers = list(layers)  # type: ignore[arg-type]
@@ -279,6 +303,9 @@ class AttentionRowCapture:
         self.rows = rows
         self.callback = callback
         self.record_forward = bool(record_forward)
+        if numerics not in ("fp32", "official"):
+            raise ValueError(f"AttentionRowCapture: numerics must be 'fp32' or 'official', got {numerics!r}")
+        self.numerics = numerics
         self._probing = False
         self.probs: torch.Tensor | None = None
         self.rows_index: torch.Tensor | None = None
@@ -370,7 +397,8 @@ class AttentionRowCapture:
         rows = resolve_rows(self.rows, q_len, query.device)
         with torch.no_grad():
             probs = attention_rows(
-                query, key, attention_mask, rows, scaling=float(scaling), sliding_window=kwargs.get("sliding_window")
+                query, key, attention_mask, rows, scaling=float(scaling), sliding_window=kwargs.get("sliding_window"),
+                numerics=self.numerics,
             )
         self.probs = probs
         self.rows_index = rows

@@ -658,7 +658,7 @@ def _variant_label(method: Any, family: str, layers: Sequence[int]) -> str:
     if method.name == "apet" and family == "qwen25vl":
         extra = (" (official: the layer-14 LLM stage is commented out in the released code, methods.md §1.5)"
                  if variant == "official" else " (paper: layer-14 LLM stage on, methods.md §1.5)")
-    skip = {"name", "stage", "needs_attention_weights", "budget", "seed", "variant"}
+    skip = {"name", "stage", "needs_attention_weights", "budget", "seed", "variant", "numerics"}
     try:
         params = {k: v for k, v in method.config_dict().items() if k not in skip and v is not None}
     except Exception:  # noqa: BLE001 - a label only

@@ -265,7 +265,8 @@ class LLMStageSurgery:
                 if modes.setdefault(req.layer, pre) != pre:
                     raise ValueError(f"layer {req.layer} is requested both as a pre-drop probe and as a recorded layer")
                 if req.layer not in self._captures:
-                    cap = AttentionRowCapture(self.adapter, req.layer, req.rows, record_forward=not pre)
+                    cap = AttentionRowCapture(self.adapter, req.layer, req.rows, record_forward=not pre,
+                                              numerics=getattr(req, "numerics", "fp32"))
                     cap.__enter__()
                     self._captures[req.layer] = cap
             self._handles.append(self.adapter.model.register_forward_pre_hook(self._on_model, with_kwargs=True))

@@ -153,10 +153,18 @@ class ApETCompressor(TokenCompressor):
     Same in both variants (official choices the paper leaves open): ridge normal-equation solve in fp32
     with ε = 1e-5, unnormalised features, cosine-similarity merge with a plain mean (§1.8).
 
+    Numerics (``numerics``, both variants): ``"official"`` (default) computes as the official code
+    (MaQianKun0/ApET @ 70cc01b): FPS in the dtype of the features it reads (fp16 for the LLaVA family
+    and Video-LLaVA, bf16 for Qwen2.5-VL, so fp16 squared distances above 65504 overflow), the ridge
+    solve and the error in fp32, and the basis write / blend and the merge in that dtype at the vision
+    stages (``encode_images``, ``encode_videos``, Qwen's ``forward``) and in fp32 at the LLaVA LLM stage
+    (``layer_prune`` merges after ``.float()``; Qwen's disabled LLM stage merges in bf16). ``"fp32"``
+    computes every step in fp32. On fp32 models (the tiny ones) both give the same basis and kept set.
+
     Not implemented (differences from the official code that remain):
 
-    * Official FPS runs in fp16 at the LLaVA vision stage and starts unseeded; here fp32 and seeded
-      (:func:`apet_bench.apet.fps`, §1.8, §7.5).
+    * Official FPS starts unseeded (global RNG); here the start is drawn from a generator seeded with
+      ``seed`` (:func:`apet_bench.apet.fps_start_index`).
     * Batch size 1 (as the official code): rows of a batch must keep the same counts.
 
     Examples
@@ -279,7 +287,7 @@ class ApETCompressor(TokenCompressor):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, kept, _ = apet_compress(
             x, keep, num_basis=self.num_basis, basis=basis or self.basis, variant=self.variant,  # type: ignore[arg-type]
-            generator=self._generator, **kwargs,
+            generator=self._generator, numerics=self.numerics, **kwargs,  # type: ignore[arg-type]
         )
         return tokens, kept
 
@@ -406,12 +414,13 @@ class ApETCompressor(TokenCompressor):
         patches = x.index_select(1, patch_idx)  # (F, t-1, D)
         n = int(patches.shape[1])
         M = min(self.num_basis, b - 1)
-        sel = select_basis(patches, M, self.basis, self._generator)  # type: ignore[arg-type]
-        error, _ = approximation_error_from_basis(patches, sel.vectors, DEFAULT_RIDGE)
+        sel = select_basis(patches, M, self.basis, self._generator, numerics=self.numerics)  # type: ignore[arg-type]
+        error, _ = approximation_error_from_basis(patches, sel.vectors, DEFAULT_RIDGE, numerics=self.numerics)
         targets = rank_by_error(error, b - M)  # (F, T), descending error
         dropped = complement_index(targets, n)
-        merged, _, _ = merge_dropped(patches, targets, dropped)  # (F, T, D) fp32
-        rows = [merged, sel.vectors]
+        # official: merged in the model dtype (encode_videos casts to .half() before token_merging)
+        merged, _, _ = merge_dropped(patches, targets, dropped, numerics=self.numerics)
+        rows = [merged.float(), sel.vectors]
         idx_rows = [patch_idx[targets], patch_idx[sel.index]]
         if c is not None:
             rows.insert(0, x[:, c : c + 1].float())
@@ -476,6 +485,8 @@ class ApETCompressor(TokenCompressor):
             if self.official:
                 kwargs["basis_slot_order"] = "rank"  # LLaVA LLM stage: index assignment (methods.md §1.2)
                 kwargs["basis"] = "fps"  # the official LLM stage hard-wires FPS (methods.md §1.4)
+            if not qwen:  # LLaVA layer_prune: FPS on the model-dtype hidden states, merge after .float()
+                kwargs["merge_dtype"] = torch.float32
             tokens, kept = self._apet(x[:span].unsqueeze(0), k_span, **kwargs)
             keep_rows.append(torch.cat([pos[:span][kept[0]], pos[span:]]))
             hid_rows.append(torch.cat([tokens[0], x[span:]]))

@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 __all__ = [
     "LLMSelection",
+    "NUMERICS",
     "STAGES",
     "STAGE_ONE",
     "STAGE_TWO",
@@ -59,6 +60,10 @@ STAGES: tuple[str, ...] = ("none", "vision", "llm", "both")
 STAGE_ONE: frozenset[str] = frozenset({"vision", "both"})
 #: Stages for which the method registers hooks inside the LLM (transformers-hooks.md §3.3).
 STAGE_TWO: frozenset[str] = frozenset({"llm", "both"})
+#: Values of every method's ``numerics`` parameter: ``"official"`` computes the method's dtype-sensitive
+#: steps in the dtype and order of its official code (e.g. ApET's FPS in fp16, FastV's head mean of fp16
+#: attention probabilities), ``"fp32"`` computes them in fp32. ``docs/numerics.md`` lists every method.
+NUMERICS: tuple[str, ...] = ("official", "fp32")
 
 
 @dataclass
@@ -132,13 +137,17 @@ class TokenCompressor:
     seed : int
         Seed of any randomness in the method; a method draws from generators seeded in :meth:`reset`,
         which runs when the context is entered.
+    numerics : {"official", "fp32"}
+        Dtype of the method's dtype-sensitive steps (:data:`NUMERICS`): ``"official"`` (default) as the
+        official code computes them in the model's dtype, ``"fp32"`` in fp32. Methods without such a
+        step accept it and ignore it (``docs/numerics.md``).
 
     Raises
     ------
     BudgetError
         From ``__post_init__``, for an invalid budget (see :func:`apet_bench.budget.validate_budget`).
     ValueError
-        From ``__post_init__``, for a seed that is not an integer.
+        From ``__post_init__``, for a seed that is not an integer or an unknown ``numerics``.
 
     Notes
     -----
@@ -181,6 +190,7 @@ class TokenCompressor:
 
     budget: int | float | None = None
     seed: int = 0
+    numerics: str = "official"
 
     _adapter: Any = field(default=None, init=False, repr=False, compare=False)
     _hook_handles: list[RemovableHandle] = field(default_factory=list, init=False, repr=False, compare=False)
@@ -193,6 +203,8 @@ class TokenCompressor:
             self.budget = validate_budget(self.budget)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"method {self.name!r}: seed {self.seed!r} is not an integer")
+        if self.numerics not in NUMERICS:
+            raise ValueError(f"method {self.name!r}: numerics {self.numerics!r} is not one of {list(NUMERICS)}")
 
     # ------------------------------------------------------------------ lifecycle
     @contextlib.contextmanager
@@ -458,7 +470,7 @@ class TokenCompressor:
         """
         from apet_bench.attention import AttentionRequest
 
-        return AttentionRequest(layer=layer_idx - 1, rows="last")
+        return AttentionRequest(layer=layer_idx - 1, rows="last", numerics=self.numerics)
 
     def plan(self, adapter: ModelAdapter, num_visual_tokens: int) -> list[int]:
         """Planned visual tokens at the input of every decoder layer during prefill.
