@@ -134,7 +134,8 @@ def test_lmms_eval_aggregations_through_env(stub, monkeypatch):
     assert len(seen) == 4  # judged once, memoised across the three aggregations
     from apet_bench.judge import verdict_for
 
-    assert verdict_for(recs[1]["gpt_eval_score"]) == {"ok": True, "pred": "no", "score": 1.0, "error": None}
+    assert verdict_for(recs[1]["gpt_eval_score"]) == {"ok": True, "pred": "no", "score": 1.0, "error": None,
+                                                      "raw": "{'pred': 'no', 'score': 1}"}
     assert verdict_for({**recs[1]["gpt_eval_score"], "pred": "4"}) is None  # another answer: not judged
 
 
