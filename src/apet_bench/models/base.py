@@ -48,6 +48,7 @@ __all__ = [
     "capture_module_input",
     "check_attn_implementation",
     "check_image_size",
+    "config_processor_loader",
     "get_adapter_class",
     "hub_offline",
     "load_pretrained",
@@ -1346,3 +1347,31 @@ def _auto_processor(source: str, common: Mapping[str, Any], model: nn.Module) ->
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(source, **common)
+
+
+def config_processor_loader(spec: ModelSpec) -> Callable[[str, Mapping[str, Any], nn.Module], Any]:
+    """A ``processor_loader`` for :func:`load_pretrained` that builds the processor from ``spec``'s config.
+
+    The checkpoint's tokenizer (``AutoTokenizer.from_pretrained(source, revision / local_files_only)``)
+    and the image processor + processor parameters of the ``processor:`` block
+    (:func:`apet_bench.models.processors.build_processor`), checked against the loaded model's config
+    (:func:`apet_bench.models.processors.check_against_model`). The checkpoint's processor files are
+    never read.
+
+    Raises
+    ------
+    ModelConfigError
+        A bad ``processor:`` block (before anything is loaded), or one that disagrees with the model.
+    """
+    from apet_bench.models.processors import build_processor, check_against_model, processor_options
+
+    opts = processor_options(spec.family, spec.options)
+
+    def loader(source: str, common: Mapping[str, Any], model: nn.Module) -> Any:
+        from transformers import AutoTokenizer
+
+        check_against_model(spec.family, opts, model.config, source)
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+        return build_processor(spec.family, opts, tokenizer)
+
+    return loader
