@@ -1349,8 +1349,11 @@ def _auto_processor(source: str, common: Mapping[str, Any], model: nn.Module) ->
     return AutoProcessor.from_pretrained(source, **common)
 
 
-def config_processor_loader(spec: ModelSpec) -> Callable[[str, Mapping[str, Any], nn.Module], Any]:
+def config_processor_loader(spec: ModelSpec) -> Callable[[str, Mapping[str, Any], nn.Module], Any] | None:
     """A ``processor_loader`` for :func:`load_pretrained` that builds the processor from ``spec``'s config.
+
+    ``None`` (= the checkpoint's own processor, ``AutoProcessor``) when the config has no ``processor:``
+    block, e.g. a ``save_pretrained`` directory given as a bare ``local_path`` config.
 
     The checkpoint's tokenizer (``AutoTokenizer.from_pretrained(source, revision / local_files_only)``)
     and the image processor + processor parameters of the ``processor:`` block
@@ -1365,6 +1368,8 @@ def config_processor_loader(spec: ModelSpec) -> Callable[[str, Mapping[str, Any]
     """
     from apet_bench.models.processors import build_processor, check_against_model, processor_options
 
+    if spec.options.get("processor") is None:
+        return None
     opts = processor_options(spec.family, spec.options)
 
     def loader(source: str, common: Mapping[str, Any], model: nn.Module) -> Any:

@@ -386,7 +386,7 @@ def official_input_ids(prompt: str, tokenizer: Any, run_lengths: Sequence[int], 
 
 
 def with_official_ids(inputs: Any, prompt: str, tokenizer: Any, placeholder_id: int,
-                      image_token: str = "<image>") -> Any:
+                      image_token: str = "<image>", processor: Any = None) -> Any:
     """Processor outputs with ``input_ids`` / ``attention_mask`` rebuilt from the official tokenization.
 
     The processor's own ids fix how many placeholders each image gets (576 for LLaVA-1.5, the anyres
@@ -400,6 +400,9 @@ def with_official_ids(inputs: Any, prompt: str, tokenizer: Any, placeholder_id: 
         ``processor(images=..., text=prompt)`` with ``input_ids`` ``(1, n)``.
     prompt, tokenizer, placeholder_id, image_token
         As :func:`official_input_ids`.
+    processor : transformers.ProcessorMixin, optional
+        When it has ``replace_image_token`` (LLaVA, LLaVA-NeXT, Video-LLaVA), each image's count is
+        read from it (adjacent images' runs can touch); otherwise from the runs in the processor's ids.
 
     Returns
     -------
@@ -411,7 +414,16 @@ def with_official_ids(inputs: Any, prompt: str, tokenizer: Any, placeholder_id: 
     ValueError
         When the processor's placeholder runs do not match the prompt's images.
     """
-    runs = [length for _, length in placeholder_runs(inputs["input_ids"][0].tolist(), placeholder_id)]
+    row = inputs["input_ids"][0].tolist()
+    n_images = prompt.count(image_token)
+    if processor is not None and hasattr(processor, "replace_image_token") and n_images and "pixel_values" in inputs:
+        token = getattr(processor, "image_token", image_token)
+        runs = [len(processor.replace_image_token(inputs, i)) // len(token) for i in range(n_images)]
+        if sum(runs) != sum(1 for t in row if t == placeholder_id):
+            raise ValueError(f"processor placeholders ({sum(1 for t in row if t == placeholder_id)}) differ from "
+                             f"the per-image counts {runs}")
+    else:
+        runs = [length for _, length in placeholder_runs(row, placeholder_id)]
     ids = official_input_ids(prompt, tokenizer, runs, placeholder_id, image_token)
     inputs["input_ids"] = ids
     inputs["attention_mask"] = torch.ones_like(ids)

@@ -152,7 +152,7 @@ class Llava15Adapter(ModelAdapter):
             check_image_size(image, i, patch)
         inputs = super().prepare_inputs(images, prompt)
         token = getattr(self.processor, "image_token", "<image>")
-        return with_official_ids(inputs, prompt, self.tokenizer, self.visual_token_id, token).to(self.device)
+        return with_official_ids(inputs, prompt, self.tokenizer, self.visual_token_id, token, self.processor).to(self.device)
 
     def encode_images(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
         """Projector outputs per image: ``model.model.get_image_features(...).pooler_output``.

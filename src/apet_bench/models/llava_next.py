@@ -389,7 +389,7 @@ class LlavaNextAdapter(ModelAdapter):
                 raise ValueError(f"image {i} is {w}x{h} px, smaller than one {patch}x{patch} px patch")
         inputs = super().prepare_inputs(images, prompt)
         # Official ids (llava/mm_utils.py::tokenizer_image_token): <image> then "▁ \\n" whatever ``legacy`` says.
-        inputs = with_official_ids(inputs, prompt, self.tokenizer, self.visual_token_id, image_token).to(self.device)
+        inputs = with_official_ids(inputs, prompt, self.tokenizer, self.visual_token_id, image_token, self.processor).to(self.device)
         self.current_layouts = self.visual_layout(inputs) if len(images) else []
         return inputs
 

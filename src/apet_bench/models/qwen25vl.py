@@ -54,6 +54,7 @@ __all__ = [
     "TinyQwen25VLConfig",
     "build_tiny_qwen25vl",
     "mrope_positions_for_kept",
+    "qwen_prompt",
 ]
 
 #: Default system prompt of the Qwen2.5-VL chat template (used when the messages carry none).
@@ -71,6 +72,21 @@ QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|im_end|>",
 )
 _TEMPLATE_WORDS: tuple[str, ...] = ("system", "user", "assistant", "You", "helpful")
+
+
+def qwen_prompt(question: str, num_images: int = 1) -> str:
+    """The Qwen2.5-VL chat-template prompt (default system prompt, images before the question), without a model.
+
+    ``apply_chat_template(messages, add_generation_prompt=True)`` of ``[image..., text]`` as ApET's
+    ``qwen/eval/model_vqa_loader.py`` builds it (MaQianKun0/ApET @ 70cc01b).
+
+    Raises
+    ------
+    ValueError
+        If ``question`` holds ``<|image_pad|>`` placeholders, but not ``num_images`` of them.
+    """
+    body = placeholder_prompt_body(question, num_images, "<|image_pad|>", "<|vision_start|><|image_pad|><|vision_end|>")
+    return f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def _processor_class() -> type:
@@ -485,13 +501,7 @@ class Qwen25VLAdapter(ModelAdapter):
         ValueError
             If ``question`` holds placeholders, but not ``num_images`` of them.
         """
-        body = placeholder_prompt_body(
-            question, num_images, "<|image_pad|>", "<|vision_start|><|image_pad|><|vision_end|>"
-        )
-        return (
-            f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n"
-            f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
-        )
+        return qwen_prompt(question, num_images)
 
     def prepare_inputs(self, images: Sequence[Image.Image], prompt: str) -> Any:
         """Check the images (:meth:`check_image`), resize them as ``qwen_vl_utils.fetch_image`` when

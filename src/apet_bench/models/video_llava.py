@@ -66,6 +66,8 @@ from apet_bench.models.tiny import (
 
 __all__ = [
     "VideoClip",
+    "video_clip_pixels",
+    "video_llava_prompt",
     "VideoLlavaAdapter",
     "build_tiny_video_llava",
     "make_video_llava_processor",
@@ -99,6 +101,74 @@ class VideoClip:
 
     def __len__(self) -> int:
         return len(self.frames)
+
+
+def video_llava_prompt(question: str, num_visuals: int = 1, kind: str = "video", num_frames: int = 8,
+                       image_token: str = "<image>") -> str:
+    """The official Video-LLaVA prompt (see :meth:`VideoLlavaAdapter.build_prompt`), without a model.
+
+    Raises
+    ------
+    ValueError
+        An unknown ``kind``, or a question holding placeholders but not ``num_visuals`` (images) /
+        ``num_visuals * num_frames`` (videos) of them.
+    """
+    if kind not in ("image", "video"):
+        raise ValueError(f"unknown visual kind {kind!r}; use image or video")
+    if kind == "image":
+        return conversation_prompt(
+            VICUNA_V1_SYSTEM, placeholder_prompt_body(question, num_visuals, image_token, image_token + "\n")
+        )
+    if question.count(image_token):
+        body = placeholder_prompt_body(question, num_visuals * num_frames, image_token, image_token, noun="frame")
+    else:
+        body = (image_token * num_frames + "\n") * num_visuals + question
+    return conversation_prompt(LLAVA_V1_SYSTEM, body)
+
+
+def video_clip_pixels(frames: Sequence[Any], image_processor: Any, video_transform: str = "official",
+                      video_flip: Any = False, source: str | None = None) -> torch.Tensor:
+    """``(num_frames, 3, S, S)`` float32 pixels of one clip's sampled frames.
+
+    ``video_transform="official"`` -> :func:`apet_bench.models.inputs.video_llava_video_transform`
+    (x/255 -> normalise -> bilinear short side S -> centre crop, S = the image processor's crop size, its
+    mean / std); with ``video_flip=<seed>`` the official random horizontal flip, drawn from a generator
+    seeded with the seed and the clip's path (``source``), so a rerun flips the same clips.
+    ``"hf"`` -> ``image_processor`` per frame (bicubic resize -> crop -> normalise).
+
+    Parameters
+    ----------
+    frames : sequence of (H, W, 3) uint8 arrays or PIL images
+    image_processor : transformers.VideoLlavaImageProcessor
+    video_transform : {"official", "hf"}
+    video_flip : False, None or int
+    source : str, optional
+
+    Returns
+    -------
+    torch.Tensor
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``video_transform``.
+    """
+    if video_transform == "hf":
+        out = image_processor(images=list(frames), return_tensors="pt", return_legacy_image_output=False)
+        return out["pixel_values"]
+    if video_transform != "official":
+        raise ValueError(f"video_transform {video_transform!r}: use official or hf")
+    import zlib
+
+    crop = image_processor.crop_size
+    size = int(crop["height"]) if isinstance(crop, dict) else int(crop.height)
+    gen = None
+    if video_flip is not False and video_flip is not None:
+        gen = torch.Generator().manual_seed(int(video_flip) * 1000003 + zlib.crc32(str(source or "").encode()))
+    arr = np.stack([np.asarray(f.convert("RGB") if hasattr(f, "convert") else f, dtype=np.uint8) for f in frames])
+    return video_llava_video_transform(
+        arr, size=size, mean=image_processor.image_mean, std=image_processor.image_std, flip_generator=gen
+    )
 
 
 def make_video_llava_processor(image_processor: Any, tokenizer: Any, **kwargs: Any) -> Any:
@@ -440,17 +510,7 @@ class VideoLlavaAdapter(ModelAdapter):
             for videos), or for an unknown kind.
         """
         kind = kind or self._kind
-        if kind not in ("image", "video"):
-            raise ValueError(f"unknown visual kind {kind!r}; use image or video")
-        token = getattr(self.processor, "image_token", "<image>")
-        if kind == "image":
-            return conversation_prompt(VICUNA_V1_SYSTEM, placeholder_prompt_body(question, num_images, token, token + "\n"))
-        frames = self.num_frames
-        if question.count(token):
-            body = placeholder_prompt_body(question, num_images * frames, token, token, noun="frame")
-        else:
-            body = (token * frames + "\n") * num_images + question
-        return conversation_prompt(LLAVA_V1_SYSTEM, body)
+        return video_llava_prompt(question, num_images, kind, self.num_frames, getattr(self.processor, "image_token", "<image>"))
 
     @property
     def processor_options(self) -> dict[str, Any]:
@@ -460,26 +520,9 @@ class VideoLlavaAdapter(ModelAdapter):
         return {"video_transform": block.get("video_transform", "official"), "video_flip": block.get("video_flip", False)}
 
     def video_pixels(self, frames: Sequence[Any], source: str | None = None) -> torch.Tensor:
-        """``(num_frames, 3, S, S)`` float32 pixels of one clip's sampled frames.
-
-        ``video_transform: official`` -> :func:`apet_bench.models.inputs.video_llava_video_transform`
-        (normalise -> bilinear short side -> centre crop; with ``video_flip: <seed>`` the official
-        random horizontal flip, drawn from a generator seeded with ``seed`` and the clip's path);
-        ``hf`` -> the image processor per frame.
-        """
+        """``(num_frames, 3, S, S)`` float32 pixels of one clip (:func:`video_clip_pixels` with the config's options)."""
         opts = self.processor_options
-        if opts["video_transform"] == "hf":
-            out = self.processor.image_processor(images=list(frames), return_tensors="pt", return_legacy_image_output=False)
-            return out["pixel_values"]
-        import zlib
-
-        ip = self.processor.image_processor
-        size = int(ip.crop_size["height"]) if isinstance(ip.crop_size, dict) else int(ip.crop_size.height)
-        gen = None
-        if opts["video_flip"] is not False and opts["video_flip"] is not None:
-            gen = torch.Generator().manual_seed(int(opts["video_flip"]) * 1000003 + zlib.crc32(str(source or "").encode()))
-        arr = np.stack([np.asarray(f.convert("RGB") if hasattr(f, "convert") else f, dtype=np.uint8) for f in frames])
-        return video_llava_video_transform(arr, size=size, mean=ip.image_mean, std=ip.image_std, flip_generator=gen)
+        return video_clip_pixels(frames, self.processor.image_processor, opts["video_transform"], opts["video_flip"], source)
 
     def prepare_inputs(self, images: Sequence[Any], prompt: str) -> Any:
         """Processor outputs on the model's device: images through the processor, videos by hand.
@@ -515,7 +558,7 @@ class VideoLlavaAdapter(ModelAdapter):
                 images=list(images), text=prompt, return_tensors="pt", return_legacy_image_output=False
             )
             token = getattr(self.processor, "image_token", "<image>")
-            inputs = with_official_ids(inputs, prompt, self.tokenizer, self.image_token_id, token)
+            inputs = with_official_ids(inputs, prompt, self.tokenizer, self.image_token_id, token, self.processor)
             return inputs.to(self.device, dtype=self.dtype)
         clips = []
         for clip in images:
