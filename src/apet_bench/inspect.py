@@ -324,6 +324,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:  # lmms-eval logs every task file it indexes at DEBUG
+        from loguru import logger
+
+        logger.remove()
+        logger.add(sys.stderr, level="WARNING")
+    except Exception:  # noqa: BLE001 - logging is cosmetic
+        pass
     try:
         rec = inspect_sample(argv)
     except (ValueError, KeyError, OSError) as exc:

@@ -38,6 +38,8 @@ __all__ = [
     "LLAVA_V1_SYSTEM",
     "QWEN_FETCH_MAX_PIXELS",
     "QWEN_FETCH_MIN_PIXELS",
+    "SENTENCEPIECE_ATTR",
+    "attach_sentencepiece",
     "VICUNA_V1_SYSTEM",
     "collapse_placeholder_runs",
     "conversation_prompt",
@@ -63,6 +65,8 @@ LLAVA_V1_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
+#: Attribute of a HF tokenizer holding the ``sentencepiece.SentencePieceProcessor`` of its ``tokenizer.model``.
+SENTENCEPIECE_ATTR = "apet_sentencepiece"
 #: OpenAI CLIP normalisation (``OPENAI_DATASET_MEAN`` / ``STD``), the LLaVA family's image mean and std.
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -100,6 +104,11 @@ def tokenizer_image_token(prompt: str, tokenizer: Any, image_token: str = "<imag
     kept, the other chunks' BOS dropped, and ``-200`` goes between consecutive chunks
     (``llava/mm_utils.py::tokenizer_image_token``, haotian-liu/LLaVA and MaQianKun0/ApET @ 70cc01b).
     No chunk contains a special token, so the result does not depend on the tokenizer's ``legacy`` flag.
+    The official code loads the slow SentencePiece tokenizer (``use_fast=False``); when ``tokenizer``
+    carries its SentencePiece model (attribute :data:`SENTENCEPIECE_ATTR`, set by
+    :func:`llama_tokenizer_from_sentencepiece` and by the LLaVA-family loaders when the checkpoint has a
+    ``tokenizer.model``) the chunks are encoded with it, because the fast BPE conversion splits runs of
+    spaces differently (``"▁▁" "to"`` vs ``"▁" "▁to"``: 52 of LLaVA's 4,377 MMBench-dev prompts).
 
     Parameters
     ----------
@@ -114,8 +123,12 @@ def tokenizer_image_token(prompt: str, tokenizer: Any, image_token: str = "<imag
     list of int
         One ``-200`` per occurrence of ``image_token``.
     """
-    chunks = [list(tokenizer(chunk).input_ids) for chunk in prompt.split(image_token)]
+    sp = getattr(tokenizer, SENTENCEPIECE_ATTR, None)
     bos = getattr(tokenizer, "bos_token_id", None)
+    if sp is not None:  # the slow Llama tokenizer the official code loads (use_fast=False): BOS + sp.encode
+        chunks = [([bos] if bos is not None else []) + list(sp.encode(chunk)) for chunk in prompt.split(image_token)]
+    else:
+        chunks = [list(tokenizer(chunk).input_ids) for chunk in prompt.split(image_token)]
     ids: list[int] = []
     offset = 0
     if chunks and chunks[0] and bos is not None and chunks[0][0] == bos:
@@ -227,7 +240,7 @@ def collapse_placeholder_runs(
     return out
 
 
-def llama_tokenizer_from_sentencepiece(path: str, *, legacy: bool = True) -> Any:
+def llama_tokenizer_from_sentencepiece(path: str, *, legacy: bool = True, slow_chunks: bool = True) -> Any:
     """A HF ``LlamaTokenizer`` from a Llama-2 / Vicuna SentencePiece ``tokenizer.model``, ``<image>`` and ``<pad>`` added.
 
     The vocabulary and scores are read with ``sentencepiece`` (no protobuf), the BPE merges derived by
@@ -242,6 +255,9 @@ def llama_tokenizer_from_sentencepiece(path: str, *, legacy: bool = True) -> Any
     legacy : bool
         The HF ``legacy`` flag (changes what follows a special token; :func:`tokenizer_image_token` is
         unaffected).
+    slow_chunks : bool
+        Attach the SentencePiece model so :func:`tokenizer_image_token` encodes chunks as the official
+        slow tokenizer (default); ``False`` leaves the fast BPE tokenizer alone.
 
     Returns
     -------
@@ -268,7 +284,33 @@ def llama_tokenizer_from_sentencepiece(path: str, *, legacy: bool = True) -> Any
     tok = LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab), legacy=legacy, add_bos_token=True)
     tok.add_tokens(["<image>"], special_tokens=True)
     tok.add_special_tokens({"pad_token": "<pad>"})
+    if slow_chunks:
+        setattr(tok, SENTENCEPIECE_ATTR, sp)
     return tok
+
+
+def attach_sentencepiece(tokenizer: Any, path: str) -> bool:
+    """Give ``tokenizer`` the SentencePiece model at ``path`` for :func:`tokenizer_image_token` (see there).
+
+    Returns
+    -------
+    bool
+        Whether ``path`` was a readable SentencePiece model with the tokenizer's BOS id (else nothing changes).
+    """
+    import os
+
+    if not path or not os.path.isfile(path):
+        return False
+    try:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except Exception:  # noqa: BLE001 - not a SentencePiece model: keep the HF tokenizer's own chunks
+        return False
+    if getattr(tokenizer, "bos_token_id", None) != sp.bos_id():
+        return False
+    setattr(tokenizer, SENTENCEPIECE_ATTR, sp)
+    return True
 
 
 # ---------------------------------------------------------------------- pixels
