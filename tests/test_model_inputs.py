@@ -413,3 +413,132 @@ def test_processor_block_errors_are_one_line():
         processor_options("llava15", {"processor": {**model_opts("llava15"), "foo": 1}})
     with pytest.raises(ModelConfigError, match="needs a 'processor' block"):
         processor_options("llava_next", {})
+
+
+# ---------------------------------------------------------------------- checkpoints without processor files
+def test_checkpoint_without_processor_files_loads_from_config(tiny_llava15, tmp_path):
+    """A save_pretrained checkpoint with only weights + tokenizer (like the pinned llava-hf revision, whose
+    processor_config.json is missing): the processor comes from the config's processor block."""
+    import yaml
+
+    from apet_bench.models import load_model
+
+    tiny_llava15.model.save_pretrained(tmp_path)
+    tiny_llava15.processor.tokenizer.save_pretrained(tmp_path)
+    assert not (tmp_path / "processor_config.json").exists() and not (tmp_path / "preprocessor_config.json").exists()
+    real = yaml.safe_load((REPO / "configs" / "model" / "llava15.yaml").read_text())
+    cfg = {**real, "local_path": str(tmp_path), "dtype": "float32", "device": "cpu", "num_layers": 4}
+    adapter = load_model(cfg)
+    proc = adapter.processor
+    assert proc.patch_size == 14 and proc.vision_feature_select_strategy == "default"
+    assert proc.image_processor.do_pad is True and proc.image_processor.crop_size["height"] == 336
+    img = Image.open(mme_images()[0]).convert("RGB")
+    inputs = adapter.prepare_inputs([img], adapter.build_prompt("Is it?"))
+    assert int((inputs["input_ids"] == adapter.visual_token_id).sum()) == 576
+    np.testing.assert_allclose(inputs["pixel_values"][0].numpy(), ref_clip(ref_expand2square(img)), atol=1e-6)
+    # A processor block that disagrees with the model is refused before any sample runs.
+    bad = {**cfg, "processor": {**real["processor"], "patch_size": 16}}
+    from apet_bench.models.base import ModelConfigError
+
+    with pytest.raises(ModelConfigError, match="patch_size 16 differs"):
+        load_model(bad)
+
+
+# ---------------------------------------------------------------------- decoding settings
+def _cfg(model: str, bench: str, *over: str) -> dict:
+    from omegaconf import OmegaConf
+
+    from apet_bench.config import compose
+
+    return OmegaConf.to_container(compose([f"model={model}", f"benchmark={bench}", *over]), resolve=True)
+
+
+def test_generation_settings_per_benchmark_and_model():
+    from apet_bench.generation import config_gen_kwargs, gen_kwargs_arg, resolve_generation
+
+    task = {"max_new_tokens": 16, "temperature": 0, "top_p": 1.0, "num_beams": 1, "do_sample": False}
+    hf, src = resolve_generation(task, _cfg("llava15", "mme"), "apet_mme_local")
+    assert hf["max_new_tokens"] == 128 and hf["do_sample"] is False and hf["num_beams"] == 1
+    assert "configs/benchmark/mme.yaml" in src["max_new_tokens"]
+    assert resolve_generation(task, _cfg("llava15", "mmbench_en"))[0]["max_new_tokens"] == 1024
+    assert resolve_generation(task, _cfg("llava15", "scienceqa_img"))[0]["max_new_tokens"] == 1024
+    assert resolve_generation(task, _cfg("video_llava", "msvd_qa"))[0]["max_new_tokens"] == 1024
+    q, qsrc = resolve_generation(task, _cfg("qwen25vl", "mmbench_en"))
+    assert q["max_new_tokens"] == 128 and "configs/model/qwen25vl.yaml" in qsrc["max_new_tokens"]
+    greedy = resolve_generation(task, _cfg("llava_next", "gqa"))[0]
+    assert greedy["do_sample"] is False and "temperature" not in greedy
+    sampled = resolve_generation(task, _cfg("llava_next", "gqa", "model.official_sampling=true"))[0]
+    assert sampled["do_sample"] is True and sampled["temperature"] == 0.2
+    assert resolve_generation(task, _cfg("tiny_llava15", "mmbench_en"))[0]["max_new_tokens"] == 16
+    user = _cfg("llava15", "mme", "+gen_kwargs.max_new_tokens=3")
+    assert resolve_generation(task, user)[0]["max_new_tokens"] == 3
+    assert config_gen_kwargs(user)[1]["max_new_tokens"].startswith("gen_kwargs")
+    assert gen_kwargs_arg(_cfg("llava15", "pope")) == "max_new_tokens=128,temperature=0,num_beams=1"
+
+
+# ---------------------------------------------------------------------- python -m apet_bench.inspect
+class _Result:
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def _inspect(*args: str, tmp_path: Path, capsys=None, monkeypatch=None):
+    """``python -m apet_bench.inspect`` in process (``main``), its exit code and output."""
+    from apet_bench.inspect import main
+
+    monkeypatch.setenv("APET_BENCH_CACHE_DIR", str(tmp_path / "cache"))
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    return _Result(code, out.out, out.err)
+
+
+def test_inspect_llava15_mme_equals_official(sp, tmp_path, capsys, monkeypatch):
+    out_dir = tmp_path / "x"
+    res = _inspect("model=llava15", "benchmark=mme", f"data_root={SHARED}", "index=0", f"tokenizer={SPM}",
+                   f"out={out_dir}", tmp_path=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rec = json.loads(res.stdout.strip().splitlines()[-1])
+    assert set(rec) >= {"prompt", "input_ids", "input_ids_collapsed", "pixel_values_shape", "pixel_values_sha256",
+                        "generation_kwargs", "question", "images"}
+    assert rec["prompt"] == ref_conv_prompt(VICUNA_V1, "<image>\n" + rec["question"])
+    assert rec["input_ids_collapsed"] == ref_tokenizer_image_token(rec["prompt"], sp)
+    assert rec["input_ids"].count(32000) == 576
+    img = Image.open(rec["images"][0]).convert("RGB")
+    pix = np.load(out_dir / "pixel_values.npy")
+    assert pix.dtype == np.float32 and list(pix.shape) == rec["pixel_values_shape"] == [1, 3, 336, 336]
+    assert np.abs(pix[0] - ref_clip(ref_expand2square(img))).max() <= 1e-6
+    import hashlib
+
+    assert hashlib.sha256(pix.tobytes()).hexdigest() == rec["pixel_values_sha256"]
+    assert json.loads((out_dir / "inputs.json").read_text())["input_ids_collapsed"] == rec["input_ids_collapsed"]
+    assert rec["generation_kwargs"]["max_new_tokens"] == 128 and rec["generation_kwargs"]["num_beams"] == 1
+    assert "curious user" in res.stdout and "max_new_tokens = 128" in res.stdout
+
+
+def test_inspect_qwen_without_tokenizer_and_video_llava_mp4(sp, tmp_path, capsys, monkeypatch):
+    res = _inspect("model=qwen25vl", "benchmark=mme", f"data_root={SHARED}", "index=1", tmp_path=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rec = json.loads(res.stdout.strip().splitlines()[-1])
+    assert rec["input_ids"] is None and "tokenizer" in rec["input_ids_absent"]
+    img = Image.open(rec["images"][0]).convert("RGB")
+    ref, thw = ref_qwen(img, 256 * 28 * 28, 2048 * 28 * 28)
+    assert rec["pixel_values_shape"] == list(ref.shape) and rec["image_sizes"][0]["grid_thw"] == thw
+    assert rec["prompt"].startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
+    mp4 = sorted(glob.glob(str(SHARED / "videos" / "*.mp4")))[0]
+    res = _inspect("model=video_llava", "benchmark=tgif_qa_judged", f"data_root={SHARED}", f"tokenizer={SPM}",
+                   f"visual={mp4}", tmp_path=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rec = json.loads(res.stdout.strip().splitlines()[-1])
+    assert rec["images"] == [mp4] and rec["pixel_values_shape"] == [1, 8, 3, 224, 224]
+    assert rec["prompt"] == ref_conv_prompt(LLAVA_V1, "<image>" * 8 + "\n" + rec["question"])
+    assert "Answer the question" not in rec["prompt"]
+    assert rec["input_ids_collapsed"] == ref_tokenizer_image_token(rec["prompt"], sp)
+    assert rec["generation_kwargs"]["max_new_tokens"] == 1024
+
+
+def test_inspect_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
+    res = _inspect("model=llava15", "benchmark=mme", f"data_root={SHARED}", "index=99999", tmp_path=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "99999" in res.stderr
+    res = _inspect("model=llava15", "benchmark=mme", f"data_root={SHARED}", "tokenizer=/no/such", tmp_path=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
+    assert res.returncode == 2 and "/no/such" in res.stderr

@@ -164,7 +164,10 @@ def inspect_sample(argv: Sequence[str]) -> dict[str, Any]:
                                  on_corrupt_image=cfg.get("on_corrupt_image", "skip"))
     from lmms_eval.tasks import TaskManager, get_task_dict
 
-    tm = TaskManager("ERROR", include_path=prepared.include_path, model_name="apet_bench")
+    # Our own task directory alone when it defines the task (indexing lmms-eval's ~1,000 tasks takes ~20 s).
+    tm = TaskManager("ERROR", include_path=prepared.include_path, include_defaults=False, model_name="apet_bench")
+    if prepared.task_name not in tm.all_tasks:
+        tm = TaskManager("ERROR", include_path=prepared.include_path, model_name="apet_bench")
     task = get_task_dict([prepared.task_name], tm)[prepared.task_name]
     docs = task.eval_docs
     if not 0 <= index < len(docs):
