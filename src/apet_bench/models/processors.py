@@ -206,8 +206,9 @@ def build_processor(family: str, opts: Mapping[str, Any], tokenizer: Any) -> Any
 def check_against_model(family: str, opts: Mapping[str, Any], model_config: Any, weights: str) -> None:
     """Refuse a processor block that disagrees with the loaded model's config.
 
-    Compares ``patch_size`` and ``image_size`` (vision config), ``vision_feature_select_strategy`` and,
-    for LLaVA-NeXT, ``image_grid_pinpoints``.
+    Compares ``patch_size`` and ``image_size`` (vision config), ``vision_feature_select_strategy``, for
+    LLaVA-NeXT ``image_grid_pinpoints``, for Video-LLaVA ``num_frames`` (``video_seq_length`` / 257),
+    for Qwen2.5-VL the patch, merge and temporal patch sizes.
 
     Raises
     ------
@@ -224,6 +225,9 @@ def check_against_model(family: str, opts: Mapping[str, Any], model_config: Any,
     if family == "llava_next":
         pairs.append(("image_grid_pinpoints", [list(p) for p in opts["image_grid_pinpoints"]],
                       [list(p) for p in getattr(model_config, "image_grid_pinpoints", [])]))
+    if family == "video_llava" and getattr(model_config, "video_seq_length", None) is not None:
+        per_frame = (int(opts["image_size"]) // int(opts["patch_size"])) ** 2 + 1  # CLS kept per frame
+        pairs.append(("num_frames", opts["num_frames"], int(model_config.video_seq_length) // per_frame))
     if family == "qwen25vl" and vc is not None:
         pairs += [("patch_size", opts["patch_size"], getattr(vc, "patch_size", None)),
                   ("merge_size", opts["merge_size"], getattr(vc, "spatial_merge_size", None)),
