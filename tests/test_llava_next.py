@@ -300,7 +300,10 @@ def test_config_files_load_and_match_the_llava15_keys():
     root = Path(__file__).resolve().parents[1] / "configs" / "model"
     cfg = {n: yaml.safe_load((root / f"{n}.yaml").read_text()) for n in
            ("llava15", "tiny_llava15", "llava_next", "tiny_llava_next")}
-    assert set(cfg["llava_next"]) == set(cfg["llava15"]) and set(cfg["tiny_llava_next"]) == set(cfg["tiny_llava15"])
+    # LLaVA-NeXT adds the named GQA sampling option of its official script (off by default).
+    assert set(cfg["llava_next"]) - {"official_sampling", "official_sampling_kwargs"} == set(cfg["llava15"])
+    assert set(cfg["tiny_llava_next"]) == set(cfg["tiny_llava15"])
+    assert cfg["llava_next"]["official_sampling"] is False
     assert cfg["llava_next"]["hf_id"] == "llava-hf/llava-v1.6-vicuna-7b-hf"
     assert cfg["llava_next"]["visual_tokens"] == 2928 and cfg["llava_next"]["num_layers"] == 32
     adapter = load_model(cfg["tiny_llava_next"])

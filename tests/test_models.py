@@ -120,8 +120,8 @@ def test_adapter_attributes(tiny_llava15):
 
 def test_build_prompt_vicuna_v1(tiny_llava15):
     expected = (
-        "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-        "helpful, detailed, and polite answers to the human's questions. USER: <image>\nWhat is it? ASSISTANT:"
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+        "helpful, detailed, and polite answers to the user's questions. USER: <image>\nWhat is it? ASSISTANT:"
     )
     assert tiny_llava15.build_prompt("What is it?") == expected
     assert tiny_llava15.build_prompt("Q", num_images=2) == f"{VICUNA_V1_SYSTEM} USER: <image>\n<image>\nQ ASSISTANT:"

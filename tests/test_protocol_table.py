@@ -56,3 +56,28 @@ def test_protocol_resolution_and_run_names():
     with pytest.raises(ProtocolError, match="benchmark.protocol 'official' is invalid"):
         resolve({**cfg, "protocol": "official"})
     assert resolve({"name": "demo"})["protocol"] == "lmms_eval"  # no protocols block: lmms-eval's functions
+
+
+def test_documented_max_new_tokens_follow_the_decoding_configs():
+    """The protocol table's max-new-tokens column says what the configs make the model do."""
+    from apet_bench.config import compose
+    from apet_bench.generation import config_gen_kwargs
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs" / "benchmark").glob("*.yaml")):
+        blocks = yaml.safe_load(path.read_text()).get("protocols") or {}
+        for protocol, block in blocks.items():
+            doc = str(block.get("max_new_tokens") or "")
+            if not doc or protocol != "llava":
+                continue
+            cfg = compose([f"benchmark={path.stem}", "model=llava15", f"benchmark.protocol={protocol}"])
+            kwargs, _ = config_gen_kwargs(cfg)
+            assert doc.split()[0] == str(kwargs.get("max_new_tokens")), (path.stem, protocol, doc, kwargs)
+
+
+def test_lmms_eval_protocol_keeps_the_tasks_own_decoding():
+    from apet_bench.config import compose
+    from apet_bench.generation import config_gen_kwargs
+
+    llava, _ = config_gen_kwargs(compose(["benchmark=mme", "model=llava15"]))
+    stock, _ = config_gen_kwargs(compose(["benchmark=mme", "model=llava15", "benchmark.protocol=lmms_eval"]))
+    assert llava.get("max_new_tokens") == 128 and "max_new_tokens" not in stock

@@ -56,7 +56,7 @@ def test_configs_and_spec():
     real = yaml.safe_load((CONFIGS / "qwen25vl.yaml").read_text())
     tiny = yaml.safe_load((CONFIGS / "tiny_qwen25vl.yaml").read_text())
     llava = yaml.safe_load((CONFIGS / "llava15.yaml").read_text())
-    assert set(llava) | {"min_pixels", "max_pixels"} == set(real)
+    assert set(llava) | {"min_pixels", "max_pixels", "gen_kwargs"} == set(real)
     assert real["available"] and tiny["available"]
     assert len(real["revision"]) == 40 and int(real["revision"], 16) >= 0
     assert (real["min_pixels"], real["max_pixels"]) == (PAPER_MIN_PIXELS, PAPER_MAX_PIXELS)

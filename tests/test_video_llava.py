@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_image
@@ -65,16 +66,20 @@ def same_logits(a, b):
 
 
 def hf_video_generate(adapter, frames, question):
-    """Reference: frames through the image processor, `<video>` expanded, plain ``model.generate``."""
-    prompt = f"USER: <video>\n{question} ASSISTANT:"
-    pv = adapter.processor.image_processor(images=frames, return_tensors="pt", return_legacy_image_output=False)
-    text = prompt.replace("<video>", "<video>" * 2056)
-    enc = adapter.tokenizer(text, return_tensors="pt")
+    """Reference: the official prompt's ids (one image index per frame, each 257 ``<video>``), the official
+    video transform, plain ``model.generate``."""
+    from apet_bench.models.inputs import LLAVA_V1_SYSTEM, official_input_ids, video_llava_video_transform
+
+    prompt = f"{LLAVA_V1_SYSTEM} USER: {'<image>' * 8}\n{question} ASSISTANT:"
+    ip = adapter.processor.image_processor
+    pv = video_llava_video_transform(np.stack([np.asarray(f) for f in frames]), mean=ip.image_mean, std=ip.image_std)
+    ids = official_input_ids(prompt, adapter.tokenizer, [257] * 8, adapter.video_token_id)
+    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     with torch.inference_mode():
         out = adapter.model.generate(
             input_ids=enc["input_ids"],
             attention_mask=enc["attention_mask"],
-            pixel_values_videos=pv["pixel_values"][None],
+            pixel_values_videos=pv[None],
             max_new_tokens=GEN["max_new_tokens"],
             do_sample=False,
             output_logits=True,
@@ -97,8 +102,10 @@ def test_tiny_geometry_and_prompts(vl):
     ranges = vl.frame_token_ranges()
     assert len(ranges) == 8 and ranges[0] == range(0, 257) and ranges[7] == range(1799, 2056)
     assert vl.visual_token_id == vl.image_token_id != vl.video_token_id
-    assert vl.build_prompt("Why?") == "USER: <image>\nWhy? ASSISTANT:"
-    assert vl.build_prompt("Why?", kind="video") == "USER: <video>\nWhy? ASSISTANT:"
+    from apet_bench.models.inputs import LLAVA_V1_SYSTEM, VICUNA_V1_SYSTEM
+
+    assert vl.build_prompt("Why?") == f"{VICUNA_V1_SYSTEM} USER: <image>\nWhy? ASSISTANT:"
+    assert vl.build_prompt("Why?", kind="video") == f"{LLAVA_V1_SYSTEM} USER: {'<image>' * 8}\nWhy? ASSISTANT:"
     assert vl.describe()["num_video_tokens"] == 2056
     # separate towers
     assert vl.model.model.image_tower is not vl.model.model.video_tower

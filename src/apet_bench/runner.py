@@ -212,6 +212,8 @@ def _evaluate(run: PreparedRun, lmm: Any) -> dict[str, Any]:
     from lmms_eval.tasks import TaskManager
     from lmms_eval.utils import get_datetime_str
 
+    from apet_bench.generation import gen_kwargs_arg  # benchmark/model/run gen_kwargs over the task's own
+
     cfg, task = run.cfg, run.prepared_task
     _set_verbosity(cfg.get("verbosity", "WARNING"))
     tm = TaskManager(str(cfg.get("verbosity", "WARNING")).upper(), include_path=task.include_path, model_name="apet_bench")
@@ -233,7 +235,7 @@ def _evaluate(run: PreparedRun, lmm: Any) -> dict[str, Any]:
     try:
         results = simple_evaluate(
             model=lmm, model_args=model_args, tasks=[task.task_name], task_manager=tm, batch_size=1,
-            limit=cfg.get("limit"), bootstrap_iters=0, log_samples=True, gen_kwargs=None,
+            limit=cfg.get("limit"), bootstrap_iters=0, log_samples=True, gen_kwargs=gen_kwargs_arg(cfg),
             datetime_str=get_datetime_str(), random_seed=cfg.get("seed", 0), verbosity=str(cfg.get("verbosity", "WARNING")).upper(),
         )
     except Exception as exc:

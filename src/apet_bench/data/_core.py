@@ -26,7 +26,7 @@ from typing import Any
 log = logging.getLogger("apet_bench.data")
 
 #: Bump whenever the generated files (rows, columns, YAML) change for the same input files.
-CONVERTER_VERSION = "1"
+CONVERTER_VERSION = "2"
 
 #: Name of the file written last into a cache entry; an entry without it is incomplete.
 MANIFEST_NAME = "manifest.json"

@@ -14,8 +14,9 @@ uses them::
 Rules: every QA row must name an existing video file (``video_pattern`` formatted with the row's
 fields), else DataError naming the first missing one and the count; an undecodable video is skipped
 with its questions (``on_corrupt_image=skip``) or raises (``error``). ``question_id`` = the row's
-``question_id`` or ``id``. The prompt is the question + "\\nAnswer the question using a single word
-or phrase." (as TGIF-QA here); 64 new tokens as lmms-eval's ActivityNet-QA. Metrics:
+``question_id`` or ``id``. The prompt is the question alone and answers are free-form, up to 1024 new
+tokens, as Video-LLaVA's official video QA (``videollava/eval/video/run_inference_video_qa.py``,
+MaQianKun0/ApET @ 70cc01b: no answer-format instruction, ``max_new_tokens=1024``). Metrics:
 ``gpt_eval_accuracy`` (%), ``gpt_eval_score`` (0-5), ``judge_failures`` (calls that failed, left out).
 """
 
@@ -33,8 +34,10 @@ from ._core import SPLIT, BuildResult, DataError, FileHasher, _q, one_line, reso
 
 log = logging.getLogger("apet_bench.data")
 
-POST_PROMPT = "\nAnswer the question using a single word or phrase."
-GENERATION_KWARGS = {"max_new_tokens": 64, "temperature": 0, "top_p": 1.0, "num_beams": 1, "do_sample": False}
+#: No answer-format instruction after the question (Video-LLaVA's official video QA prompt).
+POST_PROMPT = ""
+#: Greedy, 1 beam, up to 1024 new tokens (``run_inference_video_qa.py``: ``do_sample=False, max_new_tokens=1024``).
+GENERATION_KWARGS = {"max_new_tokens": 1024, "temperature": 0, "top_p": 1.0, "num_beams": 1, "do_sample": False}
 _JUDGE = "apet_bench.judge"
 _TGIF = "apet_bench.data.tgif"
 

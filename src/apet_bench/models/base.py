@@ -48,6 +48,7 @@ __all__ = [
     "capture_module_input",
     "check_attn_implementation",
     "check_image_size",
+    "config_processor_loader",
     "get_adapter_class",
     "hub_offline",
     "load_pretrained",
@@ -1346,3 +1347,57 @@ def _auto_processor(source: str, common: Mapping[str, Any], model: nn.Module) ->
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(source, **common)
+
+
+def _attach_checkpoint_sentencepiece(tokenizer: Any, source: str, common: Mapping[str, Any]) -> bool:
+    """Attach the checkpoint's ``tokenizer.model`` (if any) so prompts are tokenized as the official slow
+    tokenizer (:func:`apet_bench.models.inputs.tokenizer_image_token`); False when there is none."""
+    from apet_bench.models.inputs import attach_sentencepiece
+
+    path = Path(source) / "tokenizer.model"
+    if not path.is_file():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(source, "tokenizer.model", revision=common.get("revision"),
+                                        local_files_only=bool(common.get("local_files_only"))))
+        except Exception:  # noqa: BLE001 - no tokenizer.model: the fast tokenizer's chunks are used
+            return False
+    return attach_sentencepiece(tokenizer, str(path))
+
+
+def config_processor_loader(spec: ModelSpec) -> Callable[[str, Mapping[str, Any], nn.Module], Any] | None:
+    """A ``processor_loader`` for :func:`load_pretrained` that builds the processor from ``spec``'s config.
+
+    ``None`` (= the checkpoint's own processor, ``AutoProcessor``) when the config has no ``processor:``
+    block, e.g. a ``save_pretrained`` directory given as a bare ``local_path`` config.
+
+    The checkpoint's tokenizer (``AutoTokenizer.from_pretrained(source, revision / local_files_only)``)
+    (with the checkpoint's ``tokenizer.model`` attached for the LLaVA family, see
+    :func:`apet_bench.models.inputs.tokenizer_image_token`) and the image processor + processor
+    parameters of the ``processor:`` block
+    (:func:`apet_bench.models.processors.build_processor`), checked against the loaded model's config
+    (:func:`apet_bench.models.processors.check_against_model`). The checkpoint's processor files are
+    never read.
+
+    Raises
+    ------
+    ModelConfigError
+        A bad ``processor:`` block (before anything is loaded), or one that disagrees with the model.
+    """
+    from apet_bench.models.processors import build_processor, check_against_model, processor_options
+
+    if spec.options.get("processor") is None:
+        return None
+    opts = processor_options(spec.family, spec.options)
+
+    def loader(source: str, common: Mapping[str, Any], model: nn.Module) -> Any:
+        from transformers import AutoTokenizer
+
+        check_against_model(spec.family, opts, model.config, source)
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+        if spec.family in ("llava15", "llava_next", "video_llava"):
+            _attach_checkpoint_sentencepiece(tokenizer, source, common)
+        return build_processor(spec.family, opts, tokenizer)
+
+    return loader

@@ -1,8 +1,10 @@
 """LLaVA-1.5 adapter (``llava-hf/llava-1.5-7b-hf`` and the tiny random-weight variant).
 
-Sequence layout (methods.md §0.1): vicuna_v1 system prompt, ``USER: <image>\\n{question} ASSISTANT:``;
-the processor expands ``<image>`` into 576 placeholder tokens, which ``LlavaModel.forward`` overwrites
-with the projector output (``masked_scatter``). Visual tokens come from CLIP ViT-L/14-336
+Sequence layout: the ``vicuna_v1`` conversation (``llava/conversation.py``, system prompt "... a curious
+user ... the user's questions."), ``USER: <image>\\n{question} ASSISTANT:``, tokenized as the official
+``tokenizer_image_token`` (:mod:`apet_bench.models.inputs`); each ``<image>`` becomes 576 placeholder
+tokens, which ``LlavaModel.forward`` overwrites with the projector output (``masked_scatter``). Pixels:
+padded to a square with the CLIP mean colour, then CLIP's 336 px resize (``processor.pad_to_square``). Visual tokens come from CLIP ViT-L/14-336
 ``hidden_states[-2]`` without CLS, through the 2-layer MLP projector (transformers-hooks.md §3.1,
 ``models/llava/modeling_llava.py``).
 """
@@ -21,21 +23,15 @@ from apet_bench.models.base import (
     VisualSegment,
     VisualSegments,
     check_image_size,
+    config_processor_loader,
     load_pretrained,
     placeholder_prompt_body,
     register_adapter,
 )
+from apet_bench.models.inputs import VICUNA_V1_SYSTEM, conversation_prompt, with_official_ids
 from apet_bench.models.tiny import build_tiny_llava15
 
 __all__ = ["VICUNA_V1_SYSTEM", "Llava15Adapter", "vicuna_v1_prompt"]
-
-#: System prompt of the ``vicuna_v1`` conversation template (LLaVA ``llava/conversation.py``,
-#: ``conv_vicuna_v1``), used by the official LLaVA-1.5 evaluation scripts.
-VICUNA_V1_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
-
 
 def vicuna_v1_prompt(question: str, num_images: int = 1, image_token: str = "<image>") -> str:
     """``"{system} USER: <image>\\n{question} ASSISTANT:"``, the vicuna_v1 prompt of LLaVA-1.5 / 1.6.
@@ -61,7 +57,7 @@ def vicuna_v1_prompt(question: str, num_images: int = 1, image_token: str = "<im
         If ``question`` holds placeholders, but not ``num_images`` of them.
     """
     body = placeholder_prompt_body(question, num_images, image_token, image_token + "\n")
-    return f"{VICUNA_V1_SYSTEM} USER: {body} ASSISTANT:"
+    return conversation_prompt(VICUNA_V1_SYSTEM, body)
 
 
 @register_adapter("llava15")
@@ -97,7 +93,7 @@ class Llava15Adapter(ModelAdapter):
             return cls._from_tiny(spec, model, processor)
         from transformers import LlavaForConditionalGeneration
 
-        model, processor, weights = load_pretrained(spec, LlavaForConditionalGeneration)
+        model, processor, weights = load_pretrained(spec, LlavaForConditionalGeneration, config_processor_loader(spec))
         return cls(spec=spec, model=model, processor=processor, weights=weights, is_random_weights=False)
 
     # ------------------------------------------------------------------ family specifics
@@ -140,7 +136,11 @@ class Llava15Adapter(ModelAdapter):
         return vicuna_v1_prompt(question, num_images, getattr(self.processor, "image_token", "<image>"))
 
     def prepare_inputs(self, images: Sequence[Any], prompt: str) -> Any:
-        """Refuse images smaller than one patch, then the shared processor call (:meth:`ModelAdapter.prepare_inputs`).
+        """Refuse images smaller than one patch, run the processor, then the official token ids.
+
+        Pixels from the processor (``pixel_values`` ``(num_images, 3, 336, 336)``); ``input_ids`` rebuilt
+        as LLaVA's ``tokenizer_image_token`` with each image index expanded to its placeholder run
+        (:func:`apet_bench.models.inputs.with_official_ids`).
 
         Raises
         ------
@@ -150,7 +150,9 @@ class Llava15Adapter(ModelAdapter):
         patch = int(self.model.config.vision_config.patch_size)
         for i, image in enumerate(images):
             check_image_size(image, i, patch)
-        return super().prepare_inputs(images, prompt)
+        inputs = super().prepare_inputs(images, prompt)
+        token = getattr(self.processor, "image_token", "<image>")
+        return with_official_ids(inputs, prompt, self.tokenizer, self.visual_token_id, token, self.processor).to(self.device)
 
     def encode_images(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
         """Projector outputs per image: ``model.model.get_image_features(...).pooler_output``.

@@ -39,9 +39,11 @@ from apet_bench.models.base import (
     ModelSpec,
     VisualSegment,
     VisualSegments,
+    config_processor_loader,
     load_pretrained,
     register_adapter,
 )
+from apet_bench.models.inputs import with_official_ids
 from apet_bench.models.llava15 import vicuna_v1_prompt
 from apet_bench.models.tiny import (
     TinyLlavaConfig,
@@ -294,7 +296,9 @@ class LlavaNextAdapter(ModelAdapter):
             return cls._from_tiny(spec, model, processor)
         from transformers import LlavaNextForConditionalGeneration
 
-        model, processor, weights = load_pretrained(spec, LlavaNextForConditionalGeneration)
+        model, processor, weights = load_pretrained(
+            spec, LlavaNextForConditionalGeneration, config_processor_loader(spec)
+        )
         proc_pins = [list(p) for p in getattr(processor.image_processor, "image_grid_pinpoints", None) or []]
         model_pins = [list(p) for p in model.config.image_grid_pinpoints]
         if proc_pins != model_pins:
@@ -384,6 +388,8 @@ class LlavaNextAdapter(ModelAdapter):
             if w < patch or h < patch:
                 raise ValueError(f"image {i} is {w}x{h} px, smaller than one {patch}x{patch} px patch")
         inputs = super().prepare_inputs(images, prompt)
+        # Official ids (llava/mm_utils.py::tokenizer_image_token): <image> then "▁ \\n" whatever ``legacy`` says.
+        inputs = with_official_ids(inputs, prompt, self.tokenizer, self.visual_token_id, image_token, self.processor).to(self.device)
         self.current_layouts = self.visual_layout(inputs) if len(images) else []
         return inputs
 

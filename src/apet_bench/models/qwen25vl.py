@@ -54,6 +54,7 @@ __all__ = [
     "TinyQwen25VLConfig",
     "build_tiny_qwen25vl",
     "mrope_positions_for_kept",
+    "qwen_prompt",
 ]
 
 #: Default system prompt of the Qwen2.5-VL chat template (used when the messages carry none).
@@ -71,6 +72,21 @@ QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|im_end|>",
 )
 _TEMPLATE_WORDS: tuple[str, ...] = ("system", "user", "assistant", "You", "helpful")
+
+
+def qwen_prompt(question: str, num_images: int = 1) -> str:
+    """The Qwen2.5-VL chat-template prompt (default system prompt, images before the question), without a model.
+
+    ``apply_chat_template(messages, add_generation_prompt=True)`` of ``[image..., text]`` as ApET's
+    ``qwen/eval/model_vqa_loader.py`` builds it (MaQianKun0/ApET @ 70cc01b).
+
+    Raises
+    ------
+    ValueError
+        If ``question`` holds ``<|image_pad|>`` placeholders, but not ``num_images`` of them.
+    """
+    body = placeholder_prompt_body(question, num_images, "<|image_pad|>", "<|vision_start|><|image_pad|><|vision_end|>")
+    return f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def _processor_class() -> type:
@@ -370,8 +386,20 @@ class Qwen25VLAdapter(ModelAdapter):
         min_pixels, max_pixels = _check_pixels(
             pixels.get("min_pixels", PAPER_MIN_PIXELS), pixels.get("max_pixels", PAPER_MAX_PIXELS)
         )
-        model, processor, weights = _load_pretrained(spec, min_pixels, max_pixels)
+        if spec.options.get("processor") is not None:
+            from apet_bench.models.base import config_processor_loader
+
+            loader = config_processor_loader(spec)
+            model, processor, weights = load_pretrained(spec, _model_class(), loader)
+        else:
+            model, processor, weights = _load_pretrained(spec, min_pixels, max_pixels)
         return cls(spec=spec, model=model, processor=processor, weights=weights, is_random_weights=False)
+
+    @property
+    def fetch_image_resize(self) -> bool:
+        """Whether images are first resized as ``qwen_vl_utils.fetch_image`` does (config
+        ``processor.fetch_image_resize``; false when the config has no ``processor`` block)."""
+        return bool((self.spec.options.get("processor") or {}).get("fetch_image_resize", False))
 
     # ------------------------------------------------------------------ family specifics
     @property
@@ -473,16 +501,12 @@ class Qwen25VLAdapter(ModelAdapter):
         ValueError
             If ``question`` holds placeholders, but not ``num_images`` of them.
         """
-        body = placeholder_prompt_body(
-            question, num_images, "<|image_pad|>", "<|vision_start|><|image_pad|><|vision_end|>"
-        )
-        return (
-            f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n"
-            f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
-        )
+        return qwen_prompt(question, num_images)
 
     def prepare_inputs(self, images: Sequence[Image.Image], prompt: str) -> Any:
-        """Check the images (:meth:`check_image`), then the shared processor call.
+        """Check the images (:meth:`check_image`), resize them as ``qwen_vl_utils.fetch_image`` when
+        :attr:`fetch_image_resize` (:func:`apet_bench.models.inputs.qwen_fetch_image`), then the shared
+        processor call (which resizes again under ``min_pixels`` / ``max_pixels``).
 
         Returns
         -------
@@ -499,6 +523,10 @@ class Qwen25VLAdapter(ModelAdapter):
         self._shrunk = False
         for i, image in enumerate(images):
             self.check_image(image, i)
+        if self.fetch_image_resize:
+            from apet_bench.models.inputs import qwen_fetch_image
+
+            images = [qwen_fetch_image(im, factor=self._factor) if hasattr(im, "resize") else im for im in images]
         return super().prepare_inputs(images, prompt)
 
     def encode_images(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
@@ -697,6 +725,12 @@ class Qwen25VLAdapter(ModelAdapter):
                 "Qwen2.5-VL got position_ids that are not the kept tokens' original (t, h, w) positions "
                 "after visual tokens were removed (1-D fallback refused)"
             )
+
+
+def _model_class() -> type:
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration
 
 
 def _load_pretrained(spec: ModelSpec, min_pixels: int, max_pixels: int) -> tuple[nn.Module, Any, str]:

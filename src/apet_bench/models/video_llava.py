@@ -13,14 +13,16 @@ Upstream Video-LLaVA drops the CLS of video frames too (8 × 256 = 2048 visual t
 it (its ``feature_select`` strip is commented out), as the HF port does, so 2056 is what the paper's
 Video-LLaVA rows compress. Both go through the same 2-layer MLP projector (4096-d for the 7B model).
 
-The prompt is Video-LLaVA's ``llava_v1`` turn without a system prompt, as in the HF model card and in
-what lmms-eval 0.7.3's ``models/simple/video_llava.py`` meant (its ``"USER: <video>{}? ASSISTANT:"``
-drops the newline and appends a ``?`` to every question; it is not followed here).
+The prompt is the official one (MaQianKun0/ApET @ 70cc01b): a video is the ``llava_v1`` conversation with
+its system prompt and one ``<image>`` per frame before the question
+(``videollava/eval/video/run_inference_video_qa.py``), an image the ``vicuna_v1`` conversation; ids as
+``tokenizer_image_token`` (:mod:`apet_bench.models.inputs`), each frame's image index expanded to 257
+``<video>`` placeholders (contiguous, as the HF model expects one ``<video>`` run).
 
-Without torchvision the HF video processor cannot be built, so ``pixel_values_videos``
-``(num_videos, 8, 3, 224, 224)`` are built here from the decoded frames (:mod:`apet_bench.data.video`)
-through the image processor (the same resize / crop / normalisation per frame), and the ``<video>``
-placeholder is expanded here (transformers-hooks.md §2.2).
+Frames (:mod:`apet_bench.data.video`) go through Video-LLaVA's evaluation transform (normalise ->
+bilinear resize of the short side -> centre crop, ``processor.video_transform: official``) or the HF
+image processor per frame (``hf``); the official random horizontal flip is an option
+(``processor.video_flip: <seed>``, default off).
 """
 
 from __future__ import annotations
@@ -42,9 +44,18 @@ from apet_bench.models.base import (
     VisualSegment,
     VisualSegments,
     check_image_size,
+    config_processor_loader,
     load_pretrained,
     placeholder_prompt_body,
     register_adapter,
+)
+from apet_bench.models.inputs import (
+    LLAVA_V1_SYSTEM,
+    VICUNA_V1_SYSTEM,
+    conversation_prompt,
+    official_input_ids,
+    video_llava_video_transform,
+    with_official_ids,
 )
 from apet_bench.models.tiny import (
     TinyLlavaConfig,
@@ -55,6 +66,8 @@ from apet_bench.models.tiny import (
 
 __all__ = [
     "VideoClip",
+    "video_clip_pixels",
+    "video_llava_prompt",
     "VideoLlavaAdapter",
     "build_tiny_video_llava",
     "make_video_llava_processor",
@@ -88,6 +101,74 @@ class VideoClip:
 
     def __len__(self) -> int:
         return len(self.frames)
+
+
+def video_llava_prompt(question: str, num_visuals: int = 1, kind: str = "video", num_frames: int = 8,
+                       image_token: str = "<image>") -> str:
+    """The official Video-LLaVA prompt (see :meth:`VideoLlavaAdapter.build_prompt`), without a model.
+
+    Raises
+    ------
+    ValueError
+        An unknown ``kind``, or a question holding placeholders but not ``num_visuals`` (images) /
+        ``num_visuals * num_frames`` (videos) of them.
+    """
+    if kind not in ("image", "video"):
+        raise ValueError(f"unknown visual kind {kind!r}; use image or video")
+    if kind == "image":
+        return conversation_prompt(
+            VICUNA_V1_SYSTEM, placeholder_prompt_body(question, num_visuals, image_token, image_token + "\n")
+        )
+    if question.count(image_token):
+        body = placeholder_prompt_body(question, num_visuals * num_frames, image_token, image_token, noun="frame")
+    else:
+        body = (image_token * num_frames + "\n") * num_visuals + question
+    return conversation_prompt(LLAVA_V1_SYSTEM, body)
+
+
+def video_clip_pixels(frames: Sequence[Any], image_processor: Any, video_transform: str = "official",
+                      video_flip: Any = False, source: str | None = None) -> torch.Tensor:
+    """``(num_frames, 3, S, S)`` float32 pixels of one clip's sampled frames.
+
+    ``video_transform="official"`` -> :func:`apet_bench.models.inputs.video_llava_video_transform`
+    (x/255 -> normalise -> bilinear short side S -> centre crop, S = the image processor's crop size, its
+    mean / std); with ``video_flip=<seed>`` the official random horizontal flip, drawn from a generator
+    seeded with the seed and the clip's path (``source``), so a rerun flips the same clips.
+    ``"hf"`` -> ``image_processor`` per frame (bicubic resize -> crop -> normalise).
+
+    Parameters
+    ----------
+    frames : sequence of (H, W, 3) uint8 arrays or PIL images
+    image_processor : transformers.VideoLlavaImageProcessor
+    video_transform : {"official", "hf"}
+    video_flip : False, None or int
+    source : str, optional
+
+    Returns
+    -------
+    torch.Tensor
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``video_transform``.
+    """
+    if video_transform == "hf":
+        out = image_processor(images=list(frames), return_tensors="pt", return_legacy_image_output=False)
+        return out["pixel_values"]
+    if video_transform != "official":
+        raise ValueError(f"video_transform {video_transform!r}: use official or hf")
+    import zlib
+
+    crop = image_processor.crop_size
+    size = int(crop["height"]) if isinstance(crop, dict) else int(crop.height)
+    gen = None
+    if video_flip is not False and video_flip is not None:
+        gen = torch.Generator().manual_seed(int(video_flip) * 1000003 + zlib.crc32(str(source or "").encode()))
+    arr = np.stack([np.asarray(f.convert("RGB") if hasattr(f, "convert") else f, dtype=np.uint8) for f in frames])
+    return video_llava_video_transform(
+        arr, size=size, mean=image_processor.image_mean, std=image_processor.image_std, flip_generator=gen
+    )
 
 
 def make_video_llava_processor(image_processor: Any, tokenizer: Any, **kwargs: Any) -> Any:
@@ -402,10 +483,16 @@ class VideoLlavaAdapter(ModelAdapter):
         raise TypeError(f"unsupported visual {type(item).__name__}: pass a PIL image, a video path or a VideoClip")
 
     def build_prompt(self, question: str, num_images: int = 1, kind: str | None = None) -> str:
-        """``USER: <image>\\n{question} ASSISTANT:`` (``<video>`` for a video), one placeholder line per visual.
+        """The official Video-LLaVA prompt: ``vicuna_v1`` for images, ``llava_v1`` with frame tokens for videos.
 
-        Video-LLaVA's ``llava_v1`` turn without a system prompt (HF model card for
-        ``LanguageBind/Video-LLaVA-7B-hf``). A question that already holds the placeholders is used as it is.
+        * image: ``"{vicuna_v1 system} USER: <image>\\n{question} ASSISTANT:"`` (the image eval scripts run
+          ``--conv-mode vicuna_v1``, ``scripts/v1_5/eval/eval_image_*.sh``);
+        * video: ``"{llava_v1 system} USER: <image>×num_frames\\n{question} ASSISTANT:"``, one ``<image>``
+          per frame before the question and no answer-format instruction
+          (``videollava/eval/video/run_inference_video_qa.py::get_model_output``, ``conv_mode = "llava_v1"``,
+          MaQianKun0/ApET @ 70cc01b).
+
+        A question that already holds the placeholders is used as it is.
 
         Parameters
         ----------
@@ -413,28 +500,38 @@ class VideoLlavaAdapter(ModelAdapter):
         num_images : int
             Number of visuals (images or videos) in the sample.
         kind : {"image", "video"}, optional
-            Placeholder kind; defaults to the kind of the sample being generated (``"image"`` outside
+            Visual kind; defaults to the kind of the sample being generated (``"image"`` outside
             :meth:`generate`).
 
         Raises
         ------
         ValueError
-            If ``question`` holds placeholders, but not ``num_images`` of them, or for an unknown kind.
+            If ``question`` holds placeholders, but not ``num_images`` of them (``num_images × num_frames``
+            for videos), or for an unknown kind.
         """
         kind = kind or self._kind
-        if kind not in ("image", "video"):
-            raise ValueError(f"unknown visual kind {kind!r}; use image or video")
-        token = getattr(self.processor, f"{kind}_token", f"<{kind}>")
-        body = placeholder_prompt_body(question, num_images, token, token + "\n", noun=kind)
-        return f"USER: {body} ASSISTANT:"
+        return video_llava_prompt(question, num_images, kind, self.num_frames, getattr(self.processor, "image_token", "<image>"))
+
+    @property
+    def processor_options(self) -> dict[str, Any]:
+        """``video_transform`` (``official`` | ``hf``) and ``video_flip`` (``False`` or a seed) of the config's
+        ``processor:`` block (defaults: official, no flip)."""
+        block = dict(self.spec.options.get("processor") or {})
+        return {"video_transform": block.get("video_transform", "official"), "video_flip": block.get("video_flip", False)}
+
+    def video_pixels(self, frames: Sequence[Any], source: str | None = None) -> torch.Tensor:
+        """``(num_frames, 3, S, S)`` float32 pixels of one clip (:func:`video_clip_pixels` with the config's options)."""
+        opts = self.processor_options
+        return video_clip_pixels(frames, self.processor.image_processor, opts["video_transform"], opts["video_flip"], source)
 
     def prepare_inputs(self, images: Sequence[Any], prompt: str) -> Any:
         """Processor outputs on the model's device: images through the processor, videos by hand.
 
         Images: ``processor(images=..., text=prompt)`` -> ``pixel_values`` ``(num_images, 3, 224, 224)``.
-        Videos: every frame through ``processor.image_processor`` ->
-        ``pixel_values_videos`` ``(num_videos, num_frames, 3, 224, 224)``; each ``<video>`` in ``prompt``
-        expanded to :attr:`num_video_tokens` placeholders, then the tokenizer.
+        Videos: :meth:`video_pixels` per clip -> ``pixel_values_videos`` ``(num_videos, num_frames, 3, 224,
+        224)``. ``input_ids`` are the official ``tokenizer_image_token`` ids with each image index (one
+        per image; one per frame for a video) expanded to its placeholder run: 256 ``<image>`` per image,
+        257 ``<video>`` per frame (:mod:`apet_bench.models.inputs`).
 
         Returns
         -------
@@ -460,6 +557,8 @@ class VideoLlavaAdapter(ModelAdapter):
             inputs = self.processor(
                 images=list(images), text=prompt, return_tensors="pt", return_legacy_image_output=False
             )
+            token = getattr(self.processor, "image_token", "<image>")
+            inputs = with_official_ids(inputs, prompt, self.tokenizer, self.image_token_id, token, self.processor)
             return inputs.to(self.device, dtype=self.dtype)
         clips = []
         for clip in images:
@@ -467,15 +566,13 @@ class VideoLlavaAdapter(ModelAdapter):
                 raise ValueError(
                     f"video {clip.source or ''} has {len(clip)} frames; Video-LLaVA takes {self.num_frames}"
                 )
-            out = self.processor.image_processor(images=clip.frames, return_tensors="pt", return_legacy_image_output=False)
-            pv = out["pixel_values"]
-            clips.append(pv)
-        token = getattr(self.processor, "video_token", "<video>")
-        text = prompt.replace(token, token * self.num_video_tokens)
-        enc = self.tokenizer(text, return_tensors="pt")
+            clips.append(self.video_pixels(clip.frames, clip.source))
+        token = getattr(self.processor, "image_token", "<image>")
+        n = prompt.count(token)
+        ids = official_input_ids(prompt, self.tokenizer, [self.tokens_per_frame] * n, self.video_token_id, token)
         data = {
-            "input_ids": enc["input_ids"],
-            "attention_mask": enc["attention_mask"],
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
             "pixel_values_videos": torch.stack(clips),
         }
         return BatchFeature(data).to(self.device, dtype=self.dtype)
@@ -588,31 +685,19 @@ class VideoLlavaAdapter(ModelAdapter):
 
 
 def _load_pretrained(spec: ModelSpec) -> tuple[nn.Module, Any, str]:
-    """Load ``VideoLlavaForConditionalGeneration`` and build its processor without torchvision.
+    """Load ``VideoLlavaForConditionalGeneration``; the processor is built from the config's ``processor:`` block.
 
     :func:`apet_bench.models.base.load_pretrained` (``hf_id@revision`` or ``local_path``,
-    ``local_files_only`` when offline) with a ``processor_loader`` that assembles the processor from
-    the checkpoint's tokenizer and ``VideoLlavaImageProcessor`` with :func:`make_video_llava_processor`
-    (``patch_size`` and ``vision_feature_select_strategy`` from the model config,
-    ``num_additional_image_tokens=1``), because ``AutoProcessor`` would build the torchvision video
-    processor.
+    ``local_files_only`` when offline) with :func:`apet_bench.models.base.config_processor_loader`: the
+    checkpoint's tokenizer, ``VideoLlavaImageProcessor`` and :func:`make_video_llava_processor` with the
+    config's ``patch_size`` / ``vision_feature_select_strategy`` / ``num_additional_image_tokens`` (no
+    video processor: none can be built without torchvision, and videos use the official transform).
 
     Raises
     ------
     ModelConfigError
-        When the checkpoint cannot be found (one line).
+        When the checkpoint cannot be found (one line) or the processor block disagrees with the model.
     """
-    from transformers import AutoTokenizer, VideoLlavaForConditionalGeneration, VideoLlavaImageProcessor
+    from transformers import VideoLlavaForConditionalGeneration
 
-    def processor_loader(source: str, common: Mapping[str, Any], model: nn.Module) -> Any:
-        tokenizer = AutoTokenizer.from_pretrained(source, **common)
-        image_processor = VideoLlavaImageProcessor.from_pretrained(source, **common)
-        return make_video_llava_processor(
-            image_processor,
-            tokenizer,
-            patch_size=model.config.vision_config.patch_size,
-            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-            num_additional_image_tokens=1,
-        )
-
-    return load_pretrained(spec, VideoLlavaForConditionalGeneration, processor_loader)
+    return load_pretrained(spec, VideoLlavaForConditionalGeneration, config_processor_loader(spec))
