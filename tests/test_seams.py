@@ -55,3 +55,49 @@ def test_cfg_with_multirun_is_one_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--cfg cannot be combined with -m" in lines[0], proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ generation kwargs from the config
+def _compose(tmp_path, *overrides):
+    from apet_bench.config import compose
+
+    return compose([f"results_dir={tmp_path / 'results'}", f"cache_dir={tmp_path / 'cache'}", *overrides])
+
+
+def _samples(run_dir):
+    return [json.loads(x) for x in (Path(run_dir) / "samples.jsonl").read_text().splitlines()]
+
+
+def test_gen_kwargs_reach_the_model_and_are_recorded(tmp_path):
+    from apet_bench.runner import execute
+
+    default = execute(_compose(tmp_path / "a", "method=none", "benchmark=demo", "limit=2"))
+    used = default.summary["generation_kwargs"]
+    (task,) = used
+    assert used[task]["max_new_tokens"] > 2  # the demo task's own setting
+    assert max(s["output_tokens"] for s in _samples(default.run_dir)) > 2
+    out = execute(_compose(tmp_path / "b", "method=none", "benchmark=demo", "limit=2", "+gen_kwargs.max_new_tokens=2"))
+    run = json.loads((Path(out.run_dir) / "run.json").read_text())
+    assert run["generation_kwargs"][task]["max_new_tokens"] == 2
+    # the task's other settings are kept (merged, not replaced)
+    assert {k: v for k, v in run["generation_kwargs"][task].items() if k != "max_new_tokens"} == \
+        {k: v for k, v in used[task].items() if k != "max_new_tokens"}
+    tokens = [s["output_tokens"] for s in _samples(out.run_dir)]
+    assert tokens and max(tokens) <= 2
+
+
+@pytest.mark.parametrize("value, ok", [({"max_new_tokens": 8, "temperature": 0.0, "do_sample": False}, True),
+                                       ({"until": "ASSISTANT:"}, True), ({"until": ["a", "b"]}, False), ({"until": "\n"}, False),
+                                       ({"until": "a,b"}, False), ({"max_new_tokens": None}, False)])
+def test_gen_kwargs_arg(value, ok):
+    from apet_bench.config import ConfigError
+    from apet_bench.runner import gen_kwargs_arg
+
+    if ok:
+        from lmms_eval.utils import simple_parse_args_string
+
+        assert simple_parse_args_string(gen_kwargs_arg(value)) == value  # lmms-eval reads back what was given
+    else:
+        with pytest.raises(ConfigError, match="gen_kwargs"):
+            gen_kwargs_arg(value)
+    assert gen_kwargs_arg({}) is None

@@ -176,6 +176,7 @@ def prepare_run(cfg: DictConfig | dict[str, Any]) -> PreparedRun:
         _wandb_settings(cfg.get("wandb") or {})
     if cfg.get("on_corrupt_image") not in ("skip", "error"):
         raise ConfigError(f"on_corrupt_image {cfg.get('on_corrupt_image')!r} is invalid (use skip or error)")
+    gen_kwargs_arg(cfg.get("gen_kwargs"))  # a value lmms-eval cannot take fails here, before any loading
     limit = cfg.get("limit")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
         raise ConfigError(f"limit {limit!r} is invalid (use a positive integer or null)")
@@ -187,6 +188,41 @@ def prepare_run(cfg: DictConfig | dict[str, Any]) -> PreparedRun:
         on_corrupt_image=cfg["on_corrupt_image"],
     )
     return PreparedRun(cfg=cfg, name=name, budget=budget, prepared_task=prepared, store=RunStore(cfg["results_dir"]))
+
+
+def gen_kwargs_arg(gen_kwargs: dict[str, Any] | None) -> str | None:
+    """The config's ``gen_kwargs`` as lmms-eval's ``simple_evaluate(gen_kwargs=...)`` string.
+
+    lmms-eval parses ``"k=v,k=v"`` (``lmms_eval.utils.simple_parse_args_string``: ``true``/``false``,
+    integers and floats are converted, the rest stay strings) and merges it over every generation
+    task's ``generation_kwargs`` (``Task.set_config(..., update=True)`` in ``lmms_eval/evaluator.py``).
+    ``{}`` / ``None`` gives ``None`` (the task's own settings).
+
+    Raises
+    ------
+    ConfigError
+        A value that this format cannot carry (a list or mapping, a string with ``,`` ``=``, quotes
+        or surrounding white space, ``None``), or a key that is not a plain name.
+    """
+    if not gen_kwargs:
+        return None
+    if not isinstance(gen_kwargs, dict):
+        raise ConfigError(f"gen_kwargs {gen_kwargs!r} is invalid (use a mapping, e.g. +gen_kwargs.max_new_tokens=8)")
+    parts = []
+    for key, value in gen_kwargs.items():
+        if not str(key).isidentifier():
+            raise ConfigError(f"gen_kwargs key {key!r} is invalid (use a generation setting name, e.g. max_new_tokens)")
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            text = repr(value)
+        elif isinstance(value, str) and value and value == value.strip() and not any(c in value for c in ",='\"{}[]"):
+            text = value
+        else:
+            raise ConfigError(f"gen_kwargs.{key}={value!r} is invalid: lmms-eval takes a number, true/false or "
+                              f"a plain string (one stop string for until)")
+        parts.append(f"{key}={text}")
+    return ",".join(parts)
 
 
 def _set_verbosity(level: str) -> None:
@@ -218,7 +254,7 @@ def _evaluate(run: PreparedRun, lmm: Any) -> dict[str, Any]:
     try:
         results = simple_evaluate(
             model=lmm, model_args=model_args, tasks=[task.task_name], task_manager=tm, batch_size=1,
-            limit=cfg.get("limit"), bootstrap_iters=0, log_samples=True, gen_kwargs=None,
+            limit=cfg.get("limit"), bootstrap_iters=0, log_samples=True, gen_kwargs=gen_kwargs_arg(cfg.get("gen_kwargs")),
             datetime_str=get_datetime_str(), random_seed=cfg.get("seed", 0), verbosity=str(cfg.get("verbosity", "WARNING")).upper(),
         )
     except Exception as exc:
@@ -378,6 +414,8 @@ def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None 
         "device": provenance.get("device"),
         "attn_implementation": provenance.get("attn_implementation"),
         "attention_backends": _attention_summary(records),
+        # What the model received per task: the task's generation_kwargs with the config's gen_kwargs merged over them.
+        "generation_kwargs": dict(lmm.generation_kwargs),
         "eval_s": round(eval_s, 3),
         "wall_s": round(time.perf_counter() - t0, 3),
         "note": RANDOM_WEIGHTS_NOTE if provenance.get("random_weights") else None,

@@ -129,6 +129,9 @@ class ApetBenchLMM(lmms):
         # cached model alone; the runner reuses it across methods.
         self._state = {"adapter": adapter, "compressor": compressor}
         self.records: list[SampleRecord] = []
+        #: task -> the generation kwargs its requests carried (the task's ``generation_kwargs`` with lmms-eval's
+        #: ``gen_kwargs`` overrides merged in), as received, before :func:`translate_gen_kwargs`.
+        self.generation_kwargs: dict[str, dict[str, Any]] = {}
         self.task_dict: dict[str, Any] = {}
 
     @staticmethod
@@ -184,6 +187,7 @@ class ApetBenchLMM(lmms):
                 except Exception as exc:  # surfaced with the sample's identity
                     raise RuntimeError(f"cannot load visuals of {task} doc_id={doc_id}: {exc}") from exc
                 visuals = [v for v in (visuals or []) if v is not None]
+                self.generation_kwargs.setdefault(task, copy.deepcopy(dict(gen_kwargs or {})))
                 hf_kwargs, until = translate_gen_kwargs(copy.deepcopy(gen_kwargs))
                 try:
                     out = self.adapter.generate(visuals, contexts, hf_kwargs, method)
