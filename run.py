@@ -58,7 +58,8 @@ def main(cfg: DictConfig):
         name = f"{choices.get('model')}/{choices.get('method')}/{cfg.get('budget')}/{choices.get('benchmark')}"
         _fail(f"evaluation failed ({name})", exc, 1)
     verb = "skipped (already finished; force=true redoes it)" if outcome.status == "skipped" else "finished"
-    print(f"apet-bench: {outcome.name}: {verb} -> {outcome.run_dir}", flush=True)
+    if outcome.status != "worker":  # a data-parallel worker rank: rank 0 reports the run
+        print(f"apet-bench: {outcome.name}: {verb} -> {outcome.run_dir}", flush=True)
     return outcome
 
 

@@ -100,7 +100,7 @@ class ResultsTableCallback(Callback):
             value = job_return.return_value
         except Exception:  # a job that raised: Hydra re-raises it after the sweep
             return
-        if value is not None:
+        if value is not None and _get(value, "status") != "worker":  # worker ranks: rank 0 reports the run
             self.outcomes.append(value)
             if self.job_t0 is not None:
                 self.durations.append((_get(value, "status"), time.perf_counter() - self.job_t0))

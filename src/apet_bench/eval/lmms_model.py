@@ -17,7 +17,7 @@ import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
@@ -167,8 +167,14 @@ class ApetBenchLMM(lmms):
     def device(self):
         return self.adapter.device
 
-    def generate_until(self, requests: list[Instance]) -> list[str]:
+    def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
         """Answer each request (batch size 1); records a :class:`SampleRecord` per request.
+
+        Returns lmms-eval's ``GenerationResult`` (``lmms_eval/api/instance.py``, 0.7.3) per request: the
+        answer with the measured ``TokenCounts``: ``input_tokens`` = tokens entering the LLM at prefill
+        (text + visual tokens after stage 1, :attr:`GenerationOutput.prompt_tokens`), ``output_tokens`` =
+        new tokens generated. lmms-eval logs them per sample (``token_counts``) and sums them in its
+        ``efficiency`` summary, as its own HF chat models do (``models/chat/async_hf_model.py``).
 
         Raises
         ------
@@ -177,7 +183,7 @@ class ApetBenchLMM(lmms):
         ValueError
             A request the model rejects (placeholders, image too small, budget), one line naming task and doc_id.
         """
-        answers: list[str] = []
+        answers: list[GenerationResult] = []
         method = self.compressor
         with method(self.adapter):
             for req in tqdm(requests, desc=f"apet-bench {self.adapter.name}/{method.name}", disable=self.rank != 0):
@@ -215,7 +221,8 @@ class ApetBenchLMM(lmms):
                         attention_backends=getattr(out, "attention_backends", None),
                     )
                 )
-                answers.append(text)
+                answers.append(GenerationResult(text=text, token_counts=TokenCounts(
+                    input_tokens=int(out.prompt_tokens), output_tokens=len(out.output_ids))))
         return answers
 
     def records_as_dicts(self) -> list[dict[str, Any]]:

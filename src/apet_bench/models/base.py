@@ -302,13 +302,23 @@ def check_attn_implementation(attn: str) -> str:
 def resolve_device(device: str) -> torch.device:
     """``auto`` -> ``cuda`` if available else ``cpu``; otherwise ``torch.device(device)``.
 
+    In a data-parallel run (``LOCAL_RANK`` set by ``torchrun`` / ``accelerate launch``) on a machine with
+    several GPUs, ``auto`` is the process's own GPU, ``cuda:<LOCAL_RANK>`` (as lmms-eval's HF models bind
+    ``cuda:{accelerator.local_process_index}``); ``LOCAL_RANK`` beyond the GPU count falls back to
+    ``cuda`` (the current device, e.g. one GPU per process under ``CUDA_VISIBLE_DEVICES``).
+
     Raises
     ------
     ModelConfigError
         For a string torch cannot parse, a device type other than cpu/cuda, or cuda without a GPU.
     """
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        local_rank = os.environ.get("LOCAL_RANK", "")
+        if local_rank.isdigit() and int(local_rank) < torch.cuda.device_count() and torch.cuda.device_count() > 1:
+            return torch.device(f"cuda:{int(local_rank)}")
+        return torch.device("cuda")
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
