@@ -68,15 +68,42 @@ def _samples(run_dir):
     return [json.loads(x) for x in (Path(run_dir) / "samples.jsonl").read_text().splitlines()]
 
 
-def test_gen_kwargs_reach_the_model_and_are_recorded(tmp_path):
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The demo benchmark, 2 samples, method none, run in-process from an empty working directory; a task
+    aggregation's submission file is written through lmms-eval's ``generate_submission_file`` with the
+    ``cli_args`` the harness passed (as VQAv2/VizWiz/MMBench test aggregations do)."""
+    import lmms_eval.evaluator as ev
+    from lmms_eval.tasks._task_utils.file_utils import generate_submission_file
+
     from apet_bench.runner import execute
 
-    default = execute(_compose(tmp_path / "a", "method=none", "benchmark=demo", "limit=2"))
+    tmp = tmp_path_factory.mktemp("demo")
+    real = ev.simple_evaluate
+    seen = {}
+
+    def simple_evaluate(*args, **kwargs):
+        results = real(*args, **kwargs)
+        seen["cli_args"] = kwargs.get("cli_args")
+        Path(generate_submission_file("probe_submission.json", kwargs.get("cli_args"))).write_text("{}")
+        return results
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        mp.setattr(ev, "simple_evaluate", simple_evaluate)
+        out = execute(_compose(tmp, "method=none", "benchmark=demo", "limit=2"))
+    return out, tmp, seen
+
+
+def test_gen_kwargs_reach_the_model_and_are_recorded(tmp_path, demo_run):
+    from apet_bench.runner import execute
+
+    default = demo_run[0]
     used = default.summary["generation_kwargs"]
     (task,) = used
     assert used[task]["max_new_tokens"] > 2  # the demo task's own setting
     assert max(s["output_tokens"] for s in _samples(default.run_dir)) > 2
-    out = execute(_compose(tmp_path / "b", "method=none", "benchmark=demo", "limit=2", "+gen_kwargs.max_new_tokens=2"))
+    out = execute(_compose(tmp_path, "method=none", "benchmark=demo", "limit=2", "+gen_kwargs.max_new_tokens=2"))
     run = json.loads((Path(out.run_dir) / "run.json").read_text())
     assert run["generation_kwargs"][task]["max_new_tokens"] == 2
     # the task's other settings are kept (merged, not replaced)
@@ -84,6 +111,29 @@ def test_gen_kwargs_reach_the_model_and_are_recorded(tmp_path):
         {k: v for k, v in used[task].items() if k != "max_new_tokens"}
     tokens = [s["output_tokens"] for s in _samples(out.run_dir)]
     assert tokens and max(tokens) <= 2
+
+
+def test_lmms_eval_writes_into_the_run_not_the_working_directory(demo_run):
+    out, cwd, seen = demo_run
+    run_dir = Path(out.run_dir).resolve()
+    assert not (cwd / "submissions").exists()
+    sub = run_dir / "lmms_eval" / "submissions" / "probe_submission.json"
+    assert sub.is_file()  # moved into place with the run
+    results = json.loads((run_dir / "lmms_eval" / "results.json").read_text())
+    assert results["submission_files"] == [str(sub)]
+    assert Path(seen["cli_args"].output_path).name == "lmms_eval"
+    assert Path(seen["cli_args"].output_path).parent.name.startswith(".tmp-")  # the run's staging directory
+
+
+def test_lmms_eval_logs_the_measured_token_counts(demo_run):
+    run_dir = Path(demo_run[0].run_dir)
+    samples = _samples(run_dir)
+    for s in samples:
+        assert s["token_counts"] == [{"input_tokens": s["prompt_tokens"], "output_tokens": s["output_tokens"]}]
+    eff = json.loads((run_dir / "lmms_eval" / "results.json").read_text())["efficiency"]["overall"]
+    assert eff["docs_with_token_counts"] == len(samples) == 2
+    assert eff["total_output_tokens"] == sum(s["output_tokens"] for s in samples)
+    assert eff["total_input_tokens"] == sum(s["prompt_tokens"] for s in samples)
 
 
 @pytest.mark.parametrize("value, ok", [({"max_new_tokens": 8, "temperature": 0.0, "do_sample": False}, True),
@@ -101,3 +151,44 @@ def test_gen_kwargs_arg(value, ok):
         with pytest.raises(ConfigError, match="gen_kwargs"):
             gen_kwargs_arg(value)
     assert gen_kwargs_arg({}) is None
+
+
+# ------------------------------------------------------------------ a visual span within an absolute budget
+def test_sample_within_the_budget_keeps_all_tokens_and_the_next_one_is_compressed():
+    from conftest import make_image
+
+    from apet_bench.methods import build_method
+    from apet_bench.models import load_model
+    from test_llava_next import TINY_LLAVA_NEXT_CFG
+
+    adapter = load_model(dict(TINY_LLAVA_NEXT_CFG))
+    small, large = make_image(10, (200, 150)), make_image(11, (224, 224))  # spans 268 and 336 on the tiny NeXT
+    method = build_method("random", budget=300, seed=0)
+    calls = []
+    method.attach = lambda a: method.register_hook(a.vision_tower, lambda *args: calls.append(1))
+    gen = {"max_new_tokens": 2}
+    with method(adapter):  # attached for the whole run, as the lmms-eval model class does
+        hooks = len(method._hook_handles)
+        first = adapter.generate([small], "Is there a dog?", gen, method)
+        assert calls == [] and len(method._hook_handles) == hooks  # hooks off for that sample, back after it
+        second = adapter.generate([large], "Is there a dog?", gen, method)
+        assert calls  # the method ran again on the next sample
+    assert first.uncompressed and first.visual_tokens_in == 268 and first.visual_tokens_llm == 268
+    assert first.kept_indices is None and first.planned_layer_visual_tokens == [268] * adapter.num_layers
+    assert not second.uncompressed and second.visual_tokens_in == 336 and second.visual_tokens_llm == 300
+    ratio = adapter.generate([small], "Is there a dog?", gen, build_method("random", budget=0.5, seed=0))
+    assert not ratio.uncompressed and ratio.visual_tokens_llm == 134  # a ratio always compresses
+
+
+def test_uncompressed_samples_are_recorded_and_counted(tmp_path):
+    from apet_bench.runner import execute
+
+    # LLaVA-1.5's span is 576 per image: budget 576 is accepted up front and leaves every sample whole
+    out = execute(_compose(tmp_path, "method=random", "budget=576", "benchmark=demo", "limit=2",
+                           "+gen_kwargs.max_new_tokens=2"))
+    samples = _samples(out.run_dir)
+    assert [s["uncompressed"] for s in samples] == [True, True]
+    assert all(s["visual_tokens_llm"] == s["visual_tokens_in"] == 576 for s in samples)
+    run = json.loads((Path(out.run_dir) / "run.json").read_text())
+    metrics = json.loads((Path(out.run_dir) / "metrics.json").read_text())
+    assert run["uncompressed_samples"] == metrics["tokens"]["uncompressed_samples"] == 2

@@ -319,6 +319,8 @@ def _token_summary(records: list[dict[str, Any]], budget: Any, visual_tokens: in
         # An int budget is a token count; a ratio's token count depends on each input (see samples.jsonl).
         "budget_tokens": budget_to_tokens(budget, visual_tokens) if isinstance(budget, int) and visual_tokens else None,
         "samples": n,
+        # samples whose visual span was at or below an int budget: all their visual tokens were kept
+        "uncompressed_samples": sum(bool(r.get("uncompressed")) for r in records),
         "visual_tokens_in_mean": sum(r["visual_tokens_in"] for r in records) / n if n else None,
         "visual_tokens_llm_mean": sum(llm) / n if n else None,
         "visual_tokens_llm_min": min(llm) if n else None,
@@ -469,6 +471,7 @@ def _evaluate_and_write(run: PreparedRun, lmm: Any, adapter: Any, w: Any, *, cho
         "skipped_samples": sum(int(s.get("questions", 0)) for s in task.skipped),
         "visual_tokens_llm_mean": tokens["visual_tokens_llm_mean"],
         "layer_average_visual_tokens": tokens["layer_average_visual_tokens_mean"],
+        "uncompressed_samples": tokens["uncompressed_samples"],
         "weights": provenance.get("weights"),
         "random_weights": provenance.get("random_weights"),
         "device": provenance.get("device"),

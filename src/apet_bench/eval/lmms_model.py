@@ -86,6 +86,8 @@ class SampleRecord:
     planned_layer_visual_tokens: list[int] | None = None
     kv_cache_tokens: list[int] | None = None
     attention_backends: dict[str, Any] | None = None
+    #: The visual span was at or below the absolute budget: all visual tokens kept, method not applied.
+    uncompressed: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -219,6 +221,7 @@ class ApetBenchLMM(lmms):
                         planned_layer_visual_tokens=getattr(out, "planned_layer_visual_tokens", None),
                         kv_cache_tokens=getattr(out, "kv_cache_tokens", None),
                         attention_backends=getattr(out, "attention_backends", None),
+                        uncompressed=bool(getattr(out, "uncompressed", False)),
                     )
                 )
                 answers.append(GenerationResult(text=text, token_counts=TokenCounts(

@@ -330,6 +330,21 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def within_budget(method: Any, visual_tokens: int) -> bool:
+    """Whether a visual input of ``visual_tokens`` visual tokens (its span before compression: an image's,
+    or a video's) fits ``method``'s absolute budget, so there is nothing to compress.
+
+    True for a compressing method (stage other than ``none``) with an int budget >= ``visual_tokens`` > 0.
+    A ratio budget always compresses. This arises with variable spans (LLaVA-NeXT's anyres: 1,728 to
+    2,928 visual tokens on the 7B; an image on Video-LLaVA, whose largest span is a video's); the
+    up-front check rejects only budgets above the model's largest span.
+    """
+    budget = getattr(method, "budget", None)
+    if getattr(method, "stage", "none") == "none" or isinstance(budget, bool) or not isinstance(budget, int):
+        return False
+    return 0 < int(visual_tokens) <= budget
+
+
 @dataclass
 class GenerationOutput:
     """One sample's answer with its token accounting and wall times.
@@ -372,6 +387,9 @@ class GenerationOutput:
     attention_backends : dict or None
         Which attention backend every decoder layer and vision-tower attention module used, and the
         attention the method computed itself (:func:`apet_bench.attention.attention_backends`).
+    uncompressed : bool
+        True when the sample's visual span was at or below the method's absolute (int) budget, so it
+        kept all its visual tokens and the method was not applied (:func:`within_budget`).
     logits : tuple of torch.Tensor or None
         Per generated token, ``(batch_size, vocab_size)`` logits, when ``output_logits=True`` was in
         ``generate_kwargs``; left out of :meth:`to_dict`.
@@ -392,6 +410,7 @@ class GenerationOutput:
     num_images: int = 1
     attention_backends: dict[str, Any] | None = None
     logits: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
+    uncompressed: bool = False
 
     @property
     def mean_layer_visual_tokens(self) -> float:
@@ -1174,7 +1193,15 @@ class ModelAdapter:
         kwargs = self._generate_kwargs(generate_kwargs)
         visual_in = count_placeholders(inputs["input_ids"], self.visual_token_id, inputs.get("attention_mask"))
         kept: list[list[int]] | None = None
-        with torch.inference_mode(), method(self):
+        # The budget is per visual input (image or video): the sample is left whole when its largest one fits.
+        spans = [int(v.num_tokens) for v in self.visual_context.segments] if images and method.stage != "none" else []
+        uncompressed = within_budget(method, max(spans, default=visual_in))
+        suspend = contextlib.nullcontext()
+        if uncompressed:  # the span fits the budget: all visual tokens kept, the method's hooks off for this sample
+            from apet_bench.methods.none import NoCompression
+
+            suspend, method = method.suspended(self), NoCompression()
+        with torch.inference_mode(), suspend, method(self):
             t0 = self._clock()
             preprocess_ms = (t0 - t_pre) * 1e3
             with contextlib.ExitStack() as stack:
@@ -1246,6 +1273,7 @@ class ModelAdapter:
             num_images=len(images),
             attention_backends=backends,
             logits=tuple(out.logits) if getattr(out, "logits", None) is not None else None,
+            uncompressed=uncompressed,
         )
 
 
