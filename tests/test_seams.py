@@ -192,3 +192,67 @@ def test_uncompressed_samples_are_recorded_and_counted(tmp_path):
     run = json.loads((Path(out.run_dir) / "run.json").read_text())
     metrics = json.loads((Path(out.run_dir) / "metrics.json").read_text())
     assert run["uncompressed_samples"] == metrics["tokens"]["uncompressed_samples"] == 2
+
+
+# ------------------------------------------------------------------ sweep summary from what the jobs wrote
+def _job(tmp_path, num, outcome):
+    """Run one job's callback the way a submitit job process does (its own callback instance)."""
+    from omegaconf import OmegaConf
+
+    from apet_bench.hydra_callbacks import ResultsTableCallback
+
+    cfg = OmegaConf.create({"hydra": {"mode": "MULTIRUN", "job": {"num": num},
+                                      "runtime": {"output_dir": str(tmp_path / "sweep" / str(num))},
+                                      "overrides": {"task": []}}})
+    cb = ResultsTableCallback()
+    cb.on_job_start(cfg)
+    cb.on_job_end(cfg, type("JobReturn", (), {"return_value": outcome})())
+
+
+def _driver_end(tmp_path):
+    from omegaconf import OmegaConf
+
+    from apet_bench.hydra_callbacks import ResultsTableCallback
+
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "sweep")}, "sweeper": {"params": {}},
+                                      "overrides": {"task": ["method=none,random"]}}})
+    driver = ResultsTableCallback()  # no job ran in this process
+    driver.on_multirun_start(cfg)
+    driver.on_multirun_end(cfg)
+
+
+def test_sweep_summary_reads_the_outcomes_jobs_wrote(tmp_path, capsys):
+    from apet_bench.runner import RunOutcome
+
+    summary = {"method": "none", "metrics": {"mme_perception_score": 12.5}, "num_samples": 2, "weights": "w"}
+    _job(tmp_path, 0, RunOutcome("tiny__none__full__mme", "finished", "/r/a", summary))
+    _job(tmp_path, 1, RunOutcome("tiny__random__64__mme", "failed", "", {}, error="lmms-eval raised OOM"))
+    (tmp_path / "sweep" / "2").mkdir()  # a job that died before returning (e.g. killed by the scheduler)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        _driver_end(tmp_path)
+    assert exc.value.code == 1
+    out = capsys.readouterr()
+    assert "tiny__none__full__mme" in out.out and "12.5" in out.out  # the results table
+    assert "lmms-eval raised OOM" in out.out and "job 2" in out.out and "without an outcome" in out.out
+    assert "tiny__random__64__mme" in out.err
+
+
+def test_sweep_summary_exit_code_2_when_no_cell_could_run(tmp_path, capsys):
+    from apet_bench.runner import RunOutcome
+
+    for num, method in enumerate(("none", "random")):
+        _job(tmp_path, num, RunOutcome(f"tiny__{method}__mme", "missing", "", {}, error="data_root absent"))
+    with pytest.raises(SystemExit) as exc:
+        _driver_end(tmp_path)
+    assert exc.value.code == 2 and "data_root absent" in capsys.readouterr().err
+
+
+def test_submitit_local_sweep_reports_and_exits_from_the_driver(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    proc = run_cli(["-m", "hydra/launcher=submitit_local", "model=tiny_llava15", "benchmark=mme",
+                    f"data_root={tmp_path / 'absent'}", "method=none", f"results_dir={tmp_path / 'results'}"],
+                   tmp_path, timeout=600)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "could not run (1 missing, 0 failed)" in proc.stdout
+    assert "none of the 1 cell(s) of the sweep could run" in proc.stderr
