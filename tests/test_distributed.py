@@ -26,7 +26,8 @@ def test_two_processes_match_one_process(tmp_path):
     if not torchrun.is_file():
         torchrun = shutil.which("torchrun")
     assert torchrun, "torchrun (part of torch) not found"
-    common = ["model=tiny_llava15", "method=none", "benchmark=demo", "limit=4", f"cache_dir={tmp_path / 'cache'}"]
+    common = ["model=tiny_llava15", "method=none", "benchmark=demo", "limit=4", "+gen_kwargs.max_new_tokens=4",
+              f"cache_dir={tmp_path / 'cache'}"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)

@@ -176,6 +176,9 @@ def test_sample_within_the_budget_keeps_all_tokens_and_the_next_one_is_compresse
     assert first.uncompressed and first.visual_tokens_in == 268 and first.visual_tokens_llm == 268
     assert first.kept_indices is None and first.planned_layer_visual_tokens == [268] * adapter.num_layers
     assert not second.uncompressed and second.visual_tokens_in == 336 and second.visual_tokens_llm == 300
+    # the budget is per visual input: two images of 268 and 280 tokens both fit 300
+    two = adapter.generate([small, make_image(12, (100, 300))], "Same?", gen, build_method("random", budget=300))
+    assert two.uncompressed and two.visual_tokens_in == two.visual_tokens_llm == 268 + 280
     ratio = adapter.generate([small], "Is there a dog?", gen, build_method("random", budget=0.5, seed=0))
     assert not ratio.uncompressed and ratio.visual_tokens_llm == 134  # a ratio always compresses
 

@@ -335,8 +335,8 @@ def within_budget(method: Any, visual_tokens: int) -> bool:
     or a video's) fits ``method``'s absolute budget, so there is nothing to compress.
 
     True for a compressing method (stage other than ``none``) with an int budget >= ``visual_tokens`` > 0.
-    A ratio budget always compresses. This arises with variable spans (LLaVA-NeXT's anyres: 1,728 to
-    2,928 visual tokens on the 7B; an image on Video-LLaVA, whose largest span is a video's); the
+    A ratio budget always compresses. This arises with variable spans (LLaVA-NeXT's anyres span depends
+    on the image's size and aspect ratio; an image on Video-LLaVA, whose largest span is a video's); the
     up-front check rejects only budgets above the model's largest span.
     """
     budget = getattr(method, "budget", None)
@@ -1194,8 +1194,9 @@ class ModelAdapter:
         visual_in = count_placeholders(inputs["input_ids"], self.visual_token_id, inputs.get("attention_mask"))
         kept: list[list[int]] | None = None
         # The budget is per visual input (image or video): the sample is left whole when its largest one fits.
-        spans = [int(v.num_tokens) for v in self.visual_context.segments] if images and method.stage != "none" else []
-        uncompressed = within_budget(method, max(spans, default=visual_in))
+        uncompressed = within_budget(method, visual_in)
+        if not uncompressed and len(images) > 1 and within_budget(method, 1):
+            uncompressed = within_budget(method, max(int(v.num_tokens) for v in self.visual_context.segments))
         suspend = contextlib.nullcontext()
         if uncompressed:  # the span fits the budget: all visual tokens kept, the method's hooks off for this sample
             from apet_bench.methods.none import NoCompression
