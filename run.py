@@ -58,14 +58,33 @@ def main(cfg: DictConfig):
         name = f"{choices.get('model')}/{choices.get('method')}/{cfg.get('budget')}/{choices.get('benchmark')}"
         _fail(f"evaluation failed ({name})", exc, 1)
     verb = "skipped (already finished; force=true redoes it)" if outcome.status == "skipped" else "finished"
-    print(f"apet-bench: {outcome.name}: {verb} -> {outcome.run_dir}", flush=True)
+    if outcome.status != "worker":  # a data-parallel worker rank: rank 0 reports the run
+        print(f"apet-bench: {outcome.name}: {verb} -> {outcome.run_dir}", flush=True)
     return outcome
 
 
+def with_default_experiment(argv: list[str]) -> list[str]:
+    """``argv`` with ``experiment=demo`` added when no model/method/benchmark/experiment is chosen.
+
+    The override goes right before the first override already given (Hydra's parser takes the
+    overrides as one run of positional arguments, so one added after ``--cfg job`` would be
+    rejected), or at the end when there is none. ``argv[0]`` is the program.
+    """
+    args = argv[1:]
+    overrides = [i for i, a in enumerate(args) if "=" in a and not a.startswith("-")]
+    chosen = {args[i].split("=", 1)[0].lstrip("+~") for i in overrides}
+    if chosen & set(GROUPS):
+        return list(argv)
+    at = overrides[0] if overrides else len(args)
+    return [argv[0], *args[:at], "experiment=demo", *args[at:]]
+
+
 if __name__ == "__main__":
-    chosen = {a.split("=", 1)[0].lstrip("+~") for a in sys.argv[1:] if "=" in a and not a.startswith("-")}
-    if not chosen & set(GROUPS):
-        sys.argv.append("experiment=demo")  # no model/method/benchmark/experiment chosen: the embedded default
+    sys.argv = with_default_experiment(sys.argv)  # no model/method/benchmark/experiment chosen: the embedded default
+    flags = set(sys.argv[1:])
+    if flags & {"-m", "--multirun"} and flags & {"-c", "--cfg"}:  # Hydra would raise with a traceback
+        _fail("error", ConfigError("--cfg cannot be combined with -m/--multirun (Hydra prints one job's config: "
+                                   "drop -m, and give one value per swept key)"), 2)
     try:
         check_group_overrides([a for a in sys.argv[1:] if not a.startswith("-")])
     except ConfigError as exc:

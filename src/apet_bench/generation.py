@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["config_gen_kwargs", "gen_kwargs_arg", "resolve_generation"]
+__all__ = ["config_gen_kwargs", "encode_gen_kwargs", "gen_kwargs_arg", "resolve_generation"]
 
 
 def _as_dict(value: Any, where: str) -> dict[str, Any]:
@@ -83,22 +83,43 @@ def config_gen_kwargs(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str,
     return out, sources
 
 
-def gen_kwargs_arg(cfg: Mapping[str, Any]) -> str | None:
-    """:func:`config_gen_kwargs` as lmms-eval's ``simple_evaluate(gen_kwargs=...)`` string (``"k=v,k=v"``), or ``None``.
+def encode_gen_kwargs(kwargs: Mapping[str, Any] | None) -> str | None:
+    """Generation settings as lmms-eval's ``simple_evaluate(gen_kwargs=...)`` string, or ``None`` for none.
+
+    lmms-eval parses ``"k=v,k=v"`` (``lmms_eval.utils.simple_parse_args_string``: ``true``/``false``,
+    integers and floats are converted, the rest stay strings) and merges it over every generation
+    task's ``generation_kwargs`` (``Task.set_config(..., update=True)`` in ``lmms_eval/evaluator.py``).
 
     Raises
     ------
     ValueError
-        A value holding ``,`` or ``=`` (lmms-eval's string cannot carry it), naming the key.
+        A value this format cannot carry (a list or mapping, a string with ``,`` ``=``, quotes or
+        surrounding white space, ``None``), or a key that is not a plain name; the message names it.
     """
-    kwargs, _ = config_gen_kwargs(cfg)
+    if not kwargs:
+        return None
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(f"gen_kwargs {kwargs!r} is invalid (use a mapping, e.g. +gen_kwargs.max_new_tokens=8)")
     parts = []
-    for k, v in kwargs.items():
-        text = str(v)
-        if "," in text or "=" in text:
-            raise ValueError(f"gen_kwargs {k}={text!r} cannot be passed to lmms-eval (holds ',' or '=')")
-        parts.append(f"{k}={text}")
-    return ",".join(parts) or None
+    for key, value in kwargs.items():
+        if not str(key).isidentifier():
+            raise ValueError(f"gen_kwargs key {key!r} is invalid (use a generation setting name, e.g. max_new_tokens)")
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            text = repr(value)
+        elif isinstance(value, str) and value and value == value.strip() and not any(c in value for c in ",='\"{}[]"):
+            text = value
+        else:
+            raise ValueError(f"gen_kwargs.{key}={value!r} is invalid: lmms-eval takes a number, true/false or "
+                             f"a plain string (one stop string for until)")
+        parts.append(f"{key}={text}")
+    return ",".join(parts)
+
+
+def gen_kwargs_arg(cfg: Mapping[str, Any]) -> str | None:
+    """:func:`config_gen_kwargs` of a run config, encoded by :func:`encode_gen_kwargs` (same errors)."""
+    return encode_gen_kwargs(config_gen_kwargs(cfg)[0])
 
 
 def resolve_generation(task_kwargs: Mapping[str, Any] | None, cfg: Mapping[str, Any],

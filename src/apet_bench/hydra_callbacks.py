@@ -2,19 +2,63 @@
 the end of a run or a sweep, and a summary of the cells that could not run (missing: data absent /
 not available, with the reason; failed: the evaluation raised). The exit code is 1 when any job failed
 (Hydra's multirun would otherwise exit 0 after a job returned a failure); missing cells alone keep 0,
-unless no cell of the sweep could run at all (bad input shared by every cell): exit code 2."""
+unless no cell of the sweep could run at all (bad input shared by every cell): exit code 2.
+
+Every job also writes its outcome to ``<job output dir>/apet_outcome.json``; at the end of a multirun the
+summary is built from those files (:func:`read_sweep_outcomes`), so it is complete when the jobs ran in
+other processes or on other machines (hydra-submitit-launcher: ``hydra/launcher=slurm`` or
+``submitit_local``), where the job callbacks never run in the driver."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 
 from apet_bench.report import print_failure_summary, print_results_table
 
-__all__ = ["ResultsTableCallback", "count_sweep_jobs"]
+__all__ = ["ResultsTableCallback", "count_sweep_jobs", "read_sweep_outcomes", "OUTCOME_FILE"]
+
+#: A job's outcome (``RunOutcome`` as JSON) in its Hydra output directory (``<sweep dir>/<job num>/``).
+OUTCOME_FILE = "apet_outcome.json"
+
+
+def _write_outcome(output_dir: str | os.PathLike, value: Any) -> None:
+    """Write ``value`` (a ``RunOutcome`` or a dict) as ``<output_dir>/apet_outcome.json`` (atomic rename)."""
+    data = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else dict(value)
+    path = Path(output_dir) / OUTCOME_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{OUTCOME_FILE}.{os.getpid()}.part")
+    tmp.write_text(json.dumps(data, default=str, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_sweep_outcomes(sweep_dir: str | os.PathLike) -> list[dict[str, Any]] | None:
+    """The outcomes the jobs of a sweep wrote under ``sweep_dir`` (``<sweep_dir>/<job num>/apet_outcome.json``),
+    in job order. A job directory without the file (the job died before returning, e.g. killed by the
+    scheduler) counts as ``failed`` with that reason. None when no job wrote one (nothing on disk to read).
+    """
+    root = Path(sweep_dir)
+    if not root.is_dir():
+        return None
+    jobs = sorted((d for d in root.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name))
+    outcomes: list[dict[str, Any]] = []
+    found = False
+    for d in jobs:
+        f = d / OUTCOME_FILE
+        try:
+            outcomes.append(json.loads(f.read_text(encoding="utf-8")))
+            found = True
+        except (OSError, ValueError):
+            outcomes.append({"name": f"job {d.name}", "status": "failed", "run_dir": "", "summary": {},
+                             "error": f"the job ended without an outcome (see its log under {d})"})
+    return outcomes if found else None
 
 
 def count_sweep_jobs(config: Any) -> int | None:
@@ -50,11 +94,16 @@ class ResultsTableCallback(Callback):
         self.job_t0: float | None = None
         self.multirun = False
         self.durations: list[tuple[str, float]] = []  # (status, seconds) per job, for the ETA
+        self.sweep_dir: str | None = None
 
     # ----------------------------------------------------------------------------------- progress
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         self.multirun = True
         self.total = count_sweep_jobs(config)
+        try:
+            self.sweep_dir = str(config.hydra.sweep.dir)
+        except Exception:  # a config without a sweep dir: only the in-process outcomes are summarised
+            self.sweep_dir = None
         self.t0 = time.perf_counter()
         if self.total:
             print(f"apet-bench: sweep of {self.total} run(s); finished runs are skipped", flush=True)
@@ -100,7 +149,12 @@ class ResultsTableCallback(Callback):
             value = job_return.return_value
         except Exception:  # a job that raised: Hydra re-raises it after the sweep
             return
-        if value is not None:
+        if value is not None and _get(value, "status") != "worker":  # worker ranks: rank 0 reports the run
+            try:
+                if config.hydra.mode is not None and str(config.hydra.mode).endswith("MULTIRUN"):
+                    _write_outcome(config.hydra.runtime.output_dir, value)
+            except Exception as exc:  # the summary then lists this job as ended without an outcome
+                print(f"apet-bench: could not record the job's outcome: {exc}", file=sys.stderr)
             self.outcomes.append(value)
             if self.job_t0 is not None:
                 self.durations.append((_get(value, "status"), time.perf_counter() - self.job_t0))
@@ -128,4 +182,9 @@ class ResultsTableCallback(Callback):
         self._finish()
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        # What the jobs wrote, wherever they ran (a submitit launcher runs them in other processes, so
+        # self.outcomes is empty here); the in-process list when nothing is on disk.
+        on_disk = read_sweep_outcomes(self.sweep_dir) if self.sweep_dir else None
+        if on_disk is not None:
+            self.outcomes = on_disk
         self._finish()

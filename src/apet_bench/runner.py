@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from apet_bench.budget import BudgetError, budget_to_tokens, validate_budget
 from apet_bench.config import ConfigError, check_available
+from apet_bench.distributed import broadcast_from_rank0, init_process_group, world
 from apet_bench.results import RUN_MARKER, RunStore, collect_provenance, run_name
 
 __all__ = ["EvaluationError", "RunOutcome", "execute", "prepare_run"]
@@ -35,7 +36,8 @@ class EvaluationError(RuntimeError):
 
 @dataclass
 class RunOutcome:
-    """What a run did: ``status`` is ``finished`` (just ran), ``skipped`` (was finished) or ``failed``."""
+    """What a run did: ``status`` is ``finished`` (just ran), ``skipped`` (was finished), ``failed``, or
+    ``worker`` (a data-parallel rank other than 0, which evaluated its share; rank 0 wrote the run)."""
 
     name: str
     status: str
@@ -176,6 +178,9 @@ def prepare_run(cfg: DictConfig | dict[str, Any]) -> PreparedRun:
         _wandb_settings(cfg.get("wandb") or {})
     if cfg.get("on_corrupt_image") not in ("skip", "error"):
         raise ConfigError(f"on_corrupt_image {cfg.get('on_corrupt_image')!r} is invalid (use skip or error)")
+    from apet_bench.generation import config_gen_kwargs
+
+    gen_kwargs_arg(config_gen_kwargs(cfg)[0])  # a value lmms-eval cannot take fails here, before any loading
     limit = cfg.get("limit")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
         raise ConfigError(f"limit {limit!r} is invalid (use a positive integer or null)")
@@ -196,6 +201,16 @@ def prepare_run(cfg: DictConfig | dict[str, Any]) -> PreparedRun:
     return PreparedRun(cfg=cfg, name=name, budget=budget, prepared_task=prepared, store=RunStore(cfg["results_dir"]))
 
 
+def gen_kwargs_arg(gen_kwargs: dict[str, Any] | None) -> str | None:
+    """:func:`apet_bench.generation.encode_gen_kwargs`, raising :class:`ConfigError` (bad input, exit 2)."""
+    from apet_bench.generation import encode_gen_kwargs
+
+    try:
+        return encode_gen_kwargs(gen_kwargs)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _set_verbosity(level: str) -> None:
     try:
         from loguru import logger
@@ -206,13 +221,22 @@ def _set_verbosity(level: str) -> None:
         pass
 
 
-def _evaluate(run: PreparedRun, lmm: Any) -> dict[str, Any]:
-    """Run lmms-eval and check that every metric exists for every sample."""
+def _evaluate(run: PreparedRun, lmm: Any, output_dir: Path | None = None) -> dict[str, Any] | None:
+    """Run lmms-eval and check that every metric exists for every sample.
+
+    ``output_dir`` is lmms-eval's output path (``cli_args.output_path``): task aggregations write their
+    submission files under ``<output_dir>/submissions/`` (``lmms_eval/tasks/_task_utils/file_utils.py``)
+    instead of ``./submissions/``. In a data-parallel run (:mod:`apet_bench.distributed`) the ranks'
+    records are gathered to rank 0; the other ranks get None.
+    """
+    from types import SimpleNamespace
+
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
     from lmms_eval.utils import get_datetime_str
 
-    from apet_bench.generation import gen_kwargs_arg  # benchmark/model/run gen_kwargs over the task's own
+    from apet_bench.distributed import gather_to_rank0, world
+    from apet_bench.generation import config_gen_kwargs  # benchmark/model/run gen_kwargs over the task's own
 
     cfg, task = run.cfg, run.prepared_task
     _set_verbosity(cfg.get("verbosity", "WARNING"))
@@ -231,21 +255,25 @@ def _evaluate(run: PreparedRun, lmm: Any) -> dict[str, Any]:
             os.environ.pop(var, None)  # never left over from an earlier run of the sweep
     model_args = (f"model={cfg['model']['name']},method={cfg['method']['name']},budget={run.budget},"
                   f"seed={cfg.get('seed', 0)}")
-    t_submit = time.time()
+    # process_with_media=True is lmms-eval's behaviour without cli_args (documents iterated with their media).
+    cli_args = None if output_dir is None else SimpleNamespace(output_path=str(output_dir), process_with_media=True)
     try:
         results = simple_evaluate(
             model=lmm, model_args=model_args, tasks=[task.task_name], task_manager=tm, batch_size=1,
-            limit=cfg.get("limit"), bootstrap_iters=0, log_samples=True, gen_kwargs=gen_kwargs_arg(cfg),
+            limit=cfg.get("limit"), bootstrap_iters=0, log_samples=True, gen_kwargs=gen_kwargs_arg(config_gen_kwargs(cfg)[0]),
             datetime_str=get_datetime_str(), random_seed=cfg.get("seed", 0), verbosity=str(cfg.get("verbosity", "WARNING")).upper(),
+            cli_args=cli_args, distributed_executor_backend="torchrun" if world().distributed else "accelerate",
         )
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise EvaluationError(f"lmms-eval raised {type(exc).__name__}: {msg}") from exc
-    if cfg["benchmark"].get("submission") and results:
-        # Server-scored split (VQAv2 test-dev, VizWiz / MMBench test): lmms-eval wrote the submission file
-        # under ./submissions/ (cli_args is None); record it, there is no local score.
-        results["submission_files"] = sorted(
-            str(p.resolve()) for p in Path("submissions").glob("*") if p.is_file() and p.stat().st_mtime >= t_submit - 1)
+    if world().distributed:
+        gathered = gather_to_rank0(lmm.records)
+        if not world().main:
+            return None
+        # lmms-eval pads a rank that has fewer documents with a copy of one of its requests: keep one record per doc
+        merged = {(r.task, r.doc_id): r for rank_records in reversed(gathered) for r in reversed(rank_records)}
+        lmm.records = sorted(merged.values(), key=lambda r: (r.task, r.doc_id))
     if not results or "results" not in results:
         raise EvaluationError(f"lmms-eval returned no results for task {task.task_name!r}")
     task_res = results["results"].get(task.task_name)
@@ -304,6 +332,8 @@ def _token_summary(records: list[dict[str, Any]], budget: Any, visual_tokens: in
         # An int budget is a token count; a ratio's token count depends on each input (see samples.jsonl).
         "budget_tokens": budget_to_tokens(budget, visual_tokens) if isinstance(budget, int) and visual_tokens else None,
         "samples": n,
+        # samples whose visual span was at or below an int budget: all their visual tokens were kept
+        "uncompressed_samples": sum(bool(r.get("uncompressed")) for r in records),
         "visual_tokens_in_mean": sum(r["visual_tokens_in"] for r in records) / n if n else None,
         "visual_tokens_llm_mean": sum(llm) / n if n else None,
         "visual_tokens_llm_min": min(llm) if n else None,
@@ -351,6 +381,25 @@ def _add_sample_ids(samples: list[dict[str, Any]], docs: dict[Any, Any]) -> None
         r["sample_id"] = i if i is not None else f"doc{r['doc_id']}"
 
 
+def _prepare_ranked(cfg: DictConfig | dict[str, Any]) -> PreparedRun:
+    """:func:`prepare_run`; in a data-parallel run (:mod:`apet_bench.distributed`) the process group is
+    joined first and rank 0 prepares the benchmark data (it may convert it into ``cache_dir``) before the
+    other ranks, which then reuse it."""
+    if not world().distributed:
+        return prepare_run(cfg)
+    from apet_bench.models.base import resolve_device
+
+    model = cfg["model"]
+    w = init_process_group(resolve_device(str(model.get("device") or "auto")).type)
+    if w.main:
+        try:
+            return prepare_run(cfg)
+        finally:
+            broadcast_from_rank0(None)  # the other ranks go on (and meet the same error, if any)
+    broadcast_from_rank0(None)
+    return prepare_run(cfg)
+
+
 def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None = None) -> RunOutcome:
     """Run one configuration end to end, or skip it when already finished.
 
@@ -376,7 +425,7 @@ def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None 
     from apet_bench.methods import build_method
 
     t0 = time.perf_counter()
-    run = prepare_run(cfg)
+    run = _prepare_ranked(cfg)
     cfg = run.cfg
     run_dir = run.store.run_dir(run.name)
     redo = bool(cfg.get("force"))
@@ -391,8 +440,33 @@ def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None 
     compressor = build_method(cfg["method"]["name"], budget=run.budget, seed=cfg.get("seed", 0),
                               **(cfg["method"].get("params") or {}))
     lmm = ApetBenchLMM(adapter=adapter, compressor=compressor)
+    if not world().main:  # a worker rank of a data-parallel run: rank 0 gathers its samples and writes the run
+        _evaluate(run, lmm)
+        return RunOutcome(run.name, "worker", str(run_dir))
+    # lmms-eval writes its own files (submissions, aggregations) into this run's staging directory.
+    with run.store.open_run(run.name, force=redo) as w:
+        summary = _evaluate_and_write(run, lmm, adapter, w, choices=choices, t0=t0)
+    from apet_bench.wandb_logger import log_finished_run  # logger=wandb: one W&B run from run_dir (issue #7)
+
+    log_finished_run(cfg, run_dir)
+    return RunOutcome(run.name, "finished", str(run_dir), summary)
+
+
+def _evaluate_and_write(run: PreparedRun, lmm: Any, adapter: Any, w: Any, *, choices: dict[str, Any] | None,
+                        t0: float) -> dict[str, Any]:
+    """Evaluate with lmms-eval writing into the staging directory of ``w`` (a :class:`RunWriter`), then write
+    the run's files; returns the ``run.json`` summary."""
+    cfg = run.cfg
+    run_dir = run.store.run_dir(run.name).resolve()
     t_eval = time.perf_counter()
-    results = _evaluate(run, lmm)
+    results = _evaluate(run, lmm, output_dir=(w.staging / "lmms_eval").resolve())
+    # Files lmms-eval wrote (server-scored splits' submission files; there is then no local score), by the
+    # path they will have once the run is moved into place.
+    results["submission_files"] = sorted(str(run_dir / p.relative_to(w.staging))
+                                         for p in (w.staging / "lmms_eval").rglob("*") if p.is_file())
+    resolved = (results.get("config") or {}).get("resolved_cli_args")
+    if isinstance(resolved, dict) and "output_path" in resolved:
+        resolved["output_path"] = str(run_dir / "lmms_eval")
     eval_s = time.perf_counter() - t_eval
 
     task = run.prepared_task
@@ -437,39 +511,39 @@ def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None 
         "skipped_samples": sum(int(s.get("questions", 0)) for s in task.skipped),
         "visual_tokens_llm_mean": tokens["visual_tokens_llm_mean"],
         "layer_average_visual_tokens": tokens["layer_average_visual_tokens_mean"],
+        "uncompressed_samples": tokens["uncompressed_samples"],
         "weights": provenance.get("weights"),
         "random_weights": provenance.get("random_weights"),
         "device": provenance.get("device"),
         "attn_implementation": provenance.get("attn_implementation"),
         "attention_backends": _attention_summary(records),
+        # What the model received per task: the task's generation_kwargs with the config's gen_kwargs merged over them.
+        "generation_kwargs": dict(lmm.generation_kwargs),
+        "processes": world().size,  # data-parallel processes that shared the samples (torchrun --nproc_per_node)
         "eval_s": round(eval_s, 3),
         "wall_s": round(time.perf_counter() - t0, 3),
         "note": RANDOM_WEIGHTS_NOTE if provenance.get("random_weights") else None,
     }
-    with run.store.open_run(run.name, force=redo) as w:
-        w.write_text("config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)))
-        w.write_json("metrics.json", {
-            "task": task.task_name,
-            "metrics": metrics,
-            "lmms_eval_metrics": task_res,
-            "n_samples": results.get("n-samples", {}).get(task.task_name),
-            "skipped": task.skipped,
-            "skipped_samples": summary["skipped_samples"],
-            "subtasks": task.subtasks,
-            "missing_subtasks": task.missing_subtasks,
-            "data_source": task.source,
-            "protocol": protocol_record(cfg["benchmark"]),
-            "data_fingerprint": task.fingerprint,
-            "tokens": tokens,
-            "eval_s": summary["eval_s"],
-            "note": summary["note"],
-        })
-        w.write_jsonl("samples.jsonl", samples)
-        w.write_json("provenance.json", provenance)
-        w.write_json("lmms_eval/results.json", results)
-        summary["wall_s"] = round(time.perf_counter() - t0, 3)
-        w.write_json(RUN_MARKER, summary)
-    from apet_bench.wandb_logger import log_finished_run  # logger=wandb: one W&B run from run_dir (issue #7)
-
-    log_finished_run(cfg, run_dir)
-    return RunOutcome(run.name, "finished", str(run_dir), summary)
+    w.write_text("config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    w.write_json("metrics.json", {
+        "task": task.task_name,
+        "metrics": metrics,
+        "lmms_eval_metrics": task_res,
+        "n_samples": results.get("n-samples", {}).get(task.task_name),
+        "skipped": task.skipped,
+        "skipped_samples": summary["skipped_samples"],
+        "subtasks": task.subtasks,
+        "missing_subtasks": task.missing_subtasks,
+        "data_source": task.source,
+        "protocol": protocol_record(cfg["benchmark"]),
+        "data_fingerprint": task.fingerprint,
+        "tokens": tokens,
+        "eval_s": summary["eval_s"],
+        "note": summary["note"],
+    })
+    w.write_jsonl("samples.jsonl", samples)
+    w.write_json("provenance.json", provenance)
+    w.write_json("lmms_eval/results.json", results)
+    summary["wall_s"] = round(time.perf_counter() - t0, 3)
+    w.write_json(RUN_MARKER, summary)
+    return summary

@@ -136,7 +136,8 @@ def run_cell(cfg: DictConfig | dict, choices: dict | None = None):
         record_failure(plain, "failed", msg)
         return RunOutcome(label, "failed", "", {}, error=msg)
     verb = "skipped (already finished; force=true redoes it)" if outcome.status == "skipped" else "finished"
-    print(f"apet-bench: {outcome.name}: {verb} -> {outcome.run_dir}", flush=True)
+    if outcome.status != "worker":  # a data-parallel worker rank: rank 0 reports the run
+        print(f"apet-bench: {outcome.name}: {verb} -> {outcome.run_dir}", flush=True)
     return outcome
 
 

@@ -17,7 +17,7 @@ import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
@@ -86,6 +86,8 @@ class SampleRecord:
     planned_layer_visual_tokens: list[int] | None = None
     kv_cache_tokens: list[int] | None = None
     attention_backends: dict[str, Any] | None = None
+    #: The visual span was at or below the absolute budget: all visual tokens kept, method not applied.
+    uncompressed: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -129,6 +131,9 @@ class ApetBenchLMM(lmms):
         # cached model alone; the runner reuses it across methods.
         self._state = {"adapter": adapter, "compressor": compressor}
         self.records: list[SampleRecord] = []
+        #: task -> the generation kwargs its requests carried (the task's ``generation_kwargs`` with lmms-eval's
+        #: ``gen_kwargs`` overrides merged in), as received, before :func:`translate_gen_kwargs`.
+        self.generation_kwargs: dict[str, dict[str, Any]] = {}
         self.task_dict: dict[str, Any] = {}
 
     @staticmethod
@@ -164,8 +169,14 @@ class ApetBenchLMM(lmms):
     def device(self):
         return self.adapter.device
 
-    def generate_until(self, requests: list[Instance]) -> list[str]:
+    def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
         """Answer each request (batch size 1); records a :class:`SampleRecord` per request.
+
+        Returns lmms-eval's ``GenerationResult`` (``lmms_eval/api/instance.py``, 0.7.3) per request: the
+        answer with the measured ``TokenCounts``: ``input_tokens`` = tokens entering the LLM at prefill
+        (text + visual tokens after stage 1, :attr:`GenerationOutput.prompt_tokens`), ``output_tokens`` =
+        new tokens generated. lmms-eval logs them per sample (``token_counts``) and sums them in its
+        ``efficiency`` summary, as its own HF chat models do (``models/chat/async_hf_model.py``).
 
         Raises
         ------
@@ -174,7 +185,7 @@ class ApetBenchLMM(lmms):
         ValueError
             A request the model rejects (placeholders, image too small, budget), one line naming task and doc_id.
         """
-        answers: list[str] = []
+        answers: list[GenerationResult] = []
         method = self.compressor
         with method(self.adapter):
             for req in tqdm(requests, desc=f"apet-bench {self.adapter.name}/{method.name}", disable=self.rank != 0):
@@ -184,6 +195,7 @@ class ApetBenchLMM(lmms):
                 except Exception as exc:  # surfaced with the sample's identity
                     raise RuntimeError(f"cannot load visuals of {task} doc_id={doc_id}: {exc}") from exc
                 visuals = [v for v in (visuals or []) if v is not None]
+                self.generation_kwargs.setdefault(task, copy.deepcopy(dict(gen_kwargs or {})))
                 hf_kwargs, until = translate_gen_kwargs(copy.deepcopy(gen_kwargs))
                 try:
                     out = self.adapter.generate(visuals, contexts, hf_kwargs, method)
@@ -209,9 +221,11 @@ class ApetBenchLMM(lmms):
                         planned_layer_visual_tokens=getattr(out, "planned_layer_visual_tokens", None),
                         kv_cache_tokens=getattr(out, "kv_cache_tokens", None),
                         attention_backends=getattr(out, "attention_backends", None),
+                        uncompressed=bool(getattr(out, "uncompressed", False)),
                     )
                 )
-                answers.append(text)
+                answers.append(GenerationResult(text=text, token_counts=TokenCounts(
+                    input_tokens=int(out.prompt_tokens), output_tokens=len(out.output_ids))))
         return answers
 
     def records_as_dicts(self) -> list[dict[str, Any]]:

@@ -245,6 +245,22 @@ class TokenCompressor:
             finally:
                 self._adapter = None
 
+    @contextlib.contextmanager
+    def suspended(self, adapter: ModelAdapter) -> Iterator[None]:
+        """Take the method's hooks off ``adapter`` for one sample and put them back afterwards, keeping the
+        per-run state (no :meth:`reset`: random generators go on where they were). A no-op when the method
+        is not attached to ``adapter``. Used for a sample that is not compressed
+        (:func:`apet_bench.models.base.within_budget`)."""
+        if self._adapter is not adapter:
+            yield
+            return
+        self.remove_hooks()
+        self.detach(adapter)
+        try:
+            yield
+        finally:
+            self.attach(adapter)
+
     @property
     def is_active(self) -> bool:
         """Whether the method's context is open (``with method(adapter):``)."""

@@ -303,13 +303,23 @@ def check_attn_implementation(attn: str) -> str:
 def resolve_device(device: str) -> torch.device:
     """``auto`` -> ``cuda`` if available else ``cpu``; otherwise ``torch.device(device)``.
 
+    In a data-parallel run (``LOCAL_RANK`` set by ``torchrun`` / ``accelerate launch``) on a machine with
+    several GPUs, ``auto`` is the process's own GPU, ``cuda:<LOCAL_RANK>`` (as lmms-eval's HF models bind
+    ``cuda:{accelerator.local_process_index}``); ``LOCAL_RANK`` beyond the GPU count falls back to
+    ``cuda`` (the current device, e.g. one GPU per process under ``CUDA_VISIBLE_DEVICES``).
+
     Raises
     ------
     ModelConfigError
         For a string torch cannot parse, a device type other than cpu/cuda, or cuda without a GPU.
     """
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        local_rank = os.environ.get("LOCAL_RANK", "")
+        if local_rank.isdigit() and int(local_rank) < torch.cuda.device_count() and torch.cuda.device_count() > 1:
+            return torch.device(f"cuda:{int(local_rank)}")
+        return torch.device("cuda")
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
@@ -319,6 +329,21 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelConfigError(f"device {device!r} requested but CUDA is not available")
     return dev
+
+
+def within_budget(method: Any, visual_tokens: int) -> bool:
+    """Whether a visual input of ``visual_tokens`` visual tokens (its span before compression: an image's,
+    or a video's) fits ``method``'s absolute budget, so there is nothing to compress.
+
+    True for a compressing method (stage other than ``none``) with an int budget >= ``visual_tokens`` > 0.
+    A ratio budget always compresses. This arises with variable spans (LLaVA-NeXT's anyres span depends
+    on the image's size and aspect ratio; an image on Video-LLaVA, whose largest span is a video's); the
+    up-front check rejects only budgets above the model's largest span.
+    """
+    budget = getattr(method, "budget", None)
+    if getattr(method, "stage", "none") == "none" or isinstance(budget, bool) or not isinstance(budget, int):
+        return False
+    return 0 < int(visual_tokens) <= budget
 
 
 @dataclass
@@ -363,6 +388,9 @@ class GenerationOutput:
     attention_backends : dict or None
         Which attention backend every decoder layer and vision-tower attention module used, and the
         attention the method computed itself (:func:`apet_bench.attention.attention_backends`).
+    uncompressed : bool
+        True when the sample's visual span was at or below the method's absolute (int) budget, so it
+        kept all its visual tokens and the method was not applied (:func:`within_budget`).
     logits : tuple of torch.Tensor or None
         Per generated token, ``(batch_size, vocab_size)`` logits, when ``output_logits=True`` was in
         ``generate_kwargs``; left out of :meth:`to_dict`.
@@ -383,6 +411,7 @@ class GenerationOutput:
     num_images: int = 1
     attention_backends: dict[str, Any] | None = None
     logits: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
+    uncompressed: bool = False
 
     @property
     def mean_layer_visual_tokens(self) -> float:
@@ -1165,7 +1194,16 @@ class ModelAdapter:
         kwargs = self._generate_kwargs(generate_kwargs)
         visual_in = count_placeholders(inputs["input_ids"], self.visual_token_id, inputs.get("attention_mask"))
         kept: list[list[int]] | None = None
-        with torch.inference_mode(), method(self):
+        # The budget is per visual input (image or video): the sample is left whole when its largest one fits.
+        uncompressed = within_budget(method, visual_in)
+        if not uncompressed and len(images) > 1 and within_budget(method, 1):
+            uncompressed = within_budget(method, max(int(v.num_tokens) for v in self.visual_context.segments))
+        suspend = contextlib.nullcontext()
+        if uncompressed:  # the span fits the budget: all visual tokens kept, the method's hooks off for this sample
+            from apet_bench.methods.none import NoCompression
+
+            suspend, method = method.suspended(self), NoCompression()
+        with torch.inference_mode(), suspend, method(self):
             t0 = self._clock()
             preprocess_ms = (t0 - t_pre) * 1e3
             with contextlib.ExitStack() as stack:
@@ -1237,6 +1275,7 @@ class ModelAdapter:
             num_images=len(images),
             attention_backends=backends,
             logits=tuple(out.logits) if getattr(out, "logits", None) is not None else None,
+            uncompressed=uncompressed,
         )
 
 
