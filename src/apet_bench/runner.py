@@ -24,7 +24,7 @@ from apet_bench.budget import BudgetError, budget_to_tokens, validate_budget
 from apet_bench.config import ConfigError, check_available
 from apet_bench.results import RUN_MARKER, RunStore, collect_provenance, run_name
 
-__all__ = ["EvaluationError", "RunOutcome", "execute", "prepare_run"]
+__all__ = ["EvaluationError", "RunOutcome", "execute", "prepare_run", "run_identity", "run_dir_name", "identity_changes"]
 
 RANDOM_WEIGHTS_NOTE = "random-weight pipeline check: these scores are not accuracy numbers"
 
@@ -51,6 +51,7 @@ class PreparedRun:
     budget: int | float | None
     prepared_task: Any
     store: RunStore
+    identity: dict[str, Any] = field(default_factory=dict)
 
 
 _ADAPTER_CACHE: dict[str, Any] = {}
@@ -135,6 +136,93 @@ def model_label(model_cfg: dict[str, Any]) -> str:
     return label.replace("/", "_").replace("__", "_").replace(" ", "")
 
 
+def _canonical(obj: Any) -> Any:
+    """``obj`` as JSON would give it back (tuples -> lists, keys -> str), so identities compare equal."""
+    import json
+
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _short_hash(obj: Any, n: int = 8) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(_canonical(obj), sort_keys=True).encode()).hexdigest()[:n]
+
+
+def _changed_from_file(group: str, node: dict[str, Any]) -> dict[str, Any]:
+    """The keys (dotted) of a config-group node that differ from ``configs/<group>/<name>.yaml``."""
+    from apet_bench.config import config_dir
+
+    f = config_dir() / group / f"{node.get('name')}.yaml"
+    defaults = _flatten(OmegaConf.to_container(OmegaConf.load(f), resolve=False)) if f.is_file() else {}
+    current = _flatten(dict(node))
+    return {k: current[k] for k in sorted(current) if k not in defaults or current[k] != defaults[k]}
+
+
+def run_identity(cfg: dict[str, Any], budget: int | float | None, data_fingerprint: str | None) -> dict[str, Any]:
+    """Everything that can change a run's result, recorded in ``run.json: identity``.
+
+    The resolved model config (less ``local_path``, where the same weights are read from), the resolved
+    method config (every parameter), the resolved benchmark config (every key: protocol, judge,
+    metrics...), the budget, ``seed``, the generation settings ``gen_kwargs``, ``limit`` and the data
+    fingerprint of the converted task (content hash of the files read). A finished run is reused only
+    when its recorded identity equals the one requested (:func:`identity_changes`).
+    """
+    model = {k: v for k, v in cfg["model"].items() if k not in _MODEL_KEYS_NOT_IN_NAME}
+    return _canonical({
+        "model": model,
+        "method": cfg["method"],
+        "benchmark": cfg["benchmark"],
+        "budget": budget,
+        "seed": cfg.get("seed", 0),
+        "gen_kwargs": cfg.get("gen_kwargs") or {},
+        "limit": cfg.get("limit"),
+        "data_fingerprint": data_fingerprint,
+    })
+
+
+def run_dir_name(cfg: dict[str, Any], budget: int | float | None) -> str:
+    """Directory name of a run under ``runs/``: readable, and distinct for every variant one would keep
+    side by side.
+
+    ``<model_label>__<method_label>__<budget>__<benchmark>`` (:func:`model_label`, :func:`method_label`),
+    then ``-seed=N`` when ``seed`` is not 0, then ``-<hash8>`` (sha256 of the generation settings and the
+    benchmark keys that differ from ``configs/benchmark/<name>.yaml``) when either is set. ``limit`` and
+    the data fingerprint are not part of the name: a run with another limit or on changed data replaces
+    the one in place (it is rerun, not reused; see :func:`run_identity`).
+    """
+    name = run_name(model_label(cfg["model"]), method_label(cfg["method"]), budget, cfg["benchmark"]["name"])
+    seed = cfg.get("seed", 0)
+    if seed not in (0, None):
+        name += f"-seed={seed}"
+    rest = {"gen_kwargs": cfg.get("gen_kwargs") or {}, "benchmark": _changed_from_file("benchmark", cfg["benchmark"])}
+    if rest["gen_kwargs"] or rest["benchmark"]:
+        name += f"-{_short_hash(rest)}"
+    return name.replace("/", "_")
+
+
+def identity_changes(recorded: dict[str, Any] | None, requested: dict[str, Any]) -> list[str]:
+    """Why a finished run does not answer a request: one short phrase per differing identity key
+    (``"seed 0 -> 1"``, ``"data_fingerprint changed"``); empty when they are equal."""
+    if not isinstance(recorded, dict):
+        return ["the finished run records no identity (made by an older version)"]
+    out = []
+    for key in sorted(set(recorded) | set(requested)):
+        a, b = recorded.get(key), requested.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            fa, fb = _flatten(a), _flatten(b)
+            keys = [k for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+            out.append(f"{key}.{{{', '.join(keys)}}} changed" if keys else f"{key} changed")
+        elif len(repr(a)) + len(repr(b)) < 60:
+            out.append(f"{key} {a!r} -> {b!r}")
+        else:
+            out.append(f"{key} changed")
+    return out
+
+
 def prepare_run(cfg: DictConfig | dict[str, Any]) -> PreparedRun:
     """Validate a composed config and prepare its benchmark data; writes nothing under results/.
 
@@ -181,12 +269,14 @@ def prepare_run(cfg: DictConfig | dict[str, Any]) -> PreparedRun:
         raise ConfigError(f"limit {limit!r} is invalid (use a positive integer or null)")
     cfg["data_root"] = _resolve_path(cfg.get("data_root"))
     cfg["cache_dir"] = _resolve_path(cfg.get("cache_dir")) or str(Path("~/.cache/apet_bench").expanduser())
-    name = run_name(model_label(cfg["model"]), method_label(cfg["method"]), budget, cfg["benchmark"]["name"])
+    name = run_dir_name(cfg, budget)
     prepared = prepare_benchmark(
         cfg["benchmark"], data_root=cfg["data_root"], cache_dir=cfg["cache_dir"],
         on_corrupt_image=cfg["on_corrupt_image"],
     )
-    return PreparedRun(cfg=cfg, name=name, budget=budget, prepared_task=prepared, store=RunStore(cfg["results_dir"]))
+    identity = run_identity(cfg, budget, getattr(prepared, "fingerprint", None))
+    return PreparedRun(cfg=cfg, name=name, budget=budget, prepared_task=prepared, store=RunStore(cfg["results_dir"]),
+                       identity=identity)
 
 
 def _set_verbosity(level: str) -> None:
@@ -290,14 +380,6 @@ def _attention_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     return first
 
 
-def _covers(done_limit: int | None, wanted_limit: int | None) -> bool:
-    """Whether a finished run made with ``limit=done_limit`` answers a request for ``wanted_limit``
-    (``None`` = every sample): a full run covers any request, a limited one only smaller limits."""
-    if done_limit is None:
-        return True
-    return wanted_limit is not None and int(wanted_limit) <= int(done_limit)
-
-
 def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None = None) -> RunOutcome:
     """Run one configuration end to end, or skip it when already finished.
 
@@ -319,19 +401,59 @@ def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None 
     EvaluationError
         lmms-eval failed or produced an incomplete result; nothing is written.
     """
+    t0 = time.perf_counter()
+    run = prepare_run(cfg)
+    cfg = run.cfg
+    check_before_loading(run)
+    with run.store.lock(run.name, on_wait=lambda msg: print(f"apet-bench: {msg}", file=sys.stderr, flush=True)):
+        return _execute_locked(run, choices, t0)
+
+
+def check_before_loading(run: PreparedRun) -> None:
+    """Checks that would otherwise fail only after the evaluation: ``results_dir`` writable, a sample
+    count the benchmark can score (MME pairs), the judge endpoint of a judged benchmark reachable.
+
+    Raises
+    ------
+    apet_bench.config.ConfigError
+        One line naming the bad value.
+    """
+    import tempfile
+
+    runs = run.store.runs_dir
+    try:
+        runs.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=runs, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"results_dir {str(run.store.results_dir)!r} is not writable ({exc.strerror or exc})") from None
+    cfg = run.cfg
+    limit = cfg.get("limit")
+    if cfg["benchmark"].get("converter") == "mme" and limit is not None and limit % 2:
+        raise ConfigError(f"limit {limit} is odd: MME scores question pairs (two per image), use an even limit")
+    if cfg["benchmark"].get("scoring") == "judge":
+        from apet_bench.judge import JudgeConfig, check_endpoint
+
+        check_endpoint(JudgeConfig.from_mapping(cfg["benchmark"].get("judge") or {}))
+
+
+def _execute_locked(run: PreparedRun, choices: dict[str, Any] | None, t0: float) -> RunOutcome:
+    """The part of :func:`execute` done while holding the run's lock (:meth:`RunStore.lock`)."""
     from apet_bench.eval.lmms_model import ApetBenchLMM
     from apet_bench.methods import build_method
 
-    t0 = time.perf_counter()
-    run = prepare_run(cfg)
     cfg = run.cfg
     run_dir = run.store.run_dir(run.name)
     redo = bool(cfg.get("force"))
     if run.store.is_finished(run.name) and not redo:
         summary = run.store.load(run.name)
-        if _covers(summary.get("limit"), cfg.get("limit")):
+        changes = identity_changes(summary.get("identity"), run.identity)
+        if not changes:
             return RunOutcome(run.name, "skipped", str(run_dir), summary)
-        redo = True  # the finished run scored fewer samples than asked for: redo and replace it
+        # The finished run answers another request (other seed, data, limit, ...): rerun and replace it.
+        print(f"apet-bench: {run.name}: the finished run differs from this request ({'; '.join(changes)}); "
+              f"running it again", file=sys.stderr, flush=True)
+        redo = True
 
     adapter = _load_adapter(cfg["model"])
     compressor = build_method(cfg["method"]["name"], budget=run.budget, seed=cfg.get("seed", 0),
@@ -370,6 +492,8 @@ def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None 
         "metrics": {m: metrics.get(m) for m in (cfg["benchmark"].get("metrics") or metrics)},
         "num_samples": len(samples),
         "limit": cfg.get("limit"),
+        "identity": run.identity,
+        "identity_hash": _short_hash(run.identity, 16),
         "skipped_samples": sum(int(s.get("questions", 0)) for s in task.skipped),
         "visual_tokens_llm_mean": tokens["visual_tokens_llm_mean"],
         "layer_average_visual_tokens": tokens["layer_average_visual_tokens_mean"],
@@ -382,7 +506,7 @@ def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None 
         "wall_s": round(time.perf_counter() - t0, 3),
         "note": RANDOM_WEIGHTS_NOTE if provenance.get("random_weights") else None,
     }
-    with run.store.open_run(run.name, force=redo) as w:
+    with run.store.open_run(run.name, force=redo, locked=True) as w:
         w.write_text("config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)))
         w.write_json("metrics.json", {
             "task": task.task_name,

@@ -1,0 +1,164 @@
+"""A finished run is reused only for the request that produced it; runs of one identity never race;
+checks that would fail after the evaluation come before the model loads; stale staging directories
+are judged safely on a file system shared by several hosts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from apet_bench.config import ConfigError, compose
+from apet_bench.results import RunStore
+from apet_bench.runner import execute
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_BENCH = Path(os.environ.get("APET_BENCH_TEST_DATA_ROOT", REPO.parent / "shared" / "benchmarks"))
+needs_mme = pytest.mark.skipif(not (SHARED_BENCH / "mme").is_dir(), reason=f"no MME data at {SHARED_BENCH}")
+
+
+def cfg_for(tmp_path, *overrides):
+    return compose([f"results_dir={tmp_path / 'results'}", f"cache_dir={tmp_path / 'cache'}", "limit=2", *overrides])
+
+
+def _no_model_load(monkeypatch):
+    from apet_bench import runner
+
+    def refuse(model_cfg):
+        raise AssertionError("the model was loaded before the check")
+
+    monkeypatch.setattr(runner, "_load_adapter", refuse)
+
+
+def test_seeds_and_generation_settings_are_separate_runs(tmp_path):
+    a = execute(cfg_for(tmp_path, "method=random", "seed=0"))
+    b = execute(cfg_for(tmp_path, "method=random", "seed=1"))
+    assert a.status == b.status == "finished" and a.name != b.name and "seed=1" in b.name
+    assert json.loads((Path(b.run_dir) / "run.json").read_text())["identity"]["seed"] == 1
+    c = execute(cfg_for(tmp_path, "method=random", "seed=1", "+gen_kwargs.max_new_tokens=2"))
+    assert c.status == "finished" and c.name not in (a.name, b.name)
+    assert execute(cfg_for(tmp_path, "method=random", "seed=1")).status == "skipped"
+    names = sorted(d.name for d in (tmp_path / "results" / "runs").iterdir() if not d.name.startswith("."))
+    assert names == sorted([a.name, b.name, c.name])
+
+
+def test_a_run_without_matching_identity_is_rerun_and_says_why(tmp_path, capsys):
+    first = execute(cfg_for(tmp_path, "method=random"))
+    run_json = Path(first.run_dir) / "run.json"
+    rec = json.loads(run_json.read_text())
+    rec["identity"]["method"]["params"]["stage"] = "edited"  # as if made by another request
+    run_json.write_text(json.dumps(rec))
+    again = execute(cfg_for(tmp_path, "method=random"))
+    assert again.status == "finished" and again.name == first.name
+    assert "method.{params.stage} changed" in capsys.readouterr().err
+    assert execute(cfg_for(tmp_path, "method=random")).status == "skipped"
+
+
+@needs_mme
+def test_changed_data_file_reruns_instead_of_reusing(tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(SHARED_BENCH / "mme" / "text_translation", root / "mme" / "text_translation")
+    shutil.copytree(SHARED_BENCH / "mme_ground_truth", root / "mme_ground_truth")
+    args = ("benchmark=mme", f"data_root={root}", "method=none")
+    first = execute(cfg_for(tmp_path, *args))
+    assert first.status == "finished" and execute(cfg_for(tmp_path, *args)).status == "skipped"
+    qa = sorted((root / "mme" / "text_translation").glob("*.txt"))[0]
+    qa.write_text(qa.read_text(encoding="utf-8").replace("Yes", "No", 1), encoding="utf-8")
+    second = execute(cfg_for(tmp_path, *args))
+    assert second.status == "finished" and second.name == first.name
+    assert "data_fingerprint changed" in capsys.readouterr().err
+    assert second.summary["identity"]["data_fingerprint"] != first.summary["identity"]["data_fingerprint"]
+
+
+def _run_py(tmp_path, *args, env=None):
+    e = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+         "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "run.py"), f"results_dir={tmp_path / 'results'}",
+         f"cache_dir={tmp_path / 'cache'}", *args],
+        cwd=tmp_path, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_identical_runs_at_once_both_exit_0_with_one_result(tmp_path):
+    args = ("model=tiny_llava15", "method=random", "benchmark=demo", "limit=2")
+    procs = [_run_py(tmp_path, *args) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    said = " ".join(o[0] for o in outs)
+    assert "finished" in said and "skipped" in said  # one evaluated, the other reused its result
+    runs = [d.name for d in (tmp_path / "results" / "runs").iterdir() if not d.name.startswith(".")]
+    assert runs == ["tiny_llava15__random__64__demo"]
+
+
+def test_lock_waits_for_the_holder(tmp_path):
+    store = RunStore(tmp_path)
+    from apet_bench.results import RunLockTimeout
+
+    waits = []
+    with store.lock("a__b__1__c"):
+        # filelock locks are per process on flock; a second FileLock object in this process re-enters,
+        # so the contention is checked from a child process
+        code = ("import sys; from apet_bench.results import RunStore, RunLockTimeout\n"
+                f"s = RunStore({str(tmp_path)!r})\n"
+                "try:\n"
+                "    with s.lock('a__b__1__c', timeout_s=0.5, on_wait=print): pass\n"
+                "except RunLockTimeout as e: print('timeout', e); sys.exit(3)\n")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3 and "another process" in r.stdout, r.stdout + r.stderr
+    with store.lock("a__b__1__c", timeout_s=0.5, on_wait=waits.append):
+        pass
+    assert waits == [] and RunLockTimeout
+
+
+def test_unwritable_results_dir_fails_before_loading(tmp_path, monkeypatch):
+    _no_model_load(monkeypatch)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match="is not writable"):
+        execute(compose([f"results_dir={blocker / 'results'}", f"cache_dir={tmp_path / 'cache'}", "method=random"]))
+
+
+@needs_mme
+def test_odd_mme_limit_fails_before_loading(tmp_path, monkeypatch):
+    _no_model_load(monkeypatch)
+    with pytest.raises(ConfigError, match="limit 3 is odd"):
+        execute(cfg_for(tmp_path, "benchmark=mme", f"data_root={SHARED_BENCH}", "limit=3"))
+
+
+@pytest.mark.skipif(not (SHARED_BENCH / "tgif_qa").is_dir(), reason=f"no TGIF-QA data at {SHARED_BENCH}")
+def test_down_judge_fails_before_loading(tmp_path, monkeypatch):
+    from apet_bench.judge import JudgeError
+
+    _no_model_load(monkeypatch)
+    with pytest.raises(JudgeError, match="127.0.0.1:9/v1 is not reachable"):
+        execute(cfg_for(tmp_path, "model=tiny_video_llava", "method=none", "benchmark=tgif_qa_judged",
+                        f"data_root={SHARED_BENCH}", "benchmark.judge.base_url=http://127.0.0.1:9/v1"))
+
+
+def test_stale_staging_is_judged_per_host(tmp_path, monkeypatch):
+    from apet_bench import results
+
+    store = RunStore(tmp_path)
+    store.runs_dir.mkdir(parents=True)
+    dead = 2 ** 22 + 12345  # above pid_max's default: no process has it
+    here = results._host_tag()
+    mine_dead = store.runs_dir / f".tmp-m__x__1__b-{here}-{dead}-abc123"
+    other_host = store.runs_dir / f".tmp-m__x__1__b-othernode-{dead}-abc124"
+    other_run = store.runs_dir / f".tmp-m__y__1__b-othernode-{dead}-abc125"
+    for d in (mine_dead, other_host, other_run):
+        d.mkdir()
+    # a PID is meaningful only on its own host: another node's run in progress is kept
+    assert store.clean_stale() == [mine_dead]
+    assert other_host.is_dir() and other_run.is_dir()
+    # whoever holds the run's lock knows nobody else is writing that run, on any host
+    with store.lock("m__x__1__b"):
+        assert store.clean_stale(locked_name="m__x__1__b") == [other_host]
+    assert other_run.is_dir()
+    with store.open_run("m__x__1__b") as w:
+        assert here in w.staging.name
+        w.write_json("run.json", {"status": "complete"})
