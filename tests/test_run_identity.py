@@ -162,3 +162,57 @@ def test_stale_staging_is_judged_per_host(tmp_path, monkeypatch):
     with store.open_run("m__x__1__b") as w:
         assert here in w.staging.name
         w.write_json("run.json", {"status": "complete"})
+
+
+def test_killed_run_resumes_at_k_and_matches_an_uninterrupted_run(tmp_path):
+    """A run killed (SIGKILL) after k=2 answered samples continues at sample 2; the finished run equals
+    one made without interruption (answers, kept visual tokens, metrics)."""
+    args = ["method=random", "limit=4"]
+    killed = tmp_path / "killed"
+    code = (
+        "import os, signal, sys\n"
+        "from apet_bench.config import compose\n"
+        "from apet_bench import runner\n"
+        f"cfg = compose([{f'results_dir={killed / 'results'}'!r}, {f'cache_dir={tmp_path / 'cache'}'!r}, *{args!r}])\n"
+        "adapter = runner._load_adapter(dict(cfg.model))\n"
+        "orig, n = adapter.generate, [0]\n"
+        "def gen(*a, **k):\n"
+        "    n[0] += 1\n"
+        "    if n[0] == 3:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return orig(*a, **k)\n"
+        "adapter.generate = gen\n"
+        "runner.execute(cfg)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    assert not [d for d in (killed / "results" / "runs").iterdir() if not d.name.startswith(".")]
+    (partial,) = (killed / "results" / "partial").glob("*.jsonl")
+    assert len(partial.read_text().splitlines()) == 2
+
+    from apet_bench import runner
+
+    calls = []
+    adapter = runner._load_adapter(dict(compose(args).model))
+    orig = adapter.generate
+
+    def counting(*a, **k):
+        calls.append(1)
+        return orig(*a, **k)
+
+    adapter.generate = counting
+    try:
+        resumed = execute(compose([f"results_dir={killed / 'results'}", f"cache_dir={tmp_path / 'cache'}", *args]))
+        n_resumed = len(calls)
+        plain = execute(compose([f"results_dir={tmp_path / 'plain'}", f"cache_dir={tmp_path / 'cache'}", *args]))
+    finally:
+        adapter.generate = orig
+    assert n_resumed == 2 and resumed.summary["resumed_samples"] == 2 and not partial.exists()
+
+    def content(out):
+        rows = [json.loads(x) for x in (Path(out.run_dir) / "samples.jsonl").read_text().splitlines()]
+        keep = ("doc_id", "resps", "filtered_resps", "kept_indices", "visual_tokens_llm", "layer_visual_tokens")
+        return [{k: r.get(k) for k in keep} for r in rows], json.loads((Path(out.run_dir) / "metrics.json").read_text())["metrics"]
+
+    assert content(resumed) == content(plain)

@@ -39,7 +39,7 @@ from typing import Any
 
 from apet_bench.budget import budget_label
 
-__all__ = ["RunStore", "RunWriter", "RunLockTimeout", "collect_provenance", "run_name", "RUN_MARKER"]
+__all__ = ["RunStore", "RunWriter", "RunLockTimeout", "SampleStore", "collect_provenance", "run_name", "RUN_MARKER"]
 
 RUN_MARKER = "run.json"
 _STAGING_PREFIX = ".tmp-"
@@ -97,6 +97,53 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class SampleStore:
+    """Answers of a run in progress, one JSON line per sample, appended and fsynced as each sample
+    finishes, so a run killed after k samples resumes at sample k.
+
+    Lives at ``<results_dir>/partial/<run name>-<identity hash>.jsonl`` (outside ``runs/``; keyed by the
+    run's identity, so a request with other settings never reads it) and is deleted when the run commits.
+    A torn last line (killed mid-write) is ignored.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._done: dict[str, dict[str, Any]] = {}
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                    self._done[row["key"]] = row
+                except (ValueError, KeyError, TypeError):
+                    continue
+
+    @staticmethod
+    def _key(task: str, doc_id: Any) -> str:
+        return f"{task}/{int(doc_id)}"
+
+    def __len__(self) -> int:
+        return len(self._done)
+
+    def get(self, task: str, doc_id: Any) -> dict[str, Any] | None:
+        """``{"answer", "record"}`` of a finished sample, or None."""
+        return self._done.get(self._key(task, doc_id))
+
+    def add(self, task: str, doc_id: Any, answer: str, record: Mapping[str, Any]) -> None:
+        row = {"key": self._key(task, doc_id), "answer": answer, "record": dict(record)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row, default=_json_default, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self._done[row["key"]] = row
+
+    def remove(self) -> None:
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
 
 
 class RunWriter:

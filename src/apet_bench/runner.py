@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from apet_bench.budget import BudgetError, budget_to_tokens, validate_budget
 from apet_bench.config import ConfigError, check_available
-from apet_bench.results import RUN_MARKER, RunStore, collect_provenance, run_name
+from apet_bench.results import RUN_MARKER, RunStore, SampleStore, collect_provenance, run_name
 
 __all__ = ["EvaluationError", "RunOutcome", "execute", "prepare_run", "run_identity", "run_dir_name", "identity_changes"]
 
@@ -418,6 +418,15 @@ def check_before_loading(run: PreparedRun) -> None:
     apet_bench.config.ConfigError
         One line naming the bad value.
     """
+    cfg = run.cfg
+    limit = cfg.get("limit")
+    if cfg["benchmark"].get("converter") == "mme" and limit is not None and limit % 2:
+        raise ConfigError(f"limit {limit} is odd: MME scores question pairs (two per image), use an even limit")
+    if cfg["benchmark"].get("scoring") == "judge":
+        from apet_bench.judge import JudgeConfig, check_endpoint
+
+        check_endpoint(JudgeConfig.from_mapping(cfg["benchmark"].get("judge") or {}))
+
     import tempfile
 
     runs = run.store.runs_dir
@@ -427,14 +436,6 @@ def check_before_loading(run: PreparedRun) -> None:
             pass
     except OSError as exc:
         raise ConfigError(f"results_dir {str(run.store.results_dir)!r} is not writable ({exc.strerror or exc})") from None
-    cfg = run.cfg
-    limit = cfg.get("limit")
-    if cfg["benchmark"].get("converter") == "mme" and limit is not None and limit % 2:
-        raise ConfigError(f"limit {limit} is odd: MME scores question pairs (two per image), use an even limit")
-    if cfg["benchmark"].get("scoring") == "judge":
-        from apet_bench.judge import JudgeConfig, check_endpoint
-
-        check_endpoint(JudgeConfig.from_mapping(cfg["benchmark"].get("judge") or {}))
 
 
 def _execute_locked(run: PreparedRun, choices: dict[str, Any] | None, t0: float) -> RunOutcome:
@@ -459,6 +460,14 @@ def _execute_locked(run: PreparedRun, choices: dict[str, Any] | None, t0: float)
     compressor = build_method(cfg["method"]["name"], budget=run.budget, seed=cfg.get("seed", 0),
                               **(cfg["method"].get("params") or {}))
     lmm = ApetBenchLMM(adapter=adapter, compressor=compressor)
+    store = SampleStore(run.store.results_dir / "partial" / f"{run.name}-{_short_hash(run.identity, 16)}.jsonl")
+    if redo and bool(cfg.get("force")):
+        store.remove()  # force=true: nothing is reused, not even samples of an interrupted attempt
+        store = SampleStore(store.path)
+    elif len(store):
+        print(f"apet-bench: {run.name}: resuming, {len(store)} sample(s) already answered in {store.path}",
+              file=sys.stderr, flush=True)
+    lmm.sample_store = store
     t_eval = time.perf_counter()
     results = _evaluate(run, lmm)
     eval_s = time.perf_counter() - t_eval
@@ -527,7 +536,9 @@ def _execute_locked(run: PreparedRun, choices: dict[str, Any] | None, t0: float)
         w.write_json("provenance.json", provenance)
         w.write_json("lmms_eval/results.json", results)
         summary["wall_s"] = round(time.perf_counter() - t0, 3)
+        summary["resumed_samples"] = lmm.resumed
         w.write_json(RUN_MARKER, summary)
+    store.remove()
     from apet_bench.wandb_logger import log_finished_run  # logger=wandb: one W&B run from run_dir (issue #7)
 
     log_finished_run(cfg, run_dir)

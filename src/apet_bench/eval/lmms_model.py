@@ -129,6 +129,9 @@ class ApetBenchLMM(lmms):
         # cached model alone; the runner reuses it across methods.
         self._state = {"adapter": adapter, "compressor": compressor}
         self.records: list[SampleRecord] = []
+        #: Optional per-sample store (:class:`apet_bench.results.SampleStore`): answers kept across a kill.
+        self.sample_store: Any = None
+        self.resumed = 0
         self.task_dict: dict[str, Any] = {}
 
     @staticmethod
@@ -179,6 +182,13 @@ class ApetBenchLMM(lmms):
         with method(self.adapter):
             for req in tqdm(requests, desc=f"apet-bench {self.adapter.name}/{method.name}", disable=self.rank != 0):
                 contexts, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
+                method.start_sample(int(doc_id))
+                done = self.sample_store.get(task, doc_id) if self.sample_store is not None else None
+                if done is not None:  # answered before the previous process was stopped
+                    self.records.append(SampleRecord(**done["record"]))
+                    answers.append(done["answer"])
+                    self.resumed += 1
+                    continue
                 try:
                     visuals = doc_to_visual(self.task_dict[task][split][doc_id])
                 except Exception as exc:  # surfaced with the sample's identity
@@ -212,6 +222,8 @@ class ApetBenchLMM(lmms):
                     )
                 )
                 answers.append(text)
+                if self.sample_store is not None:
+                    self.sample_store.add(task, doc_id, text, asdict(self.records[-1]))
         return answers
 
     def records_as_dicts(self) -> list[dict[str, Any]]:
