@@ -173,7 +173,7 @@ def test_killed_run_resumes_at_k_and_matches_an_uninterrupted_run(tmp_path):
         "import os, signal, sys\n"
         "from apet_bench.config import compose\n"
         "from apet_bench import runner\n"
-        f"cfg = compose([{f'results_dir={killed / 'results'}'!r}, {f'cache_dir={tmp_path / 'cache'}'!r}, *{args!r}])\n"
+        f"cfg = compose([{'results_dir=' + str(killed / 'results')!r}, {'cache_dir=' + str(tmp_path / 'cache')!r}, *{args!r}])\n"
         "adapter = runner._load_adapter(dict(cfg.model))\n"
         "orig, n = adapter.generate, [0]\n"
         "def gen(*a, **k):\n"

@@ -5,7 +5,7 @@ and moved into place with one ``os.replace`` after its last file (``run.json``) 
 directory under ``runs/`` that does not start with ``.`` is always complete. An interrupted run
 leaves only a staging directory. It is removed later only when that is safe on a file system shared
 by several hosts: by a process on the same host once the owning PID is gone, or by the process that
-holds the run's lock (:meth:`RunStore.lock`, ``runs/.lock-<name>``: no other process can be writing
+holds the run's lock (:meth:`RunStore.lock`, ``<results_dir>/.locks/<name>.lock``: no other process can be writing
 that run then). Staging directories of other hosts are otherwise left alone. Aggregators read only
 directories holding ``run.json``.
 
@@ -44,7 +44,6 @@ __all__ = ["RunStore", "RunWriter", "RunLockTimeout", "SampleStore", "collect_pr
 RUN_MARKER = "run.json"
 _STAGING_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
-_LOCK_PREFIX = ".lock-"
 
 
 class RunLockTimeout(TimeoutError):
@@ -249,11 +248,12 @@ class RunStore:
         return removed
 
     def lock_path(self, name: str) -> Path:
-        return self.runs_dir / f"{_LOCK_PREFIX}{name}"
+        """``<results_dir>/.locks/<name>.lock`` (outside ``runs/``, which holds only runs)."""
+        return self.results_dir / ".locks" / f"{name}.lock"
 
     @contextmanager
     def lock(self, name: str, *, timeout_s: float = -1, on_wait: Any = None) -> Iterator[None]:
-        """Hold the lock of run ``name`` (``runs/.lock-<name>``, a ``filelock.FileLock``: POSIX
+        """Hold the lock of run ``name`` (:meth:`lock_path`, a ``filelock.FileLock``: POSIX
         ``flock``, which also works across hosts on NFS) while checking, evaluating and committing it.
 
         ``on_wait(message)`` is called once when another process holds it; ``timeout_s < 0`` waits
@@ -262,7 +262,7 @@ class RunStore:
         """
         from filelock import FileLock, Timeout
 
-        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.lock_path(name).parent.mkdir(parents=True, exist_ok=True)
         lk = FileLock(str(self.lock_path(name)))
         try:
             lk.acquire(timeout=0)

@@ -182,7 +182,8 @@ class ApetBenchLMM(lmms):
         with method(self.adapter):
             for req in tqdm(requests, desc=f"apet-bench {self.adapter.name}/{method.name}", disable=self.rank != 0):
                 contexts, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
-                method.start_sample(int(doc_id))
+                if hasattr(method, "start_sample"):  # re-seed per sample (TokenCompressor.start_sample)
+                    method.start_sample(int(doc_id))
                 done = self.sample_store.get(task, doc_id) if self.sample_store is not None else None
                 if done is not None:  # answered before the previous process was stopped
                     self.records.append(SampleRecord(**done["record"]))
