@@ -67,8 +67,8 @@ def test_changed_data_file_reruns_instead_of_reusing(tmp_path, capsys):
     args = ("benchmark=mme", f"data_root={root}", "method=none")
     first = execute(cfg_for(tmp_path, *args))
     assert first.status == "finished" and execute(cfg_for(tmp_path, *args)).status == "skipped"
-    qa = sorted((root / "mme" / "text_translation").glob("*.txt"))[0]
-    qa.write_text(qa.read_text(encoding="utf-8").replace("Yes", "No", 1), encoding="utf-8")
+    image = sorted((root / "mme" / "text_translation").glob("*.png"))[0]
+    image.write_bytes(image.read_bytes() + b"\0")  # another file (PNG readers ignore bytes after IEND)
     second = execute(cfg_for(tmp_path, *args))
     assert second.status == "finished" and second.name == first.name
     assert "data_fingerprint changed" in capsys.readouterr().err
@@ -174,7 +174,8 @@ def test_killed_run_resumes_at_k_and_matches_an_uninterrupted_run(tmp_path):
         "from apet_bench.config import compose\n"
         "from apet_bench import runner\n"
         f"cfg = compose([{'results_dir=' + str(killed / 'results')!r}, {'cache_dir=' + str(tmp_path / 'cache')!r}, *{args!r}])\n"
-        "adapter = runner._load_adapter(dict(cfg.model))\n"
+        "from omegaconf import OmegaConf\n"
+        "adapter = runner._load_adapter(OmegaConf.to_container(cfg.model, resolve=True))\n"
         "orig, n = adapter.generate, [0]\n"
         "def gen(*a, **k):\n"
         "    n[0] += 1\n"
@@ -194,7 +195,9 @@ def test_killed_run_resumes_at_k_and_matches_an_uninterrupted_run(tmp_path):
     from apet_bench import runner
 
     calls = []
-    adapter = runner._load_adapter(dict(compose(args).model))
+    from omegaconf import OmegaConf
+
+    adapter = runner._load_adapter(OmegaConf.to_container(compose(args).model, resolve=True))
     orig = adapter.generate
 
     def counting(*a, **k):
