@@ -28,8 +28,32 @@ from apet_bench.config import GROUPS, ConfigError, check_group_overrides, config
 
 
 def _fail(prefix: str, exc: BaseException, code: int) -> None:
-    print(f"apet-bench: {prefix}: {exc}", file=sys.stderr, flush=True)
+    from apet_bench.cli import fail
+
+    if prefix == "error":
+        _drop_hydra_output_dir()
+        fail(exc, code)
+    print(f"apet-bench: {prefix}: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def _drop_hydra_output_dir() -> None:
+    """Remove the ``results_dir/hydra/<date>/<time>/`` directory Hydra made for a job ended by bad input
+    (it holds only Hydra's copy of the config and an empty log), and its date directory when empty."""
+    import shutil
+    from pathlib import Path
+
+    try:
+        out = Path(HydraConfig.get().runtime.output_dir)
+    except Exception:  # no Hydra job (bad input found before Hydra ran)
+        return
+    if out.is_dir() and out.parent.parent.name == "hydra":
+        shutil.rmtree(out, ignore_errors=True)
+        for d in (out.parent, out.parent.parent):
+            try:
+                d.rmdir()  # only when empty
+            except OSError:
+                break
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
@@ -89,4 +113,6 @@ if __name__ == "__main__":
         check_group_overrides([a for a in sys.argv[1:] if not a.startswith("-")])
     except ConfigError as exc:
         _fail("error", exc, 2)
-    main()
+    from apet_bench.cli import run_hydra
+
+    run_hydra(main)

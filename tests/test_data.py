@@ -258,7 +258,7 @@ def test_data_root_errors(tmp_path):
         prepare_benchmark(MME_CFG, data_root=str(empty), cache_dir=str(tmp_path / "c"))
     with pytest.raises(DataError, match="no MME release layout"):
         prepare_benchmark(MME_CFG, data_root=str(tmp_path), cache_dir=str(tmp_path / "c"))
-    with pytest.raises(DataError, match="data_root is None"):
+    with pytest.raises(DataError, match="data_root is not set.*APET_BENCH_DATA_ROOT"):
         prepare_benchmark(MME_CFG, data_root=None, cache_dir=str(tmp_path / "c"))
 
 

@@ -12,6 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import make_image
+from omegaconf import OmegaConf
+from test_model_matrix import get_adapter
+from test_stage2 import count_hooks
+
 from apet_bench.baselines.fastv import (
     FastV,
     ModelFacts,
@@ -19,11 +24,6 @@ from apet_bench.baselines.fastv import (
     model_facts,
     scale_layers,
 )
-from conftest import make_image
-from omegaconf import OmegaConf
-from test_model_matrix import get_adapter
-from test_stage2 import count_hooks
-
 from apet_bench.budget import BudgetError
 from apet_bench.config import compose
 from apet_bench.methods import build_method

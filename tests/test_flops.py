@@ -147,7 +147,7 @@ def test_qwen_vanilla_and_apet_variants():
 def test_cli_bad_input_one_line(capsys, argv, needle):
     assert flops.main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert len(err.splitlines()) == 1 and err.startswith("apet-bench: error: ")
     assert needle in err
 
 

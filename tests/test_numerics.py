@@ -19,13 +19,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+
+from apet_bench.apet import apet_compress, fps, merge_dropped, select_basis
+from apet_bench.attention import attention_rows
 from apet_bench.baselines.fastv import FastV
 from apet_bench.baselines.pdrop import PyramidDrop
 from apet_bench.baselines.sparsevlm import rater_scores
 from apet_bench.baselines.visionzip import cls_attention_row
-
-from apet_bench.apet import apet_compress, fps, merge_dropped, select_basis
-from apet_bench.attention import attention_rows
 from apet_bench.config import compose
 from apet_bench.methods import available_methods, build_method
 

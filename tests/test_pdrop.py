@@ -10,6 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_image
+from omegaconf import OmegaConf
+
+# Shared with the FastV tests: tiny models loaded once per session, fake 32-/28-layer adapters, a clip.
+from test_fastv import GEN, MODELS, REPO, SHARED, Q, adapter_for, clip, fake_adapter  # noqa: E402,F401
+from test_stage2 import count_hooks
+
 from apet_bench.baselines.fastv import model_facts
 from apet_bench.baselines.pdrop import (
     OFFICIAL_LAMBDA,
@@ -20,13 +27,6 @@ from apet_bench.baselines.pdrop import (
     solve_lambda,
     stage_counts,
 )
-from conftest import make_image
-from omegaconf import OmegaConf
-
-# Shared with the FastV tests: tiny models loaded once per session, fake 32-/28-layer adapters, a clip.
-from test_fastv import GEN, MODELS, REPO, SHARED, Q, adapter_for, clip, fake_adapter  # noqa: E402,F401
-from test_stage2 import count_hooks
-
 from apet_bench.budget import BudgetError
 from apet_bench.config import compose
 from apet_bench.methods import build_method

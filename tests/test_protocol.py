@@ -282,9 +282,10 @@ def test_pope_run_reports_both_parsers_and_sample_ids(tmp_path):
     by a stable sample id (<category>/<question_id>) with the category."""
     import math
 
+    from test_benchmarks import _mini_pope
+
     from apet_bench.config import compose
     from apet_bench.runner import execute
-    from test_benchmarks import _mini_pope
 
     root = tmp_path / "root"
     _mini_pope(root)

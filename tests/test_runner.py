@@ -44,12 +44,11 @@ def test_mme_random_64_end_to_end_then_skip(tmp_path):
     again = execute(cfg)
     assert again.status == "skipped" and (run_dir / "run.json").stat().st_mtime_ns == before
     assert run["limit"] == 40
-    # a smaller limit is covered by the finished run; a larger one redoes and replaces it
+    # limit is part of the run's identity: another limit reruns and replaces the run in place
     smaller = cfg_for(tmp_path, "method=random", "budget=64", "benchmark=mme", f"data_root={SHARED_BENCH}", "limit=20")
-    assert execute(smaller).status == "skipped"
-    larger = cfg_for(tmp_path, "method=random", "budget=64", "benchmark=mme", f"data_root={SHARED_BENCH}", "limit=60")
-    redone = execute(larger)
-    assert redone.status == "finished" and redone.summary["num_samples"] == 60 and redone.summary["limit"] == 60
+    redone = execute(smaller)
+    assert redone.status == "finished" and redone.summary["num_samples"] == 20 and redone.summary["limit"] == 20
+    assert redone.run_dir == out.run_dir
     assert "force: false" in (run_dir / "config.yaml").read_text()
 
 

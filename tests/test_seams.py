@@ -156,10 +156,10 @@ def test_gen_kwargs_arg(value, ok):
 # ------------------------------------------------------------------ a visual span within an absolute budget
 def test_sample_within_the_budget_keeps_all_tokens_and_the_next_one_is_compressed():
     from conftest import make_image
+    from test_llava_next import TINY_LLAVA_NEXT_CFG
 
     from apet_bench.methods import build_method
     from apet_bench.models import load_model
-    from test_llava_next import TINY_LLAVA_NEXT_CFG
 
     adapter = load_model(dict(TINY_LLAVA_NEXT_CFG))
     small, large = make_image(10, (200, 150)), make_image(11, (224, 224))  # spans 268 and 336 on the tiny NeXT

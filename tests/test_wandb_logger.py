@@ -85,3 +85,60 @@ def test_group_and_tags():
     assert wandb_group(run, "mine") == "mine"
     assert run_tags({**run, "budget": None}, ["x"]) == [
         "model:m", "method:random-stage=llm", "budget:full", "benchmark:mme", "x"]
+
+
+def _fake_run(root: Path, method: str = "none", budget=None) -> Path:
+    """A finished run directory as the runner writes it (2 samples, 3 decoder layers)."""
+    d = root / "runs" / f"m__{method}__{'full' if budget is None else budget}__demo"
+    d.mkdir(parents=True)
+    (d / "run.json").write_text(json.dumps({
+        "status": "complete", "name": d.name, "model": "m", "method": method, "budget": budget, "benchmark": "demo",
+        "groups": {"model": "m", "method": method, "benchmark": "demo"}, "metrics": {"acc": 0.5},
+        "visual_tokens_llm_mean": 576.0}))
+    (d / "metrics.json").write_text(json.dumps({
+        "metrics": {"acc": 0.5}, "tokens": {"visual_tokens_in_mean": 576.0, "per_layer": [576, 576, 100]}}))
+    (d / "samples.jsonl").write_text("\n".join(json.dumps({"doc_id": i, "layer_visual_tokens": [576, 300 + i, 100]})
+                                               for i in range(2)) + "\n")
+    return d
+
+
+def test_dashboard_vanilla_budget_layer_series_and_step_metrics(tmp_path):
+    from apet_bench.wandb_logger import log_run_dir
+
+    out = log_run_dir(_fake_run(tmp_path), {"mode": "offline", "dir": str(tmp_path / "w")})
+    rec = read_offline_run(out)
+    assert rec["config"]["budget"] == 576.0 and rec["config"]["budget_label"] == "full"  # vanilla row plots
+    assert not any(isinstance(v, str) and v.startswith("[") for v in rec["summary"].values())  # no JSON lists
+    points = [r for r in rec["history"] if "budget" in r]
+    assert points and points[0]["metrics/acc"] == 0.5 and points[0]["budget"] == 576.0
+    layers = sorted((r["layer"], r["tokens/layer_visual_tokens"]) for r in rec["history"] if "layer" in r)
+    assert layers == [(0, 576.0), (1, 300.5), (2, 100.0)]
+
+
+def test_sweep_is_one_group(monkeypatch):
+    from apet_bench import wandb_logger
+
+    monkeypatch.setattr(wandb_logger, "_hydra_sweep_id", lambda: "sweep-2026-01-01-10-00-00")
+    a = wandb_group({"model": "m1", "benchmark": "mme", "groups": {}})
+    b = wandb_group({"model": "m2", "benchmark": "pope", "groups": {}})
+    assert a == b == "sweep-2026-01-01-10-00-00"
+
+
+def test_online_without_network_ends_within_timeout(tmp_path):
+    """A W&B server that cannot be reached (dummy key, a local port nobody listens on) stops the logging
+    after wandb.timeout_s; the process exits (a bounded wait here, not a timing assert)."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir = _fake_run(tmp_path)
+    code = ("import sys; from apet_bench.wandb_logger import log_finished_run\n"
+            f"out = log_finished_run({{'logger': 'wandb', 'wandb': {{'mode': 'online', 'timeout_s': 5, "
+            f"'dir': {str(tmp_path / 'w')!r}}}, 'results_dir': {str(tmp_path)!r}}}, {str(run_dir)!r})\n"
+            "print('returned', out)\n")
+    env = {**os.environ, "WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9",
+           "WANDB_CONFIG_DIR": str(tmp_path / "wc"), "WANDB_CACHE_DIR": str(tmp_path / "wcache")}
+    env.pop("WANDB_MODE", None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0 and "returned None" in proc.stdout, proc.stderr[-2000:]
+    assert "the run itself is saved" in proc.stderr

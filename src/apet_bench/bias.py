@@ -434,8 +434,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             raise ValueError(f"unknown argument(s) {', '.join(sorted(unknown))}; use results_dir, out, model, benchmark")
     except ValueError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
+        from apet_bench.cli import error
+
+        return error(exc)
     results_dir = Path(args.get("results_dir", "results"))
     out = Path(args.get("out", results_dir / "plots" / "bias"))
     table, biases = bias_table(results_dir, model=args.get("model"), benchmark=args.get("benchmark"))

@@ -1239,9 +1239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             visual_tokens=args.get("visual_tokens"), text_tokens=args.get("text_tokens"), params=args.get("params"),
         )
     except (ConfigError, ValueError, KeyError) as e:
-        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        print(f"error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
-        return 2
+        from apet_bench.cli import error
+
+        return error(e)
     print(format_report(report))
     print(json.dumps(report.to_dict()))
     return 0

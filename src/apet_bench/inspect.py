@@ -223,7 +223,7 @@ def inspect_sample(argv: Sequence[str]) -> dict[str, Any]:
         else:
             inputs = build_image_processor(family, opts)(images=images, return_tensors="pt")
         pixels = inputs["pixel_values"].float().numpy() if images else np.zeros((0,), np.float32)
-        for i, im in enumerate(images):
+        for im in images:
             after: Any = [int(opts["image_size"])] * 2
             if family == "llava15" and opts["pad_to_square"]:
                 after = {"padded_square": max(im.size), "resized": [int(opts["image_size"])] * 2}

@@ -35,7 +35,7 @@ from typing import Any
 log = logging.getLogger("apet_bench.judge")
 
 __all__ = [
-    "JudgeConfig", "JudgeError", "Verdict", "judge_one", "judge_all", "parse_verdict", "ENV_VAR",
+    "JudgeConfig", "JudgeError", "Verdict", "check_endpoint", "judge_one", "judge_all", "parse_verdict", "ENV_VAR",
     "videoqa_process_results", "videoqa_aggregate_accuracy", "videoqa_aggregate_score", "videoqa_aggregate_failures",
 ]
 
@@ -126,6 +126,34 @@ class JudgeConfig:
 
     def api_key(self) -> str:
         return (os.environ.get(self.api_key_env) if self.api_key_env else None) or "EMPTY"
+
+
+def check_endpoint(cfg: JudgeConfig, timeout_s: float = 5.0) -> None:
+    """Check that the judge's server accepts connections (a TCP connect to ``base_url``'s host and
+    port, at most ``min(timeout_s, cfg.timeout_s)`` seconds), so a down judge is found before any
+    answer is generated. Sends no request and no key.
+
+    Raises
+    ------
+    JudgeError
+        ``base_url`` has no host, or nothing accepts connections there (one line naming it).
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(cfg.base_url)
+    if not parts.hostname:
+        raise JudgeError(f"judge base_url {cfg.base_url!r} has no host")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:
+        raise JudgeError(f"judge base_url {cfg.base_url!r}: {exc}") from None
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=min(float(timeout_s), float(cfg.timeout_s))):
+            pass
+    except OSError as exc:
+        raise JudgeError(f"judge endpoint {cfg.base_url} is not reachable ({exc.strerror or exc}); start the judge "
+                         f"server or set benchmark.judge.base_url") from None
 
 
 @dataclass

@@ -450,8 +450,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     except (ConfigError, ValueError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+        from apet_bench.cli import error
+
+        return error(e)
     print(json.dumps({"results": [r.to_dict() for r in results], "skipped": skipped}))
     return 0
 

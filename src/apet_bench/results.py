@@ -1,10 +1,13 @@
 """Results store: ``results/runs/<model>__<method>__<budget>__<benchmark>/``.
 
-A run directory is written in a hidden staging directory (``runs/.tmp-<name>-<pid>-<token>/``) and
-moved into place with one ``os.replace`` after its last file (``run.json``) is written, so a
+A run directory is written in a hidden staging directory (``runs/.tmp-<name>-<host>-<pid>-<token>/``)
+and moved into place with one ``os.replace`` after its last file (``run.json``) is written, so a
 directory under ``runs/`` that does not start with ``.`` is always complete. An interrupted run
-leaves only a staging directory, which the next run removes once its process is gone; a finished
-run is skipped on re-run unless forced. Aggregators read only directories holding ``run.json``.
+leaves only a staging directory. It is removed later only when that is safe on a file system shared
+by several hosts: by a process on the same host once the owning PID is gone, or by the process that
+holds the run's lock (:meth:`RunStore.lock`, ``<results_dir>/.locks/<name>.lock``: no other process can be writing
+that run then). Staging directories of other hosts are otherwise left alone. Aggregators read only
+directories holding ``run.json``.
 
 Layout of a finished run::
 
@@ -21,8 +24,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator, Mapping
@@ -34,11 +39,20 @@ from typing import Any
 
 from apet_bench.budget import budget_label
 
-__all__ = ["RunStore", "RunWriter", "collect_provenance", "run_name", "RUN_MARKER"]
+__all__ = ["RunStore", "RunWriter", "RunLockTimeout", "SampleStore", "collect_provenance", "run_name", "RUN_MARKER"]
 
 RUN_MARKER = "run.json"
 _STAGING_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
+
+
+class RunLockTimeout(TimeoutError):
+    """Another process held a run's lock for longer than the caller was willing to wait."""
+
+
+def _host_tag() -> str:
+    """This host's name as used in staging directory names (``-`` and odd characters become ``_``)."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname() or "host")
 
 
 def run_name(model: str, method: str, budget: int | float | None, benchmark: str) -> str:
@@ -82,6 +96,53 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class SampleStore:
+    """Answers of a run in progress, one JSON line per sample, appended and fsynced as each sample
+    finishes, so a run killed after k samples resumes at sample k.
+
+    Lives at ``<results_dir>/partial/<run name>-<identity hash>.jsonl`` (outside ``runs/``; keyed by the
+    run's identity, so a request with other settings never reads it) and is deleted when the run commits.
+    A torn last line (killed mid-write) is ignored.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._done: dict[str, dict[str, Any]] = {}
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                    self._done[row["key"]] = row
+                except (ValueError, KeyError, TypeError):
+                    continue
+
+    @staticmethod
+    def _key(task: str, doc_id: Any) -> str:
+        return f"{task}/{int(doc_id)}"
+
+    def __len__(self) -> int:
+        return len(self._done)
+
+    def get(self, task: str, doc_id: Any) -> dict[str, Any] | None:
+        """``{"answer", "record"}`` of a finished sample, or None."""
+        return self._done.get(self._key(task, doc_id))
+
+    def add(self, task: str, doc_id: Any, answer: str, record: Mapping[str, Any]) -> None:
+        row = {"key": self._key(task, doc_id), "answer": answer, "record": dict(record)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row, default=_json_default, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self._done[row["key"]] = row
+
+    def remove(self) -> None:
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
 
 
 class RunWriter:
@@ -155,31 +216,77 @@ class RunStore:
                 out.append(self.load(d.name))
         return out
 
-    def clean_stale(self) -> list[Path]:
-        """Remove staging/trash directories left by processes that no longer run; returns them."""
+    def clean_stale(self, locked_name: str | None = None) -> list[Path]:
+        """Remove staging/trash directories whose writer is certainly gone; returns them.
+
+        A directory ``.tmp-<name>-<host>-<pid>-<token>`` is removed when ``<host>`` is this host and
+        ``<pid>`` no longer runs here, or when ``<name>`` is ``locked_name``, the run whose lock
+        (:meth:`lock`) the caller holds, so no other process on any host can be writing it. Another
+        host's directory is never judged by its PID (PIDs are per host); names that do not parse
+        (older layouts) are left alone.
+        """
         removed: list[Path] = []
         if not self.runs_dir.is_dir():
             return removed
+        me = _host_tag()
         for d in self.runs_dir.iterdir():
-            if not d.name.startswith((_STAGING_PREFIX, _TRASH_PREFIX)):
+            prefix = next((p for p in (_STAGING_PREFIX, _TRASH_PREFIX) if d.name.startswith(p)), None)
+            if prefix is None:
                 continue
-            try:
-                pid = int(d.name.rsplit("-", 2)[-2])
-            except (ValueError, IndexError):
-                pid = -1
-            if pid == os.getpid() or (pid > 0 and _pid_alive(pid)):
+            parts = d.name[len(prefix):].rsplit("-", 3)
+            if len(parts) != 4 or not parts[2].isdigit():
+                continue
+            name, host, pid = parts[0], parts[1], int(parts[2])
+            own_lock = locked_name is not None and name == locked_name
+            if not own_lock:
+                if host != me or pid == os.getpid() or _pid_alive(pid):
+                    continue
+            elif host == me and pid == os.getpid():
                 continue
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
         return removed
 
+    def lock_path(self, name: str) -> Path:
+        """``<results_dir>/.locks/<name>.lock`` (outside ``runs/``, which holds only runs)."""
+        return self.results_dir / ".locks" / f"{name}.lock"
+
     @contextmanager
-    def open_run(self, name: str, *, force: bool = False) -> Iterator[RunWriter]:
+    def lock(self, name: str, *, timeout_s: float = -1, on_wait: Any = None) -> Iterator[None]:
+        """Hold the lock of run ``name`` (:meth:`lock_path`, a ``filelock.FileLock``: POSIX
+        ``flock``, which also works across hosts on NFS) while checking, evaluating and committing it.
+
+        ``on_wait(message)`` is called once when another process holds it; ``timeout_s < 0`` waits
+        as long as it takes. Raises :class:`RunLockTimeout` after ``timeout_s`` seconds, and
+        ``PermissionError`` / ``OSError`` when ``runs/`` cannot be written.
+        """
+        from filelock import FileLock, Timeout
+
+        self.lock_path(name).parent.mkdir(parents=True, exist_ok=True)
+        lk = FileLock(str(self.lock_path(name)))
+        try:
+            lk.acquire(timeout=0)
+        except Timeout:
+            if on_wait is not None:
+                on_wait(f"run {name!r} is being computed by another process; waiting for it to finish")
+            try:
+                lk.acquire(timeout=timeout_s)
+            except Timeout as exc:
+                raise RunLockTimeout(f"run {name!r} stayed locked by another process for {timeout_s} s") from exc
+        try:
+            yield
+        finally:
+            lk.release()
+
+    @contextmanager
+    def open_run(self, name: str, *, force: bool = False, locked: bool = False) -> Iterator[RunWriter]:
         """Stage a run; it becomes visible under ``runs/<name>`` only if the block finishes.
 
         The caller writes every file through the yielded :class:`RunWriter` and ``run.json`` last
         (with ``"status": "complete"``). On an exception the staging directory is deleted and the
         exception propagates; an existing finished run is replaced only when ``force`` is true.
+        ``locked``: the caller holds :meth:`lock` for ``name`` (stale staging of that run on any host
+        is then removed).
 
         Raises
         ------
@@ -191,8 +298,8 @@ class RunStore:
         if self.is_finished(name) and not force:
             raise FileExistsError(f"run {name!r} is already finished (use force=true to redo it)")
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        self.clean_stale()
-        staging = self.runs_dir / f"{_STAGING_PREFIX}{name}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.clean_stale(locked_name=name if locked else None)
+        staging = self.runs_dir / f"{_STAGING_PREFIX}{name}-{_host_tag()}-{os.getpid()}-{secrets.token_hex(3)}"
         staging.mkdir()
         try:
             yield RunWriter(staging)
@@ -201,7 +308,7 @@ class RunStore:
             final = self.run_dir(name)
             trash = None
             if final.exists():
-                trash = self.runs_dir / f"{_TRASH_PREFIX}{name}-{os.getpid()}-{secrets.token_hex(3)}"
+                trash = self.runs_dir / f"{_TRASH_PREFIX}{name}-{_host_tag()}-{os.getpid()}-{secrets.token_hex(3)}"
                 os.replace(final, trash)
             os.replace(staging, final)
             if trash is not None:

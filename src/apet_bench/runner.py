@@ -23,9 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from apet_bench.budget import BudgetError, budget_to_tokens, validate_budget
 from apet_bench.config import ConfigError, check_available
 from apet_bench.distributed import broadcast_from_rank0, init_process_group, world
-from apet_bench.results import RUN_MARKER, RunStore, collect_provenance, run_name
+from apet_bench.results import RUN_MARKER, RunStore, SampleStore, collect_provenance, run_name
 
-__all__ = ["EvaluationError", "RunOutcome", "execute", "prepare_run"]
+__all__ = ["EvaluationError", "RunOutcome", "execute", "prepare_run", "run_identity", "run_dir_name", "identity_changes"]
 
 RANDOM_WEIGHTS_NOTE = "random-weight pipeline check: these scores are not accuracy numbers"
 
@@ -53,6 +53,7 @@ class PreparedRun:
     budget: int | float | None
     prepared_task: Any
     store: RunStore
+    identity: dict[str, Any] = field(default_factory=dict)
 
 
 _ADAPTER_CACHE: dict[str, Any] = {}
@@ -137,6 +138,97 @@ def model_label(model_cfg: dict[str, Any]) -> str:
     return label.replace("/", "_").replace("__", "_").replace(" ", "")
 
 
+def _canonical(obj: Any) -> Any:
+    """``obj`` as JSON would give it back (tuples -> lists, keys -> str), so identities compare equal."""
+    import json
+
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _short_hash(obj: Any, n: int = 8) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(_canonical(obj), sort_keys=True).encode()).hexdigest()[:n]
+
+
+def _changed_from_file(group: str, node: dict[str, Any]) -> dict[str, Any]:
+    """The keys (dotted) of a config-group node that differ from ``configs/<group>/<name>.yaml``."""
+    from apet_bench.config import config_dir
+
+    f = config_dir() / group / f"{node.get('name')}.yaml"
+    defaults = _flatten(OmegaConf.to_container(OmegaConf.load(f), resolve=False)) if f.is_file() else {}
+    current = _flatten(dict(node))
+    return {k: current[k] for k in sorted(current) if k not in defaults or current[k] != defaults[k]}
+
+
+def run_identity(cfg: dict[str, Any], budget: int | float | None, data_fingerprint: str | None) -> dict[str, Any]:
+    """Everything that can change a run's result, recorded in ``run.json: identity``.
+
+    The resolved model config (less ``local_path``, where the same weights are read from), the resolved
+    method config (every parameter), the resolved benchmark config (every key: protocol, judge,
+    metrics...), the budget, ``seed``, the generation settings ``gen_kwargs``, ``limit`` and the data
+    fingerprint of the converted task (content hash of the files read). A finished run is reused only
+    when its recorded identity equals the one requested (:func:`identity_changes`).
+    """
+    model = {k: v for k, v in cfg["model"].items() if k not in _MODEL_KEYS_NOT_IN_NAME}
+    return _canonical({
+        "model": model,
+        "method": cfg["method"],
+        "benchmark": cfg["benchmark"],
+        "budget": budget,
+        "seed": cfg.get("seed", 0),
+        "gen_kwargs": cfg.get("gen_kwargs") or {},
+        "limit": cfg.get("limit"),
+        "data_fingerprint": data_fingerprint,
+    })
+
+
+def run_dir_name(cfg: dict[str, Any], budget: int | float | None) -> str:
+    """Directory name of a run under ``runs/``: readable, and distinct for every variant one would keep
+    side by side.
+
+    ``<model_label>__<method_label>__<budget>__<benchmark>`` (:func:`model_label`, :func:`method_label`,
+    :func:`apet_bench.protocol.benchmark_label`: ``-protocol=lmms_eval`` when not the default),
+    then ``-seed=N`` when ``seed`` is not 0, then ``-<hash8>`` (sha256 of the generation settings and the
+    benchmark keys that differ from ``configs/benchmark/<name>.yaml``) when either is set. ``limit`` and
+    the data fingerprint are not part of the name: a run with another limit or on changed data replaces
+    the one in place (it is rerun, not reused; see :func:`run_identity`).
+    """
+    from apet_bench.protocol import benchmark_label
+
+    name = run_name(model_label(cfg["model"]), method_label(cfg["method"]), budget, benchmark_label(cfg["benchmark"]))
+    seed = cfg.get("seed", 0)
+    if seed not in (0, None):
+        name += f"-seed={seed}"
+    changed = {k: v for k, v in _changed_from_file("benchmark", cfg["benchmark"]).items() if k != "protocol"}
+    rest = {"gen_kwargs": cfg.get("gen_kwargs") or {}, "benchmark": changed}  # the protocol is in the label
+    if rest["gen_kwargs"] or rest["benchmark"]:
+        name += f"-{_short_hash(rest)}"
+    return name.replace("/", "_")
+
+
+def identity_changes(recorded: dict[str, Any] | None, requested: dict[str, Any]) -> list[str]:
+    """Why a finished run does not answer a request: one short phrase per differing identity key
+    (``"seed 0 -> 1"``, ``"data_fingerprint changed"``); empty when they are equal."""
+    if not isinstance(recorded, dict):
+        return ["the finished run records no identity (made by an older version)"]
+    out = []
+    for key in sorted(set(recorded) | set(requested)):
+        a, b = recorded.get(key), requested.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            fa, fb = _flatten(a), _flatten(b)
+            keys = [k for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+            out.append(f"{key}.{{{', '.join(keys)}}} changed" if keys else f"{key} changed")
+        elif len(repr(a)) + len(repr(b)) < 60:
+            out.append(f"{key} {a!r} -> {b!r}")
+        else:
+            out.append(f"{key} changed")
+    return out
+
+
 def prepare_run(cfg: DictConfig | dict[str, Any]) -> PreparedRun:
     """Validate a composed config and prepare its benchmark data; writes nothing under results/.
 
@@ -186,19 +278,20 @@ def prepare_run(cfg: DictConfig | dict[str, Any]) -> PreparedRun:
         raise ConfigError(f"limit {limit!r} is invalid (use a positive integer or null)")
     cfg["data_root"] = _resolve_path(cfg.get("data_root"))
     cfg["cache_dir"] = _resolve_path(cfg.get("cache_dir")) or str(Path("~/.cache/apet_bench").expanduser())
-    from apet_bench.protocol import ProtocolError, benchmark_label, resolve
+    from apet_bench.protocol import ProtocolError, resolve
 
-    try:  # the benchmark's evaluation protocol (llava | lmms_eval) fills its settings; the name says which
-        bench_name = benchmark_label(cfg["benchmark"])
+    try:  # the name shows what was chosen; then the benchmark's protocol (llava | lmms_eval) fills its settings
+        name = run_dir_name(cfg, budget)
         cfg["benchmark"] = resolve(cfg["benchmark"])
     except ProtocolError as exc:
         raise ConfigError(str(exc)) from None
-    name = run_name(model_label(cfg["model"]), method_label(cfg["method"]), budget, bench_name)
     prepared = prepare_benchmark(
         cfg["benchmark"], data_root=cfg["data_root"], cache_dir=cfg["cache_dir"],
         on_corrupt_image=cfg["on_corrupt_image"],
     )
-    return PreparedRun(cfg=cfg, name=name, budget=budget, prepared_task=prepared, store=RunStore(cfg["results_dir"]))
+    identity = run_identity(cfg, budget, getattr(prepared, "fingerprint", None))
+    return PreparedRun(cfg=cfg, name=name, budget=budget, prepared_task=prepared, store=RunStore(cfg["results_dir"]),
+                       identity=identity)
 
 
 def gen_kwargs_arg(gen_kwargs: dict[str, Any] | None) -> str | None:
@@ -357,14 +450,6 @@ def _attention_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     return first
 
 
-def _covers(done_limit: int | None, wanted_limit: int | None) -> bool:
-    """Whether a finished run made with ``limit=done_limit`` answers a request for ``wanted_limit``
-    (``None`` = every sample): a full run covers any request, a limited one only smaller limits."""
-    if done_limit is None:
-        return True
-    return wanted_limit is not None and int(wanted_limit) <= int(done_limit)
-
-
 def _add_sample_ids(samples: list[dict[str, Any]], docs: dict[Any, Any]) -> None:
     """Give every sample row a stable ``sample_id``, so two runs on the same benchmark pair question by
     question whatever their order or ``limit``: the task's own id (:func:`sample_id`) when it is unique
@@ -421,20 +506,61 @@ def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None 
     EvaluationError
         lmms-eval failed or produced an incomplete result; nothing is written.
     """
+    t0 = time.perf_counter()
+    run = _prepare_ranked(cfg)
+    check_before_loading(run)
+    if not world().main:  # a worker rank of a data-parallel run: rank 0 holds the run's lock
+        return _execute_locked(run, choices, t0)
+    with run.store.lock(run.name, on_wait=lambda msg: print(f"apet-bench: {msg}", file=sys.stderr, flush=True)):
+        return _execute_locked(run, choices, t0)
+
+
+def check_before_loading(run: PreparedRun) -> None:
+    """Checks that would otherwise fail only after the evaluation: ``results_dir`` writable, a sample
+    count the benchmark can score (MME pairs), the judge endpoint of a judged benchmark reachable.
+
+    Raises
+    ------
+    apet_bench.config.ConfigError
+        One line naming the bad value.
+    """
+    cfg = run.cfg
+    limit = cfg.get("limit")
+    if cfg["benchmark"].get("converter") == "mme" and limit is not None and limit % 2:
+        raise ConfigError(f"limit {limit} is odd: MME scores question pairs (two per image), use an even limit")
+    if cfg["benchmark"].get("scoring") == "judge":
+        from apet_bench.judge import JudgeConfig, check_endpoint
+
+        check_endpoint(JudgeConfig.from_mapping(cfg["benchmark"].get("judge") or {}))
+
+    import tempfile
+
+    runs = run.store.runs_dir
+    try:
+        runs.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=runs, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"results_dir {str(run.store.results_dir)!r} is not writable ({exc.strerror or exc})") from None
+
+
+def _execute_locked(run: PreparedRun, choices: dict[str, Any] | None, t0: float) -> RunOutcome:
+    """The part of :func:`execute` done while holding the run's lock (:meth:`RunStore.lock`)."""
     from apet_bench.eval.lmms_model import ApetBenchLMM
     from apet_bench.methods import build_method
 
-    t0 = time.perf_counter()
-    run = _prepare_ranked(cfg)
     cfg = run.cfg
     run_dir = run.store.run_dir(run.name)
     redo = bool(cfg.get("force"))
     if run.store.is_finished(run.name) and not redo:
         summary = run.store.load(run.name)
-        same_protocol = summary.get("protocol", "lmms_eval") == cfg["benchmark"].get("protocol", "lmms_eval")
-        if _covers(summary.get("limit"), cfg.get("limit")) and same_protocol:
+        changes = identity_changes(summary.get("identity"), run.identity)
+        if not changes:
             return RunOutcome(run.name, "skipped", str(run_dir), summary)
-        redo = True  # the finished run scored fewer samples than asked for: redo and replace it
+        # The finished run answers another request (other seed, data, limit, ...): rerun and replace it.
+        print(f"apet-bench: {run.name}: the finished run differs from this request ({'; '.join(changes)}); "
+              f"running it again", file=sys.stderr, flush=True)
+        redo = True
 
     adapter = _load_adapter(cfg["model"])
     compressor = build_method(cfg["method"]["name"], budget=run.budget, seed=cfg.get("seed", 0),
@@ -443,10 +569,22 @@ def execute(cfg: DictConfig | dict[str, Any], *, choices: dict[str, Any] | None 
     if not world().main:  # a worker rank of a data-parallel run: rank 0 gathers its samples and writes the run
         _evaluate(run, lmm)
         return RunOutcome(run.name, "worker", str(run_dir))
+    store = None
+    if not world().distributed:  # answers kept across a kill (one process: the documents are not split)
+        store = SampleStore(run.store.results_dir / "partial" / f"{run.name}-{_short_hash(run.identity, 16)}.jsonl")
+        if redo and bool(cfg.get("force")):
+            store.remove()  # force=true: nothing is reused, not even samples of an interrupted attempt
+            store = SampleStore(store.path)
+        elif len(store):
+            print(f"apet-bench: {run.name}: resuming, {len(store)} sample(s) already answered in {store.path}",
+                  file=sys.stderr, flush=True)
+        lmm.sample_store = store
     # lmms-eval writes its own files (submissions, aggregations) into this run's staging directory.
-    with run.store.open_run(run.name, force=redo) as w:
+    with run.store.open_run(run.name, force=redo, locked=True) as w:
         summary = _evaluate_and_write(run, lmm, adapter, w, choices=choices, t0=t0)
-    from apet_bench.wandb_logger import log_finished_run  # logger=wandb: one W&B run from run_dir (issue #7)
+    if store is not None:
+        store.remove()
+    from apet_bench.wandb_logger import log_finished_run  # logger=wandb: one W&B run from run_dir
 
     log_finished_run(cfg, run_dir)
     return RunOutcome(run.name, "finished", str(run_dir), summary)
@@ -508,6 +646,8 @@ def _evaluate_and_write(run: PreparedRun, lmm: Any, adapter: Any, w: Any, *, cho
         "metrics": {m: metrics.get(m) for m in (cfg["benchmark"].get("metrics") or metrics)},
         "num_samples": len(samples),
         "limit": cfg.get("limit"),
+        "identity": run.identity,
+        "identity_hash": _short_hash(run.identity, 16),
         "skipped_samples": sum(int(s.get("questions", 0)) for s in task.skipped),
         "visual_tokens_llm_mean": tokens["visual_tokens_llm_mean"],
         "layer_average_visual_tokens": tokens["layer_average_visual_tokens_mean"],
@@ -545,5 +685,6 @@ def _evaluate_and_write(run: PreparedRun, lmm: Any, adapter: Any, w: Any, *, cho
     w.write_json("provenance.json", provenance)
     w.write_json("lmms_eval/results.json", results)
     summary["wall_s"] = round(time.perf_counter() - t0, 3)
+    summary["resumed_samples"] = lmm.resumed
     w.write_json(RUN_MARKER, summary)
     return summary

@@ -532,8 +532,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_dir = str(write_run(result, results_dir=args.get("results_dir", "results"), model=model,
                                     method=args.get("method", "none"), budget=budget_v, force=_truthy(args.get("force"))))
     except (ScoreError, FileExistsError, ValueError) as exc:
-        print(f"apet-bench score: error: {exc}", file=sys.stderr, flush=True)
-        return 2
+        from apet_bench.cli import error
+
+        return error(exc)
     out = {k: v for k, v in result.items() if k != "samples"}
     out["run_dir"] = run_dir
     out["seconds"] = round(time.perf_counter() - t0, 2)

@@ -39,13 +39,10 @@ def _cell_name(cfg: dict) -> str | None:
     """The run name a config would get, or None when it cannot be formed (e.g. a malformed budget)."""
     try:
         from apet_bench.budget import validate_budget
-        from apet_bench.results import run_name
-        from apet_bench.runner import method_label, model_label
+        from apet_bench.runner import run_dir_name
 
         budget = None if cfg["method"]["name"] == "none" else validate_budget(cfg.get("budget"))
-        from apet_bench.protocol import benchmark_label
-
-        return run_name(model_label(cfg["model"]), method_label(cfg["method"]), budget, benchmark_label(cfg["benchmark"]))
+        return run_dir_name(cfg, budget)
     except Exception:
         return None
 
@@ -174,19 +171,17 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    from apet_bench.cli import fail, run_hydra
+
     try:
         sys.argv[1:] = expand_seeds(sys.argv[1:])
     except ConfigError as exc:
-        print(f"apet-bench sweep: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(exc))
     chosen = {a.split("=", 1)[0].lstrip("+~") for a in sys.argv[1:] if "=" in a and not a.startswith("-")}
     if not chosen & set(GROUPS):
-        print("apet-bench sweep: error: choose an experiment (e.g. experiment=table1) or model/method/benchmark",
-              file=sys.stderr)
-        sys.exit(2)
+        fail("choose an experiment (e.g. experiment=table1) or model/method/benchmark")
     try:
         check_group_overrides([a for a in sys.argv[1:] if not a.startswith("-")])
     except ConfigError as exc:
-        print(f"apet-bench sweep: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    main()
+        fail(exc)
+    run_hydra(main)

@@ -768,8 +768,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             attn_layer=args.get("attn_layer"),
         )
     except (ConfigError, UnknownMethodError, ValueError) as exc:
-        print(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, file=sys.stderr)
-        return 2
+        from apet_bench.cli import error
+
+        return error(exc)
     for mm in result.methods:
         n = "n/a" if mm.kept_indices is None else len(mm.kept_indices)
         print(f"{mm.method}: {n} of {mm.visual_tokens_in} visual tokens kept (measured per layer: {mm.layer_visual_tokens})")

@@ -63,6 +63,7 @@ _DEFAULTS: dict[str, Any] = {
     "dir": None,
     "log_samples": False,
     "tags": [],
+    "timeout_s": 30,
 }
 
 
@@ -88,6 +89,12 @@ def _wandb_settings(wcfg: Mapping[str, Any] | None) -> dict[str, Any]:
     if isinstance(tags, str) or not isinstance(tags, (list, tuple)):
         raise ConfigError(f"wandb.tags {tags!r} is invalid (use a list of strings)")
     out["tags"] = [str(t) for t in tags]
+    try:
+        out["timeout_s"] = float(out.get("timeout_s"))
+    except (TypeError, ValueError):
+        out["timeout_s"] = -1.0
+    if not out["timeout_s"] > 0:
+        raise ConfigError(f"wandb.timeout_s {wcfg.get('timeout_s')!r} is invalid (use seconds > 0)")
     return out
 
 
@@ -106,7 +113,55 @@ def wandb_group(run: Mapping[str, Any], group: str | None = None) -> str:
     experiment = (run.get("groups") or {}).get("experiment")
     if experiment:
         return str(experiment)
+    sweep = _hydra_sweep_id()
+    if sweep:
+        return sweep
     return f"{run.get('model')}__{run.get('benchmark')}"
+
+
+def _hydra_sweep_id() -> str | None:
+    """``sweep-<date>-<time>`` of the Hydra multirun this process is a job of (from ``hydra.sweep.dir``),
+    so every cell of one ``-m`` sweep lands in one W&B group; None outside a multirun."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode != RunMode.MULTIRUN:
+            return None
+        d = Path(str(hc.sweep.dir))
+        return f"sweep-{d.parent.name}-{d.name}".replace("multirun-", "")
+    except Exception:  # not inside a Hydra job
+        return None
+
+
+def plot_budget(run: Mapping[str, Any], metrics: Mapping[str, Any] | None = None) -> float | None:
+    """The budget as a number every run has, for accuracy-vs-budget panels: the requested budget, or for
+    ``method=none`` (no budget) its full visual-token count (mean visual tokens entering the LLM), so the
+    vanilla row sits on the same axis."""
+    b = run.get("budget")
+    if isinstance(b, (int, float)) and not isinstance(b, bool):
+        return b
+    tokens = (metrics or {}).get("tokens") or {}
+    for v in (tokens.get("visual_tokens_in_mean"), run.get("visual_tokens_llm_mean")):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return v
+    return None
+
+
+def _layer_series(samples_path: Path) -> list[float]:
+    """Mean visual tokens per decoder layer over the run's samples (``samples.jsonl: layer_visual_tokens``)."""
+    rows = []
+    if samples_path.is_file():
+        for line in samples_path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                layers = json.loads(line).get("layer_visual_tokens")
+                if layers:
+                    rows.append(layers)
+    if not rows:
+        return []
+    n = min(len(r) for r in rows)
+    return [sum(r[i] for r in rows) / len(rows) for i in range(n)]
 
 
 def run_tags(run: Mapping[str, Any], extra: list[str] | tuple[str, ...] = ()) -> list[str]:
@@ -145,7 +200,7 @@ def _summary(run: Mapping[str, Any], metrics: Mapping[str, Any] | None) -> dict[
             out[f"metrics/{k}"] = v
     for k, v in (run.get("metrics") or {}).items():  # headline metrics (None when not scored)
         out[f"metrics/{k}"] = v
-    tokens = dict(metrics.get("tokens") or {})
+    tokens = {k: v for k, v in (metrics.get("tokens") or {}).items() if not isinstance(v, (list, dict))}
     for k in ("prefill_ms_mean", "total_ms_mean"):
         if k in tokens:
             out[f"timing/{k}"] = tokens.pop(k)
@@ -234,7 +289,8 @@ def log_run_dir(
         **cfg,
         "groups": run.get("groups"),
         "run_name": run.get("name"),
-        "budget": run.get("budget"),
+        "budget": plot_budget(run, metrics),
+        "budget_label": "full" if run.get("budget") is None else str(run.get("budget")),
         "task": run.get("task"),
         "provenance": provenance,
     }
@@ -254,7 +310,24 @@ def log_run_dir(
         settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
     )
     try:
-        wrun.summary.update(_summary(run, metrics))
+        summary = _summary(run, metrics)
+        # Panels: headline metrics against budget (and TFLOPs when recorded); per-layer visual tokens as a
+        # series over the decoder layer index.
+        wrun.define_metric("budget")
+        wrun.define_metric("tflops")
+        wrun.define_metric("layer")
+        headline = [f"metrics/{m}" for m in (run.get("metrics") or {})]
+        for key in headline:
+            wrun.define_metric(key, step_metric="budget", summary="last")
+        wrun.define_metric("tokens/layer_visual_tokens", step_metric="layer")
+        point = {"budget": plot_budget(run, metrics), **{k: summary[k] for k in headline if k in summary}}
+        tflops = run.get("tflops", metrics.get("tflops"))
+        if isinstance(tflops, (int, float)):
+            point["tflops"] = tflops
+        wrun.log(point)
+        for i, v in enumerate(_layer_series(run_dir / "samples.jsonl")):
+            wrun.log({"layer": i, "tokens/layer_visual_tokens": v})
+        wrun.summary.update(summary)
         if lmms_results and lmms_results.get("results"):
             from lmms_eval.loggers import WandbLogger
 
@@ -301,7 +374,9 @@ def log_finished_run(cfg: Mapping[str, Any], run_dir: str | Path) -> Path | None
     if logger == "none":
         return None
     wcfg = cfg.get("wandb") or {}
-    _wandb_settings(wcfg)  # config errors are errors, not warnings
+    settings = _wandb_settings(wcfg)  # config errors are errors, not warnings
+    if settings["mode"] == "online":
+        return _log_online_bounded(run_dir, dict(wcfg), cfg.get("results_dir"), settings["timeout_s"])
     try:
         out = log_run_dir(run_dir, wcfg, results_dir=cfg.get("results_dir"))
     except Exception as exc:  # noqa: BLE001 - the results are written; W&B is a view of them
@@ -311,6 +386,49 @@ def log_finished_run(cfg: Mapping[str, Any], run_dir: str | Path) -> Path | None
     if out is not None and _wandb_settings(wcfg)["mode"] == "offline":
         print(f"W&B offline run: {out} (upload: wandb sync {out})", file=sys.stderr)
     return out
+
+
+_CHILD = (
+    "import json, sys\n"
+    "from apet_bench.wandb_logger import log_run_dir\n"
+    "out = log_run_dir(sys.argv[1], json.loads(sys.argv[2]), results_dir=sys.argv[3] or None)\n"
+    "print(json.dumps(str(out) if out else None), flush=True)\n"
+)
+
+
+def _log_online_bounded(run_dir: str | Path, wcfg: dict[str, Any], results_dir: Any, timeout_s: float) -> Path | None:
+    """Online logging in a child process (its own process group) that is killed, W&B's service process
+    included, after ``timeout_s`` seconds: an unreachable server (W&B retries uploads for hours) costs at
+    most ``timeout_s`` and never keeps the evaluation process alive. One line on stderr when it fails."""
+    import os
+    import signal
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(run_dir), json.dumps(wcfg, default=str), str(results_dir or "")],
+            stdout=out, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            code = None
+        try:  # the child and anything it started (wandb-core), whether it finished or not
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+        out.seek(0)
+        lines = out.read().strip().splitlines()
+    if code is None:
+        print(f"W&B logging of {run_dir} did not finish within wandb.timeout_s={timeout_s:g} s (server unreachable?); "
+              f"stopped it, the run itself is saved", file=sys.stderr)
+        return None
+    if code != 0 or not lines:
+        print(f"W&B logging of {run_dir} failed (exit {code}); the run itself is saved", file=sys.stderr)
+        return None
+    got = json.loads(lines[-1])
+    return Path(got) if got else None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -94,7 +94,8 @@ def resolve_data_root(data_root: Any, benchmark: str, needs: str) -> Path:
         ``data_root`` is None, or not an existing directory (one line naming the path).
     """
     if data_root is None:
-        raise DataError(f"data_root is None: {benchmark} needs a data root holding {needs}")
+        raise DataError(f"data_root is not set: {benchmark} needs a data root holding {needs} "
+                        f"(export APET_BENCH_DATA_ROOT=/path/to/benchmarks or pass data_root=...)")
     root = Path(os.path.expanduser(str(data_root))).resolve()
     if not root.is_dir():
         raise DataError(f"{benchmark} data_root {root} does not exist or is not a directory")

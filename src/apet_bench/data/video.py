@@ -113,6 +113,22 @@ def _frame_count_hint(path: str) -> int:
         return int(container.streams.video[0].frames or 0)
 
 
+def _truncation(path: str, decoded: int, declared: int) -> str | None:
+    """Why a video is cut short, or None: fewer frames decode than the container declares (more than one
+    frame short; the count is only a hint), or a GIF lacks its trailer byte ``0x3B`` (GIF89a spec,
+    section 27: every GIF data stream ends with it; FFmpeg's GIF demuxer counts the frames it can read,
+    so a GIF cut in half declares only its decodable frames)."""
+    if declared > 0 and decoded < declared - 1:
+        return f"{decoded} of its {declared} declared frames decode"
+    with open(path, "rb") as fh:
+        if fh.read(4) == b"GIF8":
+            fh.seek(max(0, os.path.getsize(path) - 64))
+            tail = fh.read().rstrip(b"\x00")
+            if not tail.endswith(b"\x3b"):
+                return f"the GIF ends without its trailer byte (file cut short; {decoded} frame(s) decode)"
+    return None
+
+
 def load_video(path: str | os.PathLike, num_frames: int = DEFAULT_NUM_FRAMES) -> np.ndarray:
     """Decode ``num_frames`` uniformly sampled RGB frames of an mp4 / GIF (any FFmpeg-readable video).
 
@@ -132,7 +148,8 @@ def load_video(path: str | os.PathLike, num_frames: int = DEFAULT_NUM_FRAMES) ->
     ------
     VideoDecodeError
         (a ``ValueError``) one line naming ``path``: a missing file, a file FFmpeg cannot open or
-        decode, no video stream, or zero decodable frames.
+        decode, no video stream, zero decodable frames, or a truncated file (fewer decodable frames than
+        declared, or a GIF without its trailer byte).
     ValueError
         If ``num_frames`` < 1.
 
@@ -155,6 +172,9 @@ def load_video(path: str | os.PathLike, num_frames: int = DEFAULT_NUM_FRAMES) ->
         total, frames = _decode_pass(p, wanted)
         if total < 1:
             raise VideoDecodeError(f"no decodable frame in video {p}")
+        short = _truncation(p, total, hint)
+        if short:
+            raise VideoDecodeError(f"video {p} is truncated: {short}")
         if wanted is None or total != hint:  # the container's frame count was missing or wrong
             wanted = uniform_frame_indices(total, num_frames)
             _, frames = _decode_pass(p, wanted)

@@ -134,6 +134,9 @@ class ApetBenchLMM(lmms):
         #: task -> the generation kwargs its requests carried (the task's ``generation_kwargs`` with lmms-eval's
         #: ``gen_kwargs`` overrides merged in), as received, before :func:`translate_gen_kwargs`.
         self.generation_kwargs: dict[str, dict[str, Any]] = {}
+        #: Optional per-sample store (:class:`apet_bench.results.SampleStore`): answers kept across a kill.
+        self.sample_store: Any = None
+        self.resumed = 0
         self.task_dict: dict[str, Any] = {}
 
     @staticmethod
@@ -190,12 +193,22 @@ class ApetBenchLMM(lmms):
         with method(self.adapter):
             for req in tqdm(requests, desc=f"apet-bench {self.adapter.name}/{method.name}", disable=self.rank != 0):
                 contexts, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
+                if hasattr(method, "start_sample"):  # re-seed per sample (TokenCompressor.start_sample)
+                    method.start_sample(int(doc_id))
+                self.generation_kwargs.setdefault(task, copy.deepcopy(dict(gen_kwargs or {})))
+                done = self.sample_store.get(task, doc_id) if self.sample_store is not None else None
+                if done is not None:  # answered before the previous process was stopped
+                    rec = SampleRecord(**done["record"])
+                    self.records.append(rec)
+                    answers.append(GenerationResult(text=done["answer"], token_counts=TokenCounts(
+                        input_tokens=int(rec.prompt_tokens), output_tokens=int(rec.output_tokens))))
+                    self.resumed += 1
+                    continue
                 try:
                     visuals = doc_to_visual(self.task_dict[task][split][doc_id])
                 except Exception as exc:  # surfaced with the sample's identity
                     raise RuntimeError(f"cannot load visuals of {task} doc_id={doc_id}: {exc}") from exc
                 visuals = [v for v in (visuals or []) if v is not None]
-                self.generation_kwargs.setdefault(task, copy.deepcopy(dict(gen_kwargs or {})))
                 hf_kwargs, until = translate_gen_kwargs(copy.deepcopy(gen_kwargs))
                 try:
                     out = self.adapter.generate(visuals, contexts, hf_kwargs, method)
@@ -226,6 +239,8 @@ class ApetBenchLMM(lmms):
                 )
                 answers.append(GenerationResult(text=text, token_counts=TokenCounts(
                     input_tokens=int(out.prompt_tokens), output_tokens=len(out.output_ids))))
+                if self.sample_store is not None:
+                    self.sample_store.add(task, doc_id, text, asdict(self.records[-1]))
         return answers
 
     def records_as_dicts(self) -> list[dict[str, Any]]:

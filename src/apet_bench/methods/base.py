@@ -329,6 +329,15 @@ class TokenCompressor:
     def reset(self) -> None:
         """Reset per-run state (random generators, counters); called when the context is entered."""
 
+    def start_sample(self, key: int) -> None:
+        """Called before each sample (``key``: its lmms-eval ``doc_id``): a method's CPU generator
+        (``self._generator``, when it has one) is re-seeded from ``(seed, key)``, so a sample's random draws
+        do not depend on which samples ran before it in this process (a resumed run draws what an
+        uninterrupted one does)."""
+        gen = getattr(self, "_generator", None)
+        if gen is not None:
+            gen.manual_seed((int(self.seed) * 1_000_003 + int(key)) % (2 ** 63))
+
     def attach(self, adapter: ModelAdapter) -> None:
         """Register the method's hooks on ``adapter`` (use :meth:`register_hook`). Base: registers none."""
 

@@ -23,12 +23,14 @@ from .runs import load_runs_report
 
 
 def main(argv: list[str] | None = None) -> int:
+    from apet_bench.cli import error
+
     args = list(sys.argv[1:] if argv is None else argv)
     names = [a for a in args if "=" not in a and not a.startswith("-")]
     opts = dict(a.split("=", 1) for a in args if "=" in a)
     if not names:
-        print(f"usage: python -m apet_bench.tables {{{'|'.join(TABLES)}|all}} [model=...] [results_dir=...]", file=sys.stderr)
-        return 2
+        return error(f"name a table (usage: python -m apet_bench.tables {{{'|'.join(TABLES)}|all}} [model=...] "
+                     f"[results_dir=...])")
     wanted: list[str] = []
     for n in names:
         if n == "all":
@@ -36,8 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         elif n in TABLES:
             wanted.append(n)
         else:
-            print(f"apet-bench tables: error: unknown table {n!r} (available: {', '.join(TABLES)}, all)", file=sys.stderr)
-            return 2
+            return error(f"unknown table {n!r} (available: {', '.join(TABLES)}, all)")
     results_dir = Path(opts.get("results_dir", "results"))
     out_dir = Path(opts.get("out_dir", results_dir / "tables"))
     model = opts.get("model")
