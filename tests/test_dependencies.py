@@ -97,3 +97,13 @@ def test_locks_pin_what_pyproject_declares(variant):
 def test_read_lock_rejects_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         envcheck.read_lock(tmp_path / "nope.txt")
+
+
+def test_sentencepiece_model_proto_imports_with_the_locked_protobuf():
+    """transformers converts a ``tokenizer.model`` through sentencepiece's generated protobuf module; with
+    sentencepiece 0.2.3 it raised ``VersionError`` (gencode 7.x, runtime 6.x pinned by wandb / lmms-eval)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(b"")
+    assert model.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.UNIGRAM  # the proto's default

@@ -37,7 +37,9 @@ def test_two_processes_match_one_process(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("finished ->") == 1  # rank 0 reports and writes the run; rank 1 only evaluates
-    two = tmp_path / "two" / "runs" / "tiny_llava15__none__full__demo"
+    two_runs = list((tmp_path / "two" / "runs").glob("tiny_llava15__none__full__demo*"))  # + the gen_kwargs hash
+    assert len(two_runs) == 1, two_runs
+    two = two_runs[0]
     one = Path(execute(compose([*common, f"results_dir={tmp_path / 'one'}"])).run_dir)
 
     run_two, run_one = (json.loads((d / "run.json").read_text()) for d in (two, one))

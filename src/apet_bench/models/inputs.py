@@ -460,7 +460,11 @@ def with_official_ids(inputs: Any, prompt: str, tokenizer: Any, placeholder_id: 
     n_images = prompt.count(image_token)
     if processor is not None and hasattr(processor, "replace_image_token") and n_images and "pixel_values" in inputs:
         token = getattr(processor, "image_token", image_token)
-        runs = [len(processor.replace_image_token(inputs, i)) // len(token) for i in range(n_images)]
+        pixels = inputs["pixel_values"]
+        if pixels.dtype == torch.bfloat16:  # the processor reads the shape through numpy, which has no bfloat16
+            pixels = pixels.float()
+        runs = [len(processor.replace_image_token({**inputs, "pixel_values": pixels}, i)) // len(token)
+                for i in range(n_images)]
         if sum(runs) != sum(1 for t in row if t == placeholder_id):
             raise ValueError(f"processor placeholders ({sum(1 for t in row if t == placeholder_id)}) differ from "
                              f"the per-image counts {runs}")
