@@ -210,6 +210,15 @@ def test_sweep_seeds_option_becomes_a_seed_sweep():
         expand_seeds(["seeds=2", "seed=1"])
 
 
+def test_sweep_seeds_runs_as_a_multirun_even_without_an_experiment():
+    from apet_bench.sweep import sweep_args
+
+    assert sweep_args(["model=tiny_llava15", "method=random", "seeds=2"]) == [
+        "model=tiny_llava15", "method=random", "seed=0,1", "--multirun"]
+    assert sweep_args(["-m", "method=random", "seeds=2"]) == ["-m", "method=random", "seed=0,1"]
+    assert sweep_args(["method=random"]) == ["method=random"]  # no seeds: left as given
+
+
 def test_mcnemar_also_when_one_run_never_scores(tmp_path):
     a = stats.load_units(write_run(tmp_path, "a", "gqa", qa_rows([0] * 50)), "exact_match")
     b = stats.load_units(write_run(tmp_path, "b", "gqa", qa_rows([1] * 10 + [0] * 40)), "exact_match")

@@ -163,6 +163,21 @@ def expand_seeds(args: list[str]) -> list[str]:
     return [a for a in args if a.split("=", 1)[0] != "seeds"] + [f"seed={','.join(map(str, seeds))}"]
 
 
+def sweep_args(args: list[str]) -> list[str]:
+    """The command line with ``seeds=...`` expanded (:func:`expand_seeds`) and, when it was, ``--multirun``
+    added if missing: a seed list is a sweep whether or not the rest of the command is one.
+
+    Raises
+    ------
+    ConfigError
+        As :func:`expand_seeds`.
+    """
+    expanded = expand_seeds(args)
+    if expanded != list(args) and not {"-m", "--multirun"} & set(expanded):
+        expanded.append("--multirun")
+    return expanded
+
+
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def main(cfg: DictConfig):
     hc = HydraConfig.get()
@@ -174,7 +189,7 @@ if __name__ == "__main__":
     from apet_bench.cli import fail, run_hydra
 
     try:
-        sys.argv[1:] = expand_seeds(sys.argv[1:])
+        sys.argv[1:] = sweep_args(sys.argv[1:])
     except ConfigError as exc:
         fail(str(exc))
     chosen = {a.split("=", 1)[0].lstrip("+~") for a in sys.argv[1:] if "=" in a and not a.startswith("-")}
