@@ -44,9 +44,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from apet_bench.attention import AttentionRequest
 from apet_bench.baselines.fastv import ModelFacts, model_facts, scale_layers
 from apet_bench.budget import BudgetError
+from apet_bench.core import AttentionRequest
 from apet_bench.methods.base import LLMSelection, TokenCompressor, register_method
 
 __all__ = [

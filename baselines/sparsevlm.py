@@ -61,6 +61,7 @@ from typing import Any, ClassVar
 import torch
 
 from apet_bench.budget import BudgetError
+from apet_bench.core import AttentionRequest
 from apet_bench.methods.base import LLMSelection, TokenCompressor, register_method
 
 __all__ = [
@@ -837,7 +838,6 @@ class SparseVLMCompressor(TokenCompressor):
     def attention_request(self, layer_idx: int) -> Any:
         """Rows of every token after the visual span (negative indices: pruning never moves them) at the
         pruning layer ``layer_idx - 1``; the raters are picked among them in :meth:`select_llm_tokens`."""
-        from apet_bench.attention import AttentionRequest
 
         rows: Any = "last"
         ctx = self.visual_context

@@ -623,7 +623,7 @@ class ToMeCompressor(TokenCompressor):
                 self.register_hook(layer.self_attn.k_proj, _keys_hook(state))
             self.register_hook(tower, _tower_pre_hook(self, adapter, state, geo, kind), pre=True, with_kwargs=True)
             self.register_hook(tower, _tower_post_hook(state))
-        self.register_hook(adapter._vision_feature_module(), _projector_hook(self))
+        self.register_hook(adapter.vision_projector, _projector_hook(self))
 
     def detach(self, adapter: Any) -> None:
         """Restore the patched layers' class ``forward``; forget tower states."""

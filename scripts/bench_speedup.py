@@ -47,6 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from apet_bench import latency  # noqa: E402
 from apet_bench.config import ConfigError  # noqa: E402
+from apet_bench.pipeline import generate
 
 #: ``--size small`` tiny_config: the real depths (32 / 28 decoder layers, 24 CLIP layers) with small widths.
 SMALL = {
@@ -107,7 +108,7 @@ class _MethodTimer:
 def _prefill_flops(adapter: Any, method: Any, visual_tokens: int | None) -> int:
     image = latency._image_for(adapter.family, visual_tokens)
     with FlopCounterMode(display=False) as counter:
-        adapter.generate([image], latency.POPE_QUESTION, {"max_new_tokens": 1, "min_new_tokens": 1}, method)
+        generate(adapter, [image], latency.POPE_QUESTION, {"max_new_tokens": 1, "min_new_tokens": 1}, method)
     return int(counter.get_total_flops())
 
 

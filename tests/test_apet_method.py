@@ -26,6 +26,7 @@ from apet_bench.methods.apet import ApETCompressor, default_drop_layer
 from apet_bench.models import load_model
 from apet_bench.models.base import VisualContext
 from apet_bench.models.video_llava import VideoClip
+from apet_bench.pipeline import generate
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("APET_BENCH_TEST_DATA_ROOT", REPO.parent / "shared" / "benchmarks"))
@@ -53,7 +54,7 @@ def next336():
 
 def run(adapter, visuals, budget, **params):
     method = build_method("apet", budget=budget, seed=params.pop("seed", 0), **params)
-    out = adapter.generate(visuals, Q, GEN, method)
+    out = generate(adapter, visuals, Q, GEN, method)
     assert out.layer_visual_tokens == out.planned_layer_visual_tokens
     return out, method
 
@@ -208,10 +209,10 @@ BUDGETS = {"tiny_llava15": 64, "tiny_llava_next": 160, "tiny_qwen25vl": 0.2, "ti
 def test_backends_run_and_hooks_removed(model, attn, variant):
     adapter = get_adapter(model, attn)
     visuals = [make_image(8, (224, 224))]
-    adapter.generate(visuals, Q, GEN)  # transformers installs its own output-recording hooks on first use
+    generate(adapter, visuals, Q, GEN)  # transformers installs its own output-recording hooks on first use
     video = model == "tiny_video_llava" and variant == "official"  # the 8-frame clip once per backend
     if video:
-        adapter.generate([_clip()], Q, GEN)  # (on the video tower too)
+        generate(adapter, [_clip()], Q, GEN)  # (on the video tower too)
     before = count_hooks(adapter.model)
     out, method = run(adapter, visuals, BUDGETS[model], variant=variant)
     assert out.visual_tokens_llm < out.visual_tokens_in
@@ -279,6 +280,6 @@ def test_official_llm_stage_always_uses_fps(monkeypatch):
     for variant, llm_basis in (("official", "fps"), ("paper", "random")):
         seen.clear()
         method = build_method("apet", budget=64, variant=variant, basis="random")
-        adapter.generate([make_image(1)], "What is it?", {"max_new_tokens": 2}, method)
+        generate(adapter, [make_image(1)], "What is it?", {"max_new_tokens": 2}, method)
         assert seen[0][0] == "random"  # vision stage follows `basis` in both variants
         assert seen[-1][0] == llm_basis, (variant, seen)

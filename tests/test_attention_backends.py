@@ -6,10 +6,11 @@ from test_stage2 import GEN, QUESTION, AttentionTopK, EveryNthLLM
 
 from apet_bench.attention import attention_backends
 from apet_bench.methods import build_method
+from apet_bench.pipeline import generate
 
 
 def test_plain_sdpa_everywhere(tiny_llava15, images):
-    out = tiny_llava15.generate([images[0]], QUESTION, GEN, build_method("none"))
+    out = generate(tiny_llava15, [images[0]], QUESTION, GEN, build_method("none"))
     rec = out.attention_backends
     assert rec["llm_layers"] == ["sdpa"] * tiny_llava15.num_layers
     assert rec["vision_layers"] and set(rec["vision_layers"]) == {"sdpa"}
@@ -18,7 +19,7 @@ def test_plain_sdpa_everywhere(tiny_llava15, images):
 
 def test_row_capture_shows_on_its_layer_only(tiny_llava15, images):
     method = AttentionTopK(budget=64, layer=2)
-    out = tiny_llava15.generate([images[0]], QUESTION, GEN, method)
+    out = generate(tiny_llava15, [images[0]], QUESTION, GEN, method)
     llm = out.attention_backends["llm_layers"]
     assert llm[1].startswith("sdpa + rows 'last' recomputed")
     assert [llm[i] for i in (0, 2, 3)] == ["sdpa"] * 3
@@ -30,7 +31,7 @@ def test_method_notes_are_recorded(tiny_llava15, images):
     method = EveryNthLLM(layer=2)
     method.note_attention("vision", -2, "[CLS]", "one row recomputed")
     method.note_attention("vision", -2, "[CLS]", "one row recomputed")  # duplicates kept once
-    out = tiny_llava15.generate([images[0]], QUESTION, GEN, method)
+    out = generate(tiny_llava15, [images[0]], QUESTION, GEN, method)
     assert out.attention_backends["method_computed"] == [
         {"component": "vision", "layer": -2, "rows": "[CLS]", "how": "one row recomputed"}
     ]

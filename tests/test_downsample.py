@@ -14,6 +14,7 @@ from apet_bench.baselines.downsample import DownsampleCompressor, cell_centres, 
 from apet_bench.budget import BudgetError
 from apet_bench.config import compose
 from apet_bench.methods import build_method
+from apet_bench.pipeline import generate
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("APET_BENCH_TEST_DATA_ROOT", REPO.parent / "shared" / "benchmarks"))
@@ -111,14 +112,14 @@ def test_no_hooks_left_none_unchanged_and_deterministic(model):
     else:
         visual, budget = [make_image(5, (90, 60))], (0.2 if model == "tiny_qwen25vl" else 64)
     gen = {"max_new_tokens": 3, "output_logits": True}
-    ref = a.generate(visual, "What?", gen, build_method("none"))
+    ref = generate(a, visual, "What?", gen, build_method("none"))
     before = count_hooks(a.model)  # after a first forward (transformers adds output-capturing hooks lazily)
-    one = a.generate(visual, "What?", gen, build_method("downsample", budget=budget))
-    two = a.generate(visual, "What?", gen, build_method("downsample", budget=budget))
+    one = generate(a, visual, "What?", gen, build_method("downsample", budget=budget))
+    two = generate(a, visual, "What?", gen, build_method("downsample", budget=budget))
     assert count_hooks(a.model) == before
     assert one.output_ids == two.output_ids and all(torch.equal(x, y) for x, y in zip(one.logits, two.logits))
     assert one.visual_tokens_llm < ref.visual_tokens_llm
-    after = a.generate(visual, "What?", gen, build_method("none"))
+    after = generate(a, visual, "What?", gen, build_method("none"))
     assert all(torch.equal(x, y) for x, y in zip(ref.logits, after.logits))
 
 

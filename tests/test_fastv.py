@@ -28,6 +28,7 @@ from apet_bench.budget import BudgetError
 from apet_bench.config import compose
 from apet_bench.methods import build_method
 from apet_bench.models.video_llava import VideoClip
+from apet_bench.pipeline import generate
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("APET_BENCH_TEST_DATA_ROOT", REPO.parent / "shared" / "benchmarks"))
@@ -156,7 +157,7 @@ def test_end_to_end_matches_eager_output_attentions_of_layer_k_minus_1(model):
     budget = {"tiny_llava15": 64, "tiny_llava_next": 160, "tiny_qwen25vl": 0.2, "tiny_video_llava": 64}[model]
     method = FastV(budget=budget)
     seen = _spy(method)
-    out = sdpa.generate([image], Q, GEN, method)
+    out = generate(sdpa, [image], Q, GEN, method)
     k = 1  # K=2 of 32 -> layer 1 of 4
     keep = out.layer_visual_tokens[1]
     assert out.layer_visual_tokens == out.planned_layer_visual_tokens
@@ -204,21 +205,21 @@ BUDGETS = {
 def test_every_paper_budget_plan_equals_measured_hooks_removed_deterministic(model):
     adapter = adapter_for(model)
     visuals = [clip()] if model == "tiny_video_llava" else [make_image(13, (224, 224))]
-    base = adapter.generate(visuals, Q, {**GEN, "output_logits": True})
+    base = generate(adapter, visuals, Q, {**GEN, "output_logits": True})
     before = count_hooks(adapter.model)
     facts = model_facts(adapter)
     for budget in BUDGETS[model]:
         for convention in ("equivalent_average", "keep_after_k"):
             m = FastV(budget=budget, budget_convention=convention)
-            out = adapter.generate(visuals, Q, GEN, m)
+            out = generate(adapter, visuals, Q, GEN, m)
             n = out.visual_tokens_llm
             keep = fastv_keep_count(budget, n, m.schedule_layer(facts), facts.schedule_depth, convention)
             assert out.layer_visual_tokens == out.planned_layer_visual_tokens == [n] + [keep] * 3, (budget, convention)
             assert keep < n and len(out.kept_indices[0]) == keep
-            again = adapter.generate(visuals, Q, GEN, FastV(budget=budget, budget_convention=convention))
+            again = generate(adapter, visuals, Q, GEN, FastV(budget=budget, budget_convention=convention))
             assert (again.output_ids, again.kept_indices) == (out.output_ids, out.kept_indices)
             assert count_hooks(adapter.model) == before and not m.is_active
-    after = adapter.generate(visuals, Q, {**GEN, "output_logits": True})
+    after = generate(adapter, visuals, Q, {**GEN, "output_logits": True})
     assert after.output_ids == base.output_ids
     assert all(torch.equal(x, y) for x, y in zip(after.logits, base.logits))
 
@@ -292,7 +293,7 @@ def test_kv_cache_holds_each_token_once():
     from test_stage2 import expected_kv
 
     adapter = adapter_for("tiny_llava15")
-    out = adapter.generate([make_image(14)], Q, {"max_new_tokens": 4}, FastV(budget=128))
+    out = generate(adapter, [make_image(14)], Q, {"max_new_tokens": 4}, FastV(budget=128))
     assert out.kv_cache_tokens == expected_kv(out)
     text = out.prompt_tokens - out.visual_tokens_llm
     assert out.kv_cache_tokens[0] == text + 576 + len(out.output_ids) - 1

@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from apet_bench.config import compose
 from apet_bench.models import load_model
+from apet_bench.pipeline import generate
 
 MODELS = ["tiny_llava15", "tiny_llava_next", "tiny_qwen25vl", "tiny_video_llava"]
 _CACHE: dict[str, object] = {}
@@ -39,7 +40,7 @@ def test_prompt_without_image_placeholder(model):
 def test_image_smaller_than_one_patch(model):
     adapter = adapter_for(model)
     with pytest.raises(ValueError) as ei:
-        adapter.generate([make_image(0, (5, 5))], "What is this?", {"max_new_tokens": 2})
+        generate(adapter, [make_image(0, (5, 5))], "What is this?", {"max_new_tokens": 2})
     assert "5x5" in one_line(ei.value)
 
 
@@ -72,7 +73,7 @@ def test_undecodable_video_names_the_path_and_sample(tmp_path):
     bad.write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video")
     adapter = adapter_for("tiny_video_llava")
     with pytest.raises(VideoDecodeError) as ei:
-        adapter.generate([str(bad)], "What happens?", {"max_new_tokens": 2})
+        generate(adapter, [str(bad)], "What happens?", {"max_new_tokens": 2})
     assert str(bad) in one_line(ei.value)
     lmm = ApetBenchLMM(adapter=adapter, compressor=build_method("none"))
     lmm.task_dict = {"apet_tgif_qa_local": {"test": {3: {"video": str(bad)}}}}

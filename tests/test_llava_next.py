@@ -16,6 +16,7 @@ from apet_bench.methods.base import LLMSelection, VisualSelection
 from apet_bench.models import ModelConfigError, load_model
 from apet_bench.models.llava15 import VICUNA_V1_SYSTEM
 from apet_bench.models.llava_next import LlavaNextAdapter, TinyLlavaNextConfig
+from apet_bench.pipeline import generate
 
 TINY_LLAVA_NEXT_CFG: dict = {
     "name": "tiny_llava_next",
@@ -109,7 +110,7 @@ def test_square_image_is_not_unpadded(next_sdpa, next_images):
 def test_none_equals_plain_hf_generate(next_adapter, next_images):
     a = next_adapter
     question = "What color is the car?"
-    out = a.generate([next_images[0]], question, GEN, build_method("none"))
+    out = generate(a, [next_images[0]], question, GEN, build_method("none"))
     inputs = a.processor(images=[next_images[0]], text=a.build_prompt(question), return_tensors="pt")
     with torch.inference_mode():
         ref = a.model.generate(
@@ -125,14 +126,14 @@ def test_none_equals_plain_hf_generate(next_adapter, next_images):
 
 
 def test_outputs_depend_on_the_image(next_sdpa, next_images):
-    outs = [next_sdpa.generate([img], "What is in the image?", GEN) for img in next_images[:2]]
+    outs = [generate(next_sdpa, [img], "What is in the image?", GEN) for img in next_images[:2]]
     assert not torch.allclose(outs[0].logits[0], outs[1].logits[0])
 
 
 def test_stage1_keep_all_equals_baseline(next_adapter, next_images):
     a = next_adapter
-    base = a.generate([next_images[2]], "What color is it?", GEN)
-    same = a.generate([next_images[2]], "What color is it?", GEN, KeepAllAtProjector())
+    base = generate(a, [next_images[2]], "What color is it?", GEN)
+    same = generate(a, [next_images[2]], "What color is it?", GEN, KeepAllAtProjector())
     assert same.output_ids == base.output_ids
     assert_same_logits(same.logits, base.logits)
     assert same.kept_indices == [list(range(base.visual_tokens_in))]
@@ -142,26 +143,26 @@ def test_stage1_keep_all_equals_baseline(next_adapter, next_images):
 def test_random_stage1_keeps_budget_and_cache_matches_no_cache(next_adapter, next_images):
     a = next_adapter
     question = "Is there a dog?"
-    cached = a.generate([next_images[0]], question, GEN, build_method("random", budget=0.25, seed=0))
+    cached = generate(a, [next_images[0]], question, GEN, build_method("random", budget=0.25, seed=0))
     n = cached.visual_tokens_in
     k = budget_to_tokens(0.25, n)
     assert cached.visual_tokens_llm == k and cached.layer_visual_tokens == [k] * a.num_layers
     assert len(cached.kept_indices[0]) == k
     assert cached.kv_cache_tokens == [cached.prompt_tokens + len(cached.output_ids) - 1] * a.num_layers
-    nocache = a.generate(
+    nocache = generate(a,
         [next_images[0]], question, {**GEN, "use_cache": False}, build_method("random", budget=0.25, seed=0)
     )
     assert nocache.kept_indices == cached.kept_indices
     assert nocache.output_ids == cached.output_ids
     for x, y in zip(cached.logits, nocache.logits):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
-    full = a.generate([next_images[0]], question, GEN)
+    full = generate(a, [next_images[0]], question, GEN)
     assert not torch.allclose(full.logits[0], cached.logits[0])  # dropping 75% changes the answer logits
 
 
 def test_random_int_budget_and_two_images(next_sdpa, next_images):
     a = next_sdpa
-    out = a.generate(next_images[:2], "Are they the same?", GEN, build_method("random", budget=40, seed=1))
+    out = generate(a, next_images[:2], "Are they the same?", GEN, build_method("random", budget=40, seed=1))
     assert out.num_images == 2 and out.visual_tokens_llm == 80
     assert [len(k) for k in out.kept_indices] == [40, 40]
     inputs = a.prepare_inputs(next_images[:2], a.build_prompt("Are they the same?", 2))
@@ -175,12 +176,12 @@ def test_prompt_without_placeholder_raises_one_line(next_sdpa, next_images):
         next_sdpa.prepare_inputs([next_images[0]], f"{VICUNA_V1_SYSTEM} USER: hi ASSISTANT:")
     assert "\n" not in str(exc.value)
     with pytest.raises(ValueError, match="placeholder"):
-        next_sdpa.generate([next_images[0]], "<image> <image> two?", GEN)
+        generate(next_sdpa, [next_images[0]], "<image> <image> two?", GEN)
 
 
 def test_image_smaller_than_a_patch_raises_one_line(next_sdpa):
     with pytest.raises(ValueError, match=r"image 0 is 13x40 px, smaller than one 14x14 px patch") as exc:
-        next_sdpa.generate([make_image(0, (13, 40))], "What is it?", GEN)
+        generate(next_sdpa, [make_image(0, (13, 40))], "What is it?", GEN)
     assert "\n" not in str(exc.value)
 
 
@@ -238,28 +239,28 @@ def test_visual_positions_cover_the_packed_span(next_sdpa, next_images):
 def test_random_stage_llm_drops_at_layer_k(next_adapter, next_images):
     a = next_adapter
     question = "What is it?"
-    base = a.generate([next_images[0]], question, GEN)
+    base = generate(a, [next_images[0]], question, GEN)
     n, p = base.visual_tokens_in, base.prompt_tokens
-    out = a.generate([next_images[0]], question, GEN, build_method("random", budget=0.25, seed=0, stage="llm", layer=2))
+    out = generate(a, [next_images[0]], question, GEN, build_method("random", budget=0.25, seed=0, stage="llm", layer=2))
     k = budget_to_tokens(0.25, n)
     assert out.layer_visual_tokens == [n, n, k, k]
     assert out.visual_tokens_llm == n and out.prompt_tokens == p
     t = len(out.output_ids) - 1
     assert out.kv_cache_tokens == [p + t, p + t, p - n + k + t, p - n + k + t]
-    nocache = a.generate(
+    nocache = generate(a,
         [next_images[0]], question, {**GEN, "use_cache": False},
         build_method("random", budget=0.25, seed=0, stage="llm", layer=2),
     )
     torch.testing.assert_close(out.logits[0], nocache.logits[0], atol=1e-4, rtol=0)  # same first draw
-    keep_all = a.generate([next_images[0]], question, GEN, build_method("random", budget=1.0, stage="llm", layer=2))
+    keep_all = generate(a, [next_images[0]], question, GEN, build_method("random", budget=1.0, stage="llm", layer=2))
     assert keep_all.output_ids == base.output_ids
     assert_same_logits(keep_all.logits, base.logits)
 
 
 def test_stage_llm_cached_equals_uncached(next_adapter, next_images):
     a = next_adapter
-    cached = a.generate([next_images[3]], "Is there a dog?", GEN, EveryFourthAtLayer1())
-    nocache = a.generate([next_images[3]], "Is there a dog?", {**GEN, "use_cache": False}, EveryFourthAtLayer1())
+    cached = generate(a, [next_images[3]], "Is there a dog?", GEN, EveryFourthAtLayer1())
+    nocache = generate(a, [next_images[3]], "Is there a dog?", {**GEN, "use_cache": False}, EveryFourthAtLayer1())
     n = cached.visual_tokens_in
     assert cached.layer_visual_tokens == [n] + [len(range(0, n, 4))] * 3
     assert cached.output_ids == nocache.output_ids
@@ -287,7 +288,7 @@ class RecordsLayouts(TokenCompressor):
 
 def test_methods_read_the_current_layout_per_image(next_sdpa, next_images):
     m = RecordsLayouts()
-    out = next_sdpa.generate(next_images[:2], "Same?", {"max_new_tokens": 2}, m)
+    out = generate(next_sdpa, next_images[:2], "Same?", {"max_new_tokens": 2}, m)
     assert [a == b for a, b in m.seen] == [True, True]
     assert out.visual_tokens_llm == 2 * 64 and out.kept_indices == [list(range(64))] * 2
 

@@ -20,6 +20,7 @@ from apet_bench.methods import (
     get_method_class,
 )
 from apet_bench.models import load_model
+from apet_bench.pipeline import generate
 from apet_bench.surgery import shrink_placeholder_runs
 
 N, D = 576, 16
@@ -118,8 +119,8 @@ def test_random_seeding():
 # ---------------------------------------------------------------------- random on the tiny model
 def test_random_on_tiny_model_int_budget(tiny_llava15, images):
     gen = {"max_new_tokens": 5, "output_logits": True}
-    base = tiny_llava15.generate([images[0]], "What is in the image?", gen)
-    out = tiny_llava15.generate([images[0]], "What is in the image?", gen, build_method("random", budget=64, seed=0))
+    base = generate(tiny_llava15, [images[0]], "What is in the image?", gen)
+    out = generate(tiny_llava15, [images[0]], "What is in the image?", gen, build_method("random", budget=64, seed=0))
     assert out.visual_tokens_in == 576 and out.visual_tokens_llm == 64
     assert out.prompt_tokens == base.prompt_tokens - (576 - 64)
     assert out.layer_visual_tokens == [64] * tiny_llava15.num_layers
@@ -130,7 +131,7 @@ def test_random_on_tiny_model_int_budget(tiny_llava15, images):
 
 
 def test_random_on_tiny_model_float_budget_and_two_images(tiny_llava15, images):
-    out = tiny_llava15.generate(
+    out = generate(tiny_llava15,
         images[:2], "Compare the images.", {"max_new_tokens": 2}, build_method("random", budget=0.1, seed=5)
     )
     assert out.num_images == 2
@@ -144,7 +145,7 @@ def test_random_run_level_context_gives_reproducible_runs(tiny_llava15, images):
     def run(seed):
         m = build_method("random", budget=32, seed=seed)
         with m(tiny_llava15):
-            return [tiny_llava15.generate([img], "Is there a cat?", {"max_new_tokens": 1}, m).kept_indices
+            return [generate(tiny_llava15, [img], "Is there a cat?", {"max_new_tokens": 1}, m).kept_indices
                     for img in images[:2]]
 
     first, again, other = run(0), run(0), run(1)
@@ -158,9 +159,9 @@ def test_random_with_eager_and_sdpa(tiny_llava15, tiny_llava15_cfg, images, attn
     adapter = tiny_llava15 if attn == "sdpa" else load_model(tiny_llava15_cfg)
     assert adapter.attn_implementation == attn
     gen = {"max_new_tokens": 4, "output_logits": True}
-    out = adapter.generate([images[1]], "What color is the bus?", gen, build_method("random", budget=64, seed=0))
+    out = generate(adapter, [images[1]], "What color is the bus?", gen, build_method("random", budget=64, seed=0))
     assert out.visual_tokens_llm == 64 and out.layer_visual_tokens == [64] * adapter.num_layers
-    ref = tiny_llava15.generate([images[1]], "What color is the bus?", gen, build_method("random", budget=64, seed=0))
+    ref = generate(tiny_llava15, [images[1]], "What color is the bus?", gen, build_method("random", budget=64, seed=0))
     assert out.kept_indices == ref.kept_indices
     torch.testing.assert_close(out.logits[0], ref.logits[0], atol=1e-3, rtol=1e-4)
 
@@ -210,7 +211,7 @@ def test_hooks_removed_after_generate_and_hooks_run(tiny_llava15, images):
     model = tiny_llava15.model
     before = count_hooks(model)
     m = HookingMethod()
-    out = tiny_llava15.generate([images[0]], "Is it red?", {"max_new_tokens": 2}, m)
+    out = generate(tiny_llava15, [images[0]], "Is it red?", {"max_new_tokens": 2}, m)
     assert m.calls >= tiny_llava15.num_layers  # the hooks were live during generation
     assert out.layer_visual_tokens == [576] * tiny_llava15.num_layers  # no-op hooks drop nothing
     assert count_hooks(model) == before
@@ -229,7 +230,7 @@ class BrokenStage1(TokenCompressor):
 def test_bad_stage1_output_raises_and_leaves_no_hooks(tiny_llava15, images):
     before = count_hooks(tiny_llava15.model)
     with pytest.raises(ValueError, match="hidden size"):
-        tiny_llava15.generate([images[0]], "Is it red?", {"max_new_tokens": 2}, BrokenStage1())
+        generate(tiny_llava15, [images[0]], "Is it red?", {"max_new_tokens": 2}, BrokenStage1())
     assert count_hooks(tiny_llava15.model) == before
 
 
@@ -256,7 +257,7 @@ BUDGET_ON_TINY = {"tome": 288}
 def test_every_method_runs_on_tiny_llava15(tiny_llava15, images, name):
     before = count_hooks(tiny_llava15.model)
     method = build_method(name, budget=BUDGET_ON_TINY.get(name, 64), seed=0)
-    out = tiny_llava15.generate([images[2]], "What is shown?", {"max_new_tokens": 2}, method)
+    out = generate(tiny_llava15, [images[2]], "What is shown?", {"max_new_tokens": 2}, method)
     assert out.visual_tokens_in == 576 and 1 <= out.visual_tokens_llm <= 576
     assert len(out.layer_visual_tokens) == tiny_llava15.num_layers
     assert all(0 <= v <= out.visual_tokens_llm for v in out.layer_visual_tokens)

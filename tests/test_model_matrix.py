@@ -34,6 +34,7 @@ from test_stage2 import (
 from apet_bench.config import compose
 from apet_bench.methods.base import TokenCompressor, VisualSelection
 from apet_bench.models import load_model
+from apet_bench.pipeline import generate
 
 MODELS = ["tiny_llava15", "tiny_llava_next", "tiny_qwen25vl", "tiny_video_llava"]
 BACKENDS = ["eager", "sdpa"]
@@ -100,8 +101,8 @@ def cell(request):
 def test_stage1_keep_all_equals_unmodified(cell):
     model, adapter = cell
     for visuals in visuals_for(model):
-        base = adapter.generate(visuals, QUESTION, GEN)
-        same = adapter.generate(visuals, QUESTION, GEN, KeepAllVision())
+        base = generate(adapter, visuals, QUESTION, GEN)
+        same = generate(adapter, visuals, QUESTION, GEN, KeepAllVision())
         assert same.output_ids == base.output_ids
         assert_logits_equal(same.logits, base.logits)
         assert same.visual_tokens_llm == base.visual_tokens_llm == base.visual_tokens_in
@@ -112,8 +113,8 @@ def test_stage1_quarter_cached_equals_uncached_and_kv_follows_plan(cell):
     model, adapter = cell
     for visuals in visuals_for(model):
         method = EveryFourthVision()
-        cached = adapter.generate(visuals, QUESTION, GEN, method)
-        uncached = adapter.generate(visuals, QUESTION, {**GEN, "use_cache": False}, method)
+        cached = generate(adapter, visuals, QUESTION, GEN, method)
+        uncached = generate(adapter, visuals, QUESTION, {**GEN, "use_cache": False}, method)
         assert cached.output_ids == uncached.output_ids
         assert_logits_close(cached.logits, uncached.logits)
         n = cached.visual_tokens_in
@@ -127,12 +128,12 @@ def test_stage1_hooks_gone_after_exit_and_exception(cell):
     model, adapter = cell
     visuals = visuals_for(model)[0]
     before = count_hooks(adapter.model)
-    base = adapter.generate(visuals, QUESTION, GEN)
-    adapter.generate(visuals, QUESTION, GEN, EveryFourthVision())
+    base = generate(adapter, visuals, QUESTION, GEN)
+    generate(adapter, visuals, QUESTION, GEN, EveryFourthVision())
     with pytest.raises(RuntimeError, match="boom"):
-        adapter.generate(visuals, QUESTION, GEN, RaisingVision())
+        generate(adapter, visuals, QUESTION, GEN, RaisingVision())
     assert count_hooks(adapter.model) == before
-    after = adapter.generate(visuals, QUESTION, GEN)
+    after = generate(adapter, visuals, QUESTION, GEN)
     assert after.output_ids == base.output_ids
     assert_logits_equal(after.logits, base.logits)
 

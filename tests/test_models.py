@@ -13,6 +13,7 @@ from apet_bench.methods import TokenCompressor, build_method
 from apet_bench.models import GenerationOutput, ModelConfigError, load_model
 from apet_bench.models.llava15 import VICUNA_V1_SYSTEM
 from apet_bench.models.tiny import TinyLlavaConfig, build_tiny_llava15
+from apet_bench.pipeline import generate
 
 GEN = {"max_new_tokens": 6, "output_logits": True}
 
@@ -43,7 +44,7 @@ def assert_same_logits(a, b):
 def test_none_equals_plain_hf_generate(tiny_llava15, images):
     adapter = tiny_llava15
     question = "What color is the car?"
-    out = adapter.generate([images[0]], question, GEN, build_method("none"))
+    out = generate(adapter, [images[0]], question, GEN, build_method("none"))
     inputs, ref = plain_hf_generate(adapter, [images[0]], question)
     prompt_len = inputs["input_ids"].shape[1]
     assert out.output_ids == ref.sequences[0, prompt_len:].tolist()
@@ -59,15 +60,15 @@ def test_none_equals_plain_hf_generate(tiny_llava15, images):
 
 
 def test_default_method_is_none(tiny_llava15, images):
-    a = tiny_llava15.generate([images[1]], "Is there a dog?", GEN)
-    b = tiny_llava15.generate([images[1]], "Is there a dog?", GEN, build_method("none"))
+    a = generate(tiny_llava15, [images[1]], "Is there a dog?", GEN)
+    b = generate(tiny_llava15, [images[1]], "Is there a dog?", GEN, build_method("none"))
     assert a.output_ids == b.output_ids
     assert_same_logits(a.logits, b.logits)
 
 
 def test_tiny_outputs_depend_on_the_image(tiny_llava15, images):
     """Without this (HF default init std 0.02) every comparison between methods would be vacuous."""
-    outs = [tiny_llava15.generate([img], "What is in the image?", GEN) for img in images]
+    outs = [generate(tiny_llava15, [img], "What is in the image?", GEN) for img in images]
     assert len({tuple(o.output_ids) for o in outs}) > 1
     assert not torch.allclose(outs[0].logits[0], outs[1].logits[0])
     assert all(o.text for o in outs)  # word-level vocabulary: answers decode to words
@@ -81,8 +82,8 @@ class KeepAllAtProjector(TokenCompressor):
 
 def test_stage1_keep_all_equals_baseline(tiny_llava15, images):
     """The projector-stage surgery with nothing removed reproduces the baseline exactly (hooks.md §3.2)."""
-    base = tiny_llava15.generate([images[0]], "What color is it?", GEN)
-    same = tiny_llava15.generate([images[0]], "What color is it?", GEN, KeepAllAtProjector())
+    base = generate(tiny_llava15, [images[0]], "What color is it?", GEN)
+    same = generate(tiny_llava15, [images[0]], "What color is it?", GEN, KeepAllAtProjector())
     assert same.output_ids == base.output_ids
     assert_same_logits(same.logits, base.logits)
     assert same.kept_indices == [list(range(576))]
@@ -90,13 +91,13 @@ def test_stage1_keep_all_equals_baseline(tiny_llava15, images):
 
 
 def test_text_only_prompt(tiny_llava15):
-    out = tiny_llava15.generate([], "Is the sky blue?", {"max_new_tokens": 3}, build_method("random", budget=8))
+    out = generate(tiny_llava15, [], "Is the sky blue?", {"max_new_tokens": 3}, build_method("random", budget=8))
     assert out.num_images == 0 and out.visual_tokens_in == out.visual_tokens_llm == 0
     assert len(out.output_ids) <= 3
 
 
 def test_generation_output_to_dict_is_json(tiny_llava15, images):
-    out = tiny_llava15.generate([images[0]], "How many people?", GEN, build_method("random", budget=32))
+    out = generate(tiny_llava15, [images[0]], "How many people?", GEN, build_method("random", budget=32))
     assert isinstance(out, GenerationOutput)
     d = out.to_dict()
     assert "logits" not in d and d["mean_layer_visual_tokens"] == 32.0
@@ -189,8 +190,8 @@ def test_load_from_local_path_gives_same_logits(tiny_llava15, images, tiny_llava
     assert loaded.attn_implementation == "sdpa" and loaded.dtype == torch.float32
     sd0, sd1 = tiny_llava15.model.state_dict(), loaded.model.state_dict()
     assert sd0.keys() == sd1.keys() and all(torch.equal(sd0[k], sd1[k]) for k in sd0)
-    a = tiny_llava15.generate([images[2]], "What is on the table?", GEN)
-    b = loaded.generate([images[2]], "What is on the table?", GEN)
+    a = generate(tiny_llava15, [images[2]], "What is on the table?", GEN)
+    b = generate(loaded, [images[2]], "What is on the table?", GEN)
     assert a.output_ids == b.output_ids and a.text == b.text
     assert_same_logits(a.logits, b.logits)
 

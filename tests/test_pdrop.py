@@ -31,6 +31,7 @@ from apet_bench.budget import BudgetError
 from apet_bench.config import compose
 from apet_bench.methods import build_method
 from apet_bench.models import load_model
+from apet_bench.pipeline import generate
 
 
 def expand(n, layers, counts, depth):
@@ -160,7 +161,7 @@ def test_first_stage_row_is_layer_l1_eager_attention_on_the_full_input(model):
     budget = {"tiny_llava15": 128, "tiny_llava_next": 320, "tiny_qwen25vl": 0.2, "tiny_video_llava": 128}[model]
     m = PyramidDrop(budget=budget)
     seen = _spy(m)
-    out = sdpa.generate([image], Q, GEN, m)
+    out = generate(sdpa, [image], Q, GEN, m)
     assert out.layer_visual_tokens == out.planned_layer_visual_tokens
     if model == "tiny_llava15":
         assert out.layer_visual_tokens == [576, 241, 101, 42]
@@ -207,20 +208,20 @@ BUDGETS = {
 def test_every_paper_budget_plan_equals_measured_hooks_removed_deterministic(model):
     adapter = adapter_for(model)
     visuals = [clip()] if model == "tiny_video_llava" else [make_image(23, (224, 224))]
-    base = adapter.generate(visuals, Q, {**GEN, "output_logits": True})
+    base = generate(adapter, visuals, Q, {**GEN, "output_logits": True})
     before = count_hooks(adapter.model)
     facts = model_facts(adapter)
     for budget in BUDGETS[model]:
         m = PyramidDrop(budget=budget)
-        out = adapter.generate(visuals, Q, GEN, m)
+        out = generate(adapter, visuals, Q, GEN, m)
         n = out.visual_tokens_llm
         lam = m.sample_lambda(facts, n, adapter)
         assert m.model_layers(facts) == (1, 2, 3)
         assert out.layer_visual_tokens == out.planned_layer_visual_tokens == [n, *stage_counts(n, lam, 3)], budget
-        again = adapter.generate(visuals, Q, GEN, PyramidDrop(budget=budget))
+        again = generate(adapter, visuals, Q, GEN, PyramidDrop(budget=budget))
         assert (again.output_ids, again.kept_indices) == (out.output_ids, out.kept_indices)
         assert count_hooks(adapter.model) == before and not m.is_active
-    after = adapter.generate(visuals, Q, {**GEN, "output_logits": True})
+    after = generate(adapter, visuals, Q, {**GEN, "output_logits": True})
     assert after.output_ids == base.output_ids
     assert all(torch.equal(x, y) for x, y in zip(after.logits, base.logits))
 
@@ -235,7 +236,7 @@ def test_positions_renumbered_or_original():
     for pos in ("renumber", "original"):
         m = PyramidDrop(budget=192, positions=pos)
         seen = _spy(m)
-        outs[pos] = (adapter.generate(image, Q, gen, m), seen)
+        outs[pos] = (generate(adapter, image, Q, gen, m), seen)
         with m(adapter):
             assert m.renumber_positions == (pos == "renumber")
     (a, sa), (b, sb) = outs["renumber"], outs["original"]
@@ -332,7 +333,7 @@ def test_no_extra_full_attention_is_run(monkeypatch, method_name):
 
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", counting("sdpa", sdpa))
     monkeypatch.setattr(modeling_llama, "eager_attention_forward", counting("eager", eager))
-    out = adapter.generate([make_image(25)], Q, {"max_new_tokens": 1}, build_method(method_name, budget=64))
+    out = generate(adapter, [make_image(25)], Q, {"max_new_tokens": 1}, build_method(method_name, budget=64))
     assert out.layer_visual_tokens == out.planned_layer_visual_tokens and out.layer_visual_tokens[-1] < 576
     assert calls == {"sdpa": 4, "eager": 0}
 
@@ -357,8 +358,8 @@ def test_three_stage_positions_cached_equals_uncached(positions):
     adapter = adapter_for("tiny_llava15")
     gen = {"max_new_tokens": 3, "output_logits": True}
     m = FirstK(budget=128, positions=positions)
-    cached = adapter.generate([make_image(26)], Q, gen, m)
-    uncached = adapter.generate([make_image(26)], Q, {**gen, "use_cache": False}, m)
+    cached = generate(adapter, [make_image(26)], Q, gen, m)
+    uncached = generate(adapter, [make_image(26)], Q, {**gen, "use_cache": False}, m)
     assert cached.layer_visual_tokens == [576, 241, 101, 42]
     assert cached.output_ids == uncached.output_ids
     assert_logits_close(cached.logits, uncached.logits)
@@ -377,9 +378,9 @@ def test_llava_next_real_geometry_paper_budgets_fastv_and_pdrop():
                                 (160, 1, round((32 * 160 - 2928) / 31))):
         m = FastV(budget=budget)
         assert m.schedule_layer(facts) == k_ref
-        out = adapter.generate(image, Q, GEN, m)
+        out = generate(adapter, image, Q, GEN, m)
         assert out.visual_tokens_in == 2928 and keep == fastv_keep_count(budget, 2928, k_ref, 32, "equivalent_average")
         assert out.layer_visual_tokens == out.planned_layer_visual_tokens == [2928, keep, keep, keep]
     for budget, lam in ((640, 0.42), (320, 0.19), (160, 0.175)):
-        out = adapter.generate(image, Q, GEN, PyramidDrop(budget=budget))
+        out = generate(adapter, image, Q, GEN, PyramidDrop(budget=budget))
         assert out.layer_visual_tokens == out.planned_layer_visual_tokens == [2928, *stage_counts(2928, lam, 3)]

@@ -15,6 +15,7 @@ from apet_bench.methods import build_method
 from apet_bench.methods.base import TokenCompressor, VisualSelection
 from apet_bench.models import ModelSpec, load_model
 from apet_bench.models.qwen25vl import PAPER_MAX_PIXELS, PAPER_MIN_PIXELS, Qwen25VLAdapter
+from apet_bench.pipeline import generate, generate_kwargs_for
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 QUESTION = "Is there a dog in the picture?"
@@ -89,14 +90,14 @@ def test_prompt_and_per_image_tokens(adapters, image):
 def test_none_equals_hf_generate(adapters, image, attn):
     a = adapters[attn]
     assert a.attn_implementation == attn
-    out = a.generate([image], QUESTION, GEN)
+    out = generate(a, [image], QUESTION, GEN)
     inputs = a.prepare_inputs([image], a.build_prompt(QUESTION))
-    ref = a.model.generate(**inputs, **a._generate_kwargs(GEN))
+    ref = a.model.generate(**inputs, **generate_kwargs_for(a, GEN))
     assert ref.sequences[0, inputs["input_ids"].shape[1] :].tolist() == out.output_ids
     assert _max_diff(ref.logits, out.logits) == 0.0
     assert out.visual_tokens_in == out.visual_tokens_llm == 80
     # keeping every token at stage 1 (explicit positions, mm_encoder_outputs) is the unmodified model
-    full = a.generate([image], QUESTION, GEN, build_method("random", budget=1.0, seed=0))
+    full = generate(a, [image], QUESTION, GEN, build_method("random", budget=1.0, seed=0))
     assert full.output_ids == out.output_ids and _max_diff(full.logits, out.logits) == 0.0
     assert full.prompt_tokens == out.prompt_tokens
 
@@ -104,8 +105,8 @@ def test_none_equals_hf_generate(adapters, image, attn):
 @pytest.mark.parametrize("budget,expected", [(16, 16), (0.1, round(0.1 * 80)), (0.25, 20)])
 def test_random_keeps_exactly_the_budget(adapters, image, budget, expected):
     a = adapters["sdpa"]
-    base = a.generate([image], QUESTION, {"max_new_tokens": 1})
-    out = a.generate([image], QUESTION, GEN, build_method("random", budget=budget, seed=3))
+    base = generate(a, [image], QUESTION, {"max_new_tokens": 1})
+    out = generate(a, [image], QUESTION, GEN, build_method("random", budget=budget, seed=3))
     assert out.visual_tokens_in == 80 and out.visual_tokens_llm == expected
     assert out.layer_visual_tokens == [expected] * 4
     assert out.prompt_tokens == base.prompt_tokens - (80 - expected)
@@ -116,11 +117,11 @@ def test_random_keeps_exactly_the_budget(adapters, image, budget, expected):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_cached_equals_uncached_at_25_percent(adapters, image, attn):
     a = adapters[attn]
-    cached = a.generate([image], QUESTION, GEN, build_method("random", budget=0.25, seed=1))
-    uncached = a.generate([image], QUESTION, {**GEN, "use_cache": False}, build_method("random", budget=0.25, seed=1))
+    cached = generate(a, [image], QUESTION, GEN, build_method("random", budget=0.25, seed=1))
+    uncached = generate(a, [image], QUESTION, {**GEN, "use_cache": False}, build_method("random", budget=0.25, seed=1))
     assert cached.output_ids == uncached.output_ids
     assert _max_diff(cached.logits, uncached.logits) < 1e-4
-    none = a.generate([image], QUESTION, GEN)
+    none = generate(a, [image], QUESTION, GEN)
     assert _max_diff(cached.logits, none.logits) > 1e-2  # compression changes the answer's logits
 
 
@@ -138,7 +139,7 @@ def test_kept_tokens_keep_original_3d_positions(adapters, image):
     method = build_method("random", budget=0.25, seed=5)
     seen, handle = _capture_positions(a)
     try:
-        out = a.generate([image], QUESTION, {"max_new_tokens": 2, "min_new_tokens": 2}, method)
+        out = generate(a, [image], QUESTION, {"max_new_tokens": 2, "min_new_tokens": 2}, method)
     finally:
         handle.remove()
     pos = seen[0]
@@ -160,7 +161,7 @@ def test_kept_tokens_keep_original_3d_positions(adapters, image):
     assert int(a.model.model.rope_deltas) == int(ref.max()) + 1 - (s + k + n_after)
     unshrunk, handle = _capture_positions(a)
     try:
-        a.generate([image], QUESTION, {"max_new_tokens": 2, "min_new_tokens": 2})
+        generate(a, [image], QUESTION, {"max_new_tokens": 2, "min_new_tokens": 2})
     finally:
         handle.remove()
     assert torch.equal(unshrunk[1][1:], seen[1][1:])
@@ -168,16 +169,16 @@ def test_kept_tokens_keep_original_3d_positions(adapters, image):
 
 def test_one_d_positions_are_refused(adapters, image, monkeypatch):
     a = adapters["sdpa"]
-    original = Qwen25VLAdapter.apply_visual_stage
+    original = Qwen25VLAdapter.stage_one_inputs
 
-    def without_positions(self, inputs, method):
-        gen_inputs, selections = original(self, inputs, method)
+    def without_positions(self, inputs, selections, shrunk):
+        gen_inputs = original(self, inputs, selections, shrunk)
         gen_inputs.pop("position_ids")  # what a naive stage 1 would do: HF then builds 1-D positions
-        return gen_inputs, selections
+        return gen_inputs
 
-    monkeypatch.setattr(Qwen25VLAdapter, "apply_visual_stage", without_positions)
+    monkeypatch.setattr(Qwen25VLAdapter, "stage_one_inputs", without_positions)
     with pytest.raises(RuntimeError, match="1-D fallback refused"):
-        a.generate([image], QUESTION, {"max_new_tokens": 2}, build_method("random", budget=0.25, seed=0))
+        generate(a, [image], QUESTION, {"max_new_tokens": 2}, build_method("random", budget=0.25, seed=0))
     monkeypatch.undo()
     a.model.generate(**a.prepare_inputs([image], a.build_prompt(QUESTION)), max_new_tokens=1)  # guard disarmed
 
@@ -201,7 +202,7 @@ def test_new_tokens_without_indices_get_positions_inside_the_image(adapters, ima
     H, W = gh // 2, gw // 2
     seen, handle = _capture_positions(a)
     try:
-        out = a.generate([image], QUESTION, {"max_new_tokens": 2}, _Pool())
+        out = generate(a, [image], QUESTION, {"max_new_tokens": 2}, _Pool())
     finally:
         handle.remove()
     assert out.visual_tokens_llm == 40 and out.kept_indices is None
@@ -213,7 +214,7 @@ def test_new_tokens_without_indices_get_positions_inside_the_image(adapters, ima
 def test_image_smaller_than_a_patch_is_a_one_line_error(adapters, size):
     a = adapters["sdpa"]
     with pytest.raises(ValueError) as ei:
-        a.generate([Image.new("RGB", size)], QUESTION, {"max_new_tokens": 1})
+        generate(a, [Image.new("RGB", size)], QUESTION, {"max_new_tokens": 1})
     msg = str(ei.value)
     assert "\n" not in msg and f"{size[0]}x{size[1]} px" in msg and "image 0" in msg
 
@@ -255,7 +256,7 @@ def test_saved_checkpoint_loads_through_the_real_model_path(tmp_path, image):
     assert not a.is_random_weights and a.weights.startswith("local:")
     assert (a.min_pixels, a.max_pixels) == (64 * 784, 256 * 784)
     ref = _tiny()
-    out, want = (x.generate([image], QUESTION, {"max_new_tokens": 3}) for x in (a, ref))
+    out, want = (generate(x, [image], QUESTION, {"max_new_tokens": 3}) for x in (a, ref))
     assert out.output_ids == want.output_ids and out.visual_tokens_in == 80
 
 
@@ -282,11 +283,11 @@ def test_stage2_matrix(adapters, image, attn):
 
 def test_random_at_stage2(adapters, image):
     a = adapters["sdpa"]
-    out = a.generate([image], QUESTION, GEN, build_method("random", budget=20, seed=3, stage="llm", layer=2))
+    out = generate(a, [image], QUESTION, GEN, build_method("random", budget=20, seed=3, stage="llm", layer=2))
     assert out.visual_tokens_llm == 80 and out.layer_visual_tokens == [80, 80, 20, 20]
     assert out.kv_cache_tokens == [out.prompt_tokens + 3] * 2 + [out.prompt_tokens - 60 + 3] * 2
     assert len(out.kept_indices[0]) == 20
-    frac = a.generate([image], QUESTION, GEN, build_method("random", budget=0.1, seed=3, stage="llm", layer=1))
+    frac = generate(a, [image], QUESTION, GEN, build_method("random", budget=0.1, seed=3, stage="llm", layer=1))
     assert frac.layer_visual_tokens == [80, 8, 8, 8]
 
 

@@ -176,13 +176,14 @@ def test_killed_run_resumes_at_k_and_matches_an_uninterrupted_run(tmp_path):
         f"cfg = compose([{'results_dir=' + str(killed / 'results')!r}, {'cache_dir=' + str(tmp_path / 'cache')!r}, *{args!r}])\n"
         "from omegaconf import OmegaConf\n"
         "adapter = runner._load_adapter(OmegaConf.to_container(cfg.model, resolve=True))\n"
-        "orig, n = adapter.generate, [0]\n"
+        "import apet_bench.eval.lmms_model as lm\n"
+        "orig, n = lm.generate, [0]\n"
         "def gen(*a, **k):\n"
         "    n[0] += 1\n"
         "    if n[0] == 3:\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return orig(*a, **k)\n"
-        "adapter.generate = gen\n"
+        "lm.generate = gen\n"
         "runner.execute(cfg)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
@@ -197,20 +198,22 @@ def test_killed_run_resumes_at_k_and_matches_an_uninterrupted_run(tmp_path):
     calls = []
     from omegaconf import OmegaConf
 
-    adapter = runner._load_adapter(OmegaConf.to_container(compose(args).model, resolve=True))
-    orig = adapter.generate
+    runner._load_adapter(OmegaConf.to_container(compose(args).model, resolve=True))
+    import apet_bench.eval.lmms_model as lm
+
+    orig = lm.generate
 
     def counting(*a, **k):
         calls.append(1)
         return orig(*a, **k)
 
-    adapter.generate = counting
+    lm.generate = counting
     try:
         resumed = execute(compose([f"results_dir={killed / 'results'}", f"cache_dir={tmp_path / 'cache'}", *args]))
         n_resumed = len(calls)
         plain = execute(compose([f"results_dir={tmp_path / 'plain'}", f"cache_dir={tmp_path / 'cache'}", *args]))
     finally:
-        adapter.generate = orig
+        lm.generate = orig
     assert n_resumed == 2 and resumed.summary["resumed_samples"] == 2 and not partial.exists()
 
     def content(out):

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from apet_bench.pipeline import generate
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_BENCH = Path(os.environ.get("APET_BENCH_TEST_DATA_ROOT", REPO.parent / "shared" / "benchmarks"))
 needs_mme = pytest.mark.skipif(not (SHARED_BENCH / "mme").is_dir(), reason=f"no MME data at {SHARED_BENCH}")
@@ -169,17 +171,17 @@ def test_sample_within_the_budget_keeps_all_tokens_and_the_next_one_is_compresse
     gen = {"max_new_tokens": 2}
     with method(adapter):  # attached for the whole run, as the lmms-eval model class does
         hooks = len(method._hook_handles)
-        first = adapter.generate([small], "Is there a dog?", gen, method)
+        first = generate(adapter, [small], "Is there a dog?", gen, method)
         assert calls == [] and len(method._hook_handles) == hooks  # hooks off for that sample, back after it
-        second = adapter.generate([large], "Is there a dog?", gen, method)
+        second = generate(adapter, [large], "Is there a dog?", gen, method)
         assert calls  # the method ran again on the next sample
     assert first.uncompressed and first.visual_tokens_in == 268 and first.visual_tokens_llm == 268
     assert first.kept_indices is None and first.planned_layer_visual_tokens == [268] * adapter.num_layers
     assert not second.uncompressed and second.visual_tokens_in == 336 and second.visual_tokens_llm == 300
     # the budget is per visual input: two images of 268 and 280 tokens both fit 300
-    two = adapter.generate([small, make_image(12, (100, 300))], "Same?", gen, build_method("random", budget=300))
+    two = generate(adapter, [small, make_image(12, (100, 300))], "Same?", gen, build_method("random", budget=300))
     assert two.uncompressed and two.visual_tokens_in == two.visual_tokens_llm == 268 + 280
-    ratio = adapter.generate([small], "Is there a dog?", gen, build_method("random", budget=0.5, seed=0))
+    ratio = generate(adapter, [small], "Is there a dog?", gen, build_method("random", budget=0.5, seed=0))
     assert not ratio.uncompressed and ratio.visual_tokens_llm == 134  # a ratio always compresses
 
 

@@ -25,6 +25,7 @@ from test_model_matrix import get_adapter
 from apet_bench.budget import BudgetError
 from apet_bench.config import compose
 from apet_bench.methods import available_methods, build_method
+from apet_bench.pipeline import generate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,7 +143,7 @@ def test_layer_input_accounting_lands_on_the_budget(family, num_layers, n, budge
 def test_layer_input_accounting_on_tiny_llava15():
     a = get_adapter("tiny_llava15", "sdpa")
     m = build_method("sparsevlm", budget=192, accounting="layer_input")
-    out = a.generate([make_image(1)], Q, GEN, m)
+    out = generate(a, [make_image(1)], Q, GEN, m)
     assert out.layer_visual_tokens == out.planned_layer_visual_tokens
     assert out.mean_layer_visual_tokens <= 192 < build_method("sparsevlm", budget=192).plan(a, 576)[1]
 
@@ -280,7 +281,7 @@ def test_rank_keep_rule_keeps_rank_of_rater_attention():
 def test_rank_keep_rule_on_tiny_video_llava():
     a = get_adapter("tiny_video_llava", "sdpa")
     m = build_method("sparsevlm", budget=256, keep_rule="rank")
-    out = a.generate(TINY["tiny_video_llava"][1](), Q, GEN, m)
+    out = generate(a, TINY["tiny_video_llava"][1](), Q, GEN, m)
     assert out.layer_visual_tokens == out.planned_layer_visual_tokens
     k = len(m.last_record[0]["kept"])
     assert 1 <= k <= int(m._raters.numel()) and out.layer_visual_tokens[1] == k + S.recycled_clusters(2056 - k)
@@ -372,10 +373,10 @@ def test_matches_official_loop_on_tiny_llava15(version, budget):
     image = make_image(5)
     ref = _official_reference_logits(adapter, image, Q, budget, seed=3, version=version)
     m = build_method("sparsevlm", budget=budget, seed=3, version=version)
-    out = adapter.generate([image], Q, {"max_new_tokens": 1, "output_logits": True}, m)
+    out = generate(adapter, [image], Q, {"max_new_tokens": 1, "output_logits": True}, m)
     torch.testing.assert_close(out.logits[0].float(), ref, atol=1e-4, rtol=1e-4)
     # the check can fail: the other version's choices give other logits
-    other = adapter.generate([image], Q, {"max_new_tokens": 1, "output_logits": True},
+    other = generate(adapter, [image], Q, {"max_new_tokens": 1, "output_logits": True},
                              build_method("sparsevlm", budget=budget, seed=3,
                                           version="2.0" if version == "1.5" else "1.5"))
     assert not torch.allclose(other.logits[0].float(), ref, atol=1e-4)
@@ -418,7 +419,7 @@ def test_tiny_plan_equals_measured_and_sdpa_equals_eager(model):
         for attn in ("sdpa", "eager"):
             a = get_adapter(model, attn)
             m = build_method("sparsevlm", budget=budget, seed=0)
-            out = a.generate(visuals(), Q, GEN, m)
+            out = generate(a, visuals(), Q, GEN, m)
             assert own_hooks(a) == 0
             assert out.layer_visual_tokens == out.planned_layer_visual_tokens, (model, attn, budget)
             n = out.visual_tokens_llm
@@ -431,9 +432,9 @@ def test_tiny_plan_equals_measured_and_sdpa_equals_eager(model):
             recs.append(m.last_record)
         assert outs[0].kept_indices == outs[1].kept_indices
         a = get_adapter(model, "sdpa")  # same seed -> same output; the model equals `none` afterwards
-        again = a.generate(visuals(), Q, GEN, build_method("sparsevlm", budget=budget, seed=0))
+        again = generate(a, visuals(), Q, GEN, build_method("sparsevlm", budget=budget, seed=0))
         assert (again.output_ids, again.kept_indices) == (outs[0].output_ids, outs[0].kept_indices)
-        after = a.generate(visuals(), Q, {**GEN, "output_logits": True})
+        after = generate(a, visuals(), Q, {**GEN, "output_logits": True})
         for x, y in zip(base.logits, after.logits):
             assert torch.equal(x, y)
         for r_s, r_e in zip(*recs):
@@ -462,10 +463,10 @@ def test_rater_rows_equal_eager_attention(model):
 def test_same_seed_same_output_and_model_restored():
     a = get_adapter("tiny_llava15", "sdpa")
     img = [make_image(4)]
-    base = a.generate(img, Q, {"max_new_tokens": 3, "output_logits": True})
-    outs = [a.generate(img, Q, {"max_new_tokens": 3}, build_method("sparsevlm", budget=128, seed=7)) for _ in range(2)]
+    base = generate(a, img, Q, {"max_new_tokens": 3, "output_logits": True})
+    outs = [generate(a, img, Q, {"max_new_tokens": 3}, build_method("sparsevlm", budget=128, seed=7)) for _ in range(2)]
     assert outs[0].output_ids == outs[1].output_ids and outs[0].kept_indices == outs[1].kept_indices
-    after = a.generate(img, Q, {"max_new_tokens": 3, "output_logits": True})
+    after = generate(a, img, Q, {"max_new_tokens": 3, "output_logits": True})
     assert after.output_ids == base.output_ids
     for x, y in zip(base.logits, after.logits):
         assert torch.equal(x, y)
@@ -583,6 +584,6 @@ def test_without_kv_cache_refused_in_one_line():
     """Without a cache every decode step is a new prefill with one more text token than the rows requested."""
     a = get_adapter("tiny_llava15", "sdpa")
     with pytest.raises(ValueError, match="use a KV cache") as err:
-        a.generate([make_image(1)], Q, {"max_new_tokens": 2, "use_cache": False}, build_method("sparsevlm", budget=192))
+        generate(a, [make_image(1)], Q, {"max_new_tokens": 2, "use_cache": False}, build_method("sparsevlm", budget=192))
     assert "\n" not in str(err.value)
     assert own_hooks(a) == 0

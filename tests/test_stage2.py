@@ -18,6 +18,7 @@ from apet_bench.llm_surgery import LLMStageSurgery, build_keep_index
 from apet_bench.methods import TokenCompressor, VisualSelection, build_method
 from apet_bench.methods.base import LLMSelection
 from apet_bench.models import load_model
+from apet_bench.pipeline import generate
 
 GEN = {"max_new_tokens": 3, "output_logits": True}
 QUESTION = "What color is the car?"
@@ -134,8 +135,8 @@ def expected_kv(out) -> list[int]:
 
 def check_keep_all_equals_baseline(adapter, images, question=QUESTION, layer=2):
     """Stage 2 keeping every visual token reproduces the unmodified model exactly."""
-    base = adapter.generate(images, question, GEN)
-    same = adapter.generate(images, question, GEN, KeepAllLLM(layer=layer))
+    base = generate(adapter, images, question, GEN)
+    same = generate(adapter, images, question, GEN, KeepAllLLM(layer=layer))
     assert same.output_ids == base.output_ids
     assert_logits_equal(same.logits, base.logits)
     assert same.layer_visual_tokens == base.layer_visual_tokens == same.planned_layer_visual_tokens
@@ -147,8 +148,8 @@ def check_cached_equals_uncached(adapter, images, question=QUESTION, layer=2, me
     """25 % kept at ``layer``: cached generate == generate(use_cache=False) with the same selection,
     the measured per-layer visual tokens equal the plan, and each layer's KV cache length equals it."""
     method = method or EveryNthLLM(layer=layer)
-    cached = adapter.generate(images, question, GEN, method)
-    uncached = adapter.generate(images, question, {**GEN, "use_cache": False}, method)
+    cached = generate(adapter, images, question, GEN, method)
+    uncached = generate(adapter, images, question, {**GEN, "use_cache": False}, method)
     assert cached.output_ids == uncached.output_ids
     assert_logits_close(cached.logits, uncached.logits)
     n = cached.visual_tokens_llm
@@ -198,7 +199,7 @@ def check_left_padded_batch(adapter, images, questions, layer=2):
     assert surgery.kept_positions[layer].shape == (len(questions), k)
     for b in range(len(questions)):
         assert torch.equal(surgery.kept_positions[layer][b], vis[b][::4])
-        single = adapter.generate([images[b]], questions[b], GEN, method)
+        single = generate(adapter, [images[b]], questions[b], GEN, method)
         assert single.output_ids == cached.sequences[b, full:].tolist()
         assert_logits_close(single.logits, tuple(x[b : b + 1] for x in cached.logits))
     return cached
@@ -209,11 +210,11 @@ def check_hooks_gone(adapter, images, question=QUESTION, layer=2):
     the model equals the unmodified one again."""
     before = count_hooks(adapter.model)
     impls = attn_impls(adapter)
-    base = adapter.generate(images, question, GEN)
-    adapter.generate(images, question, GEN, EveryNthLLM(layer=layer))
-    adapter.generate(images, question, GEN, AttentionTopK(budget=0.25, layer=layer))
+    base = generate(adapter, images, question, GEN)
+    generate(adapter, images, question, GEN, EveryNthLLM(layer=layer))
+    generate(adapter, images, question, GEN, AttentionTopK(budget=0.25, layer=layer))
     with pytest.raises(RuntimeError, match="boom"):
-        adapter.generate(images, question, GEN, RaisingLLM(layer=layer))
+        generate(adapter, images, question, GEN, RaisingLLM(layer=layer))
     with pytest.raises(RuntimeError, match="boom"):
         with AttentionTopK(budget=0.25, layer=layer)(adapter) as m, LLMStageSurgery(adapter, m):
             assert count_hooks(adapter.model) > before
@@ -222,7 +223,7 @@ def check_hooks_gone(adapter, images, question=QUESTION, layer=2):
     assert count_hooks(adapter.model) == before
     assert attn_impls(adapter) == impls
     assert not any(hasattr(layer_.self_attn, "_apet_bench_row_capture") for layer_ in adapter.decoder_layers)
-    after = adapter.generate(images, question, GEN)
+    after = generate(adapter, images, question, GEN)
     assert after.output_ids == base.output_ids
     assert_logits_equal(after.logits, base.logits)
 
@@ -276,7 +277,7 @@ def test_cached_equals_uncached_at_quarter(adapter, images):
 
 def test_merging_replaces_hidden_states(adapter, images):
     out = check_cached_equals_uncached(adapter, [images[1]], layer=1, method=EveryNthLLM(layer=1, merge=True))
-    plain = adapter.generate([images[1]], QUESTION, GEN, EveryNthLLM(layer=1))
+    plain = generate(adapter, [images[1]], QUESTION, GEN, EveryNthLLM(layer=1))
     assert out.layer_visual_tokens == plain.layer_visual_tokens == [576, 144, 144, 144]
     assert not torch.allclose(out.logits[0], plain.logits[0])
 
@@ -342,7 +343,7 @@ def test_attention_method_same_selection_on_sdpa_and_eager(tiny_llava15, tiny_ll
         m = AttentionTopK(budget=0.25, layer=2, seen=[])
         # no use_cache=False reference here: without a cache every step is a prefill whose last row is
         # the newest token, not the last prompt token, so the selection legitimately changes
-        out = a.generate([images[0]], QUESTION, GEN, m)
+        out = generate(a, [images[0]], QUESTION, GEN, m)
         assert out.kv_cache_tokens == expected_kv(out)
         outs.append(out)
         seen.append(m.seen[0])
@@ -358,18 +359,18 @@ def test_random_at_stage2(tiny_llava15, images):
     adapter = tiny_llava15
     m = build_method("random", budget=144, seed=3, stage="llm", layer=2)
     assert m.stage == "llm" and m.llm_layers() == (2,) and m.config_dict()["stage"] == "llm"
-    out = adapter.generate([images[0]], QUESTION, GEN, m)
+    out = generate(adapter, [images[0]], QUESTION, GEN, m)
     assert out.visual_tokens_llm == 576 and out.prompt_tokens == out.kv_cache_tokens[0] - len(out.output_ids) + 1
     assert out.layer_visual_tokens == out.planned_layer_visual_tokens == [576, 576, 144, 144]
     assert out.kv_cache_tokens == expected_kv(out)
     short = {"max_new_tokens": 1}
-    again = adapter.generate([images[0]], QUESTION, short, build_method("random", budget=144, seed=3, stage="llm"))
-    other = adapter.generate([images[0]], QUESTION, short, build_method("random", budget=144, seed=4, stage="llm"))
+    again = generate(adapter, [images[0]], QUESTION, short, build_method("random", budget=144, seed=3, stage="llm"))
+    other = generate(adapter, [images[0]], QUESTION, short, build_method("random", budget=144, seed=4, stage="llm"))
     assert out.kept_indices == again.kept_indices != other.kept_indices
     assert len(out.kept_indices[0]) == 144 and out.kept_indices[0] == sorted(out.kept_indices[0])
-    frac = adapter.generate([images[0]], QUESTION, short, build_method("random", budget=0.5, stage="llm", layer=1))
+    frac = generate(adapter, [images[0]], QUESTION, short, build_method("random", budget=0.5, stage="llm", layer=1))
     assert frac.layer_visual_tokens == [576, 288, 288, 288]
-    vision = adapter.generate([images[0]], QUESTION, short, build_method("random", budget=144, seed=3))
+    vision = generate(adapter, [images[0]], QUESTION, short, build_method("random", budget=144, seed=3))
     assert vision.layer_visual_tokens == vision.planned_layer_visual_tokens == [144] * 4
 
 
@@ -393,11 +394,11 @@ def test_random_yaml_params_build(tmp_path):
 
 def test_stage_both_gets_both_calls(tiny_llava15, images):
     m = HalfThenQuarter(layer=2)
-    out = tiny_llava15.generate([images[0]], QUESTION, GEN, m)
+    out = generate(tiny_llava15, [images[0]], QUESTION, GEN, m)
     assert out.visual_tokens_llm == 288
     assert out.layer_visual_tokens == out.planned_layer_visual_tokens == [288, 288, 72, 72]
     assert out.kept_indices == [list(range(0, 288, 4))]
-    uncached = tiny_llava15.generate([images[0]], QUESTION, {**GEN, "use_cache": False}, m)
+    uncached = generate(tiny_llava15, [images[0]], QUESTION, {**GEN, "use_cache": False}, m)
     assert_logits_close(out.logits, uncached.logits)
 
 
@@ -414,19 +415,19 @@ def test_multiple_drop_layers_compose(tiny_llava15, images):
             return LLMSelection(torch.stack([v[::2] for v in visual_positions]))
 
     m = TwoStep()
-    out = tiny_llava15.generate([images[0]], QUESTION, GEN, m)
+    out = generate(tiny_llava15, [images[0]], QUESTION, GEN, m)
     assert out.layer_visual_tokens == out.planned_layer_visual_tokens == [576, 288, 288, 144]
     assert out.kv_cache_tokens == expected_kv(out)
-    uncached = tiny_llava15.generate([images[0]], QUESTION, {**GEN, "use_cache": False}, m)
+    uncached = generate(tiny_llava15, [images[0]], QUESTION, {**GEN, "use_cache": False}, m)
     assert_logits_close(out.logits, uncached.logits)
 
 
 def test_stage2_errors(tiny_llava15, images):
     before = count_hooks(tiny_llava15.model)
     with pytest.raises(ValueError, match="1 <= layer < 4"):
-        tiny_llava15.generate([images[0]], QUESTION, GEN, build_method("random", budget=8, stage="llm", layer=4))
+        generate(tiny_llava15, [images[0]], QUESTION, GEN, build_method("random", budget=8, stage="llm", layer=4))
     with pytest.raises(ValueError, match="DynamicCache"):
-        tiny_llava15.generate([images[0]], QUESTION, {**GEN, "cache_implementation": "static"}, EveryNthLLM())
+        generate(tiny_llava15, [images[0]], QUESTION, {**GEN, "cache_implementation": "static"}, EveryNthLLM())
     with pytest.raises(ValueError, match=r"must be in \[0, 2\)"):
 
         @dataclass
@@ -548,16 +549,16 @@ def test_renumbered_positions_cached_equals_uncached(tiny_llava15, tiny_llava15_
     cached run; keeping everything changes nothing; dropping changes the logits vs original positions."""
     adapter = tiny_llava15 if attn == "sdpa" else tiny_llava15_eager
     image = images[:1]
-    base = adapter.generate(image, QUESTION, GEN)
-    same = adapter.generate(image, QUESTION, GEN, KeepAllRenumbered(layer=2))
+    base = generate(adapter, image, QUESTION, GEN)
+    same = generate(adapter, image, QUESTION, GEN, KeepAllRenumbered(layer=2))
     assert same.output_ids == base.output_ids
     assert_logits_equal(same.logits, base.logits)
-    cached = adapter.generate(image, QUESTION, GEN, EveryNthRenumbered(layer=2))
-    uncached = adapter.generate(image, QUESTION, {**GEN, "use_cache": False}, EveryNthRenumbered(layer=2))
+    cached = generate(adapter, image, QUESTION, GEN, EveryNthRenumbered(layer=2))
+    uncached = generate(adapter, image, QUESTION, {**GEN, "use_cache": False}, EveryNthRenumbered(layer=2))
     assert cached.output_ids == uncached.output_ids
     assert_logits_close(cached.logits, uncached.logits)
     assert cached.kv_cache_tokens == expected_kv(cached)
-    original = adapter.generate(image, QUESTION, GEN, EveryNthLLM(layer=2))
+    original = generate(adapter, image, QUESTION, GEN, EveryNthLLM(layer=2))
     assert not torch.allclose(original.logits[0], cached.logits[0], atol=1e-4)
 
 

@@ -36,6 +36,7 @@ from apet_bench.methods import build_method, get_method_class
 from apet_bench.models import load_model
 from apet_bench.models.base import VisualContext
 from apet_bench.models.video_llava import VideoClip
+from apet_bench.pipeline import generate
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("APET_BENCH_TEST_DATA_ROOT", REPO.parent / "shared" / "benchmarks"))
@@ -332,9 +333,9 @@ def test_patched_tower_equals_reference(llava, prop_attn):
 def test_eager_and_sdpa_towers_merge_the_same_tokens():
     eager = _load(["model=tiny_llava15", DEEP, "model.attn_implementation=eager"])
     img = [make_image(5, (70, 50))]
-    a = eager.generate(img, Q, GEN, build_method("tome", budget=64))
+    a = generate(eager, img, Q, GEN, build_method("tome", budget=64))
     sdpa = _load(["model=tiny_llava15", DEEP])
-    b = sdpa.generate(img, Q, GEN, build_method("tome", budget=64))
+    b = generate(sdpa, img, Q, GEN, build_method("tome", budget=64))
     assert a.kept_indices == b.kept_indices
     assert a.layer_visual_tokens == b.layer_visual_tokens == [64] * 4
 
@@ -343,18 +344,18 @@ def test_eager_and_sdpa_towers_merge_the_same_tokens():
 def test_hooks_removed_model_equals_none_and_deterministic(llava):
     img = [make_image(6, (64, 48))]
     gen = {"max_new_tokens": 3, "output_logits": True}
-    none_before = llava.generate(img, Q, gen)
+    none_before = generate(llava, img, Q, gen)
     before = _hooks(llava.model)
     m1 = build_method("tome", budget=64, seed=0)
-    a = llava.generate(img, Q, gen, m1)
-    b = llava.generate(img, Q, gen, build_method("tome", budget=64, seed=0))
+    a = generate(llava, img, Q, gen, m1)
+    b = generate(llava, img, Q, gen, build_method("tome", budget=64, seed=0))
     assert a.kept_indices == b.kept_indices and a.output_ids == b.output_ids
     assert all(torch.equal(x, y) for x, y in zip(a.logits, b.logits))
     assert _hooks(llava.model) == before and not m1.is_active
     from apet_bench.baselines.tome import _encoder_layers
 
     assert not any("forward" in layer.__dict__ for layer in _encoder_layers(llava.vision_tower))
-    none_after = llava.generate(img, Q, gen)
+    none_after = generate(llava, img, Q, gen)
     assert none_after.output_ids == none_before.output_ids
     assert all(torch.equal(x, y) for x, y in zip(none_after.logits, none_before.logits))
     assert not any(torch.equal(x, y) for x, y in zip(a.logits[:1], none_before.logits[:1]))  # tome changed something
@@ -362,22 +363,22 @@ def test_hooks_removed_model_equals_none_and_deterministic(llava):
 
 
 def test_video_llava_per_frame_and_image(video_llava):
-    out = video_llava.generate([_clip()], Q, GEN, m := build_method("tome", budget=256))
+    out = generate(video_llava, [_clip()], Q, GEN, m := build_method("tome", budget=256))
     assert out.visual_tokens_in == 2056 and out.layer_visual_tokens == [256] * 4 == out.planned_layer_visual_tokens
     kept = torch.tensor(out.kept_indices[0]).view(8, 32)
     assert torch.equal(kept[:, 0], torch.arange(8) * 257)  # each frame's CLS kept, first
     assert ((kept // 257) == torch.arange(8).unsqueeze(1)).all()  # 32 tokens of each frame
     assert m.last_groups[0].shape == (8, 257)
-    img = video_llava.generate([make_image(2, (64, 48))], Q, GEN, build_method("tome", budget=64))
+    img = generate(video_llava, [make_image(2, (64, 48))], Q, GEN, build_method("tome", budget=64))
     assert img.visual_tokens_in == 256 and img.layer_visual_tokens == [64] * 4
 
 
 def test_llava_next_per_crop_with_unpadding():
     adapter = _load(["model=tiny_llava_next"])
     img = [make_image(3, (300, 100))]  # 1x3 grid, unpadding removes rows of every grid crop
-    full = adapter.generate(img, Q, GEN)
+    full = generate(adapter, img, Q, GEN)
     m = build_method("tome", budget=160)
-    out = adapter.generate(img, Q, GEN, m)
+    out = generate(adapter, img, Q, GEN, m)
     segs = adapter.visual_segments(adapter.prepare_inputs(img, adapter.build_prompt(Q)))[0]
     n_new = int(segs.newline_positions.numel())
     crops = len(segs.segments)
@@ -395,7 +396,7 @@ def test_llava_next_real_geometry_exact():
     """336 px crops (576 patches), 24-layer tower: 672 x 672 -> 5 crops x b + 48 newlines, no unpadding."""
     adapter = _load(["model=tiny_llava_next", *NEXT336])
     for budget, b in ((640, 128), (160, 32)):
-        out = adapter.generate([make_image(2, (672, 672))], Q, GEN, build_method("tome", budget=budget))
+        out = generate(adapter, [make_image(2, (672, 672))], Q, GEN, build_method("tome", budget=budget))
         assert out.visual_tokens_in == 2928
         assert out.layer_visual_tokens == [5 * b + 48] * 4 == out.planned_layer_visual_tokens
 
@@ -404,7 +405,7 @@ def test_llava_next_real_geometry_exact():
 def test_qwen_post_merger_passes(budget):
     adapter = _load(["model=tiny_qwen25vl"])
     m = build_method("tome", budget=budget)
-    out = adapter.generate([make_image(3, (224, 224))], Q, GEN, m)
+    out = generate(adapter, [make_image(3, (224, 224))], Q, GEN, m)
     n = out.visual_tokens_in
     assert out.layer_visual_tokens == [round(budget * n)] * 4 == out.planned_layer_visual_tokens
     kept = out.kept_indices[0]
@@ -455,10 +456,10 @@ def test_end_to_end(tmp_path, model, extra, budgets, bench):
 def test_two_images_each_get_the_budget(llava):
     imgs = [make_image(1, (64, 48)), make_image(2, (48, 64))]
     m = build_method("tome", budget=64)
-    out = llava.generate(imgs, Q, GEN, m)
+    out = generate(llava, imgs, Q, GEN, m)
     assert out.visual_tokens_in == 1152 and out.layer_visual_tokens == [128] * 4 == out.planned_layer_visual_tokens
     assert [len(k) for k in out.kept_indices] == [64, 64] and out.kept_indices[0] != out.kept_indices[1]
-    single = llava.generate(imgs[1:], Q, GEN, build_method("tome", budget=64))
+    single = generate(llava, imgs[1:], Q, GEN, build_method("tome", budget=64))
     assert out.kept_indices[1] == single.kept_indices[0]  # image 1 merged on its own batch row
 
 
@@ -479,5 +480,5 @@ def test_remainder_last_schedule_in_the_tower(llava):
 
 def test_bfloat16_tower():
     adapter = _load(["model=tiny_llava15", DEEP, "model.dtype=bfloat16"])
-    out = adapter.generate([make_image(1, (64, 48))], Q, GEN, build_method("tome", budget=64))
+    out = generate(adapter, [make_image(1, (64, 48))], Q, GEN, build_method("tome", budget=64))
     assert out.layer_visual_tokens == [64] * 4 and len(set(out.kept_indices[0])) == 64

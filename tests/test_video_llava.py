@@ -18,6 +18,7 @@ from apet_bench.methods import TokenCompressor, build_method
 from apet_bench.methods.base import LLMSelection
 from apet_bench.models import load_model
 from apet_bench.models.video_llava import VideoClip, VideoLlavaAdapter
+from apet_bench.pipeline import generate
 
 BENCH = Path(os.environ.get("APET_SHARED_BENCHMARKS", "/work/shared/benchmarks"))
 GIFS = sorted(glob.glob(str(BENCH / "tgif_qa" / "*.gif")))
@@ -115,7 +116,7 @@ def test_tiny_geometry_and_prompts(vl):
 def test_none_image_equals_plain_hf_generate(vl):
     img = make_image(0)
     q = "What color is the car?"
-    out = vl.generate(img, q, GEN, build_method("none"))
+    out = generate(vl, img, q, GEN, build_method("none"))
     inputs = vl.processor(images=[img], text=vl.build_prompt(q), return_tensors="pt", return_legacy_image_output=False)
     with torch.inference_mode():
         ref = vl.model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
@@ -129,7 +130,7 @@ def test_none_image_equals_plain_hf_generate(vl):
 
 def test_none_video_equals_plain_hf_generate(vl, clip):
     q = "what is the color of the dog ?"
-    out = vl.generate(clip, q, GEN, build_method("none"))
+    out = generate(vl, clip, q, GEN, build_method("none"))
     n, ref = hf_video_generate(vl, clip.frames, q)
     assert out.output_ids == ref.sequences[0, n:].tolist()
     same_logits(out.logits, ref.logits)
@@ -143,11 +144,11 @@ def test_none_video_equals_plain_hf_generate(vl, clip):
 def test_video_path_is_decoded(vl):
     """lmms-eval video tasks pass ``[path]``; a path, a list of one path and the decoded clip agree."""
     gen = {"max_new_tokens": 1, "output_logits": True}
-    a = vl.generate([GIFS[0]], "what is it ?", gen)
-    b = vl.generate(VideoClip(load_video(GIFS[0])), "what is it ?", gen)
+    a = generate(vl, [GIFS[0]], "what is it ?", gen)
+    b = generate(vl, VideoClip(load_video(GIFS[0])), "what is it ?", gen)
     same_logits(a.logits, b.logits)
     assert a.visual_tokens_in == 2056 and a.num_images == 1
-    d = vl.generate(MP4S[0], "what is it ?", gen)
+    d = generate(vl, MP4S[0], "what is it ?", gen)
     assert not torch.allclose(a.logits[0], d.logits[0])  # outputs depend on the video
 
 
@@ -155,11 +156,11 @@ def test_bad_visuals_raise(vl, clip, tmp_path):
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"nope" * 100)
     with pytest.raises(VideoDecodeError, match="bad.mp4"):
-        vl.generate([str(bad)], "what ?", {"max_new_tokens": 1})
+        generate(vl, [str(bad)], "what ?", {"max_new_tokens": 1})
     with pytest.raises(ValueError, match="either images or videos"):
-        vl.generate([make_image(1), clip], "what ?", {"max_new_tokens": 1})
+        generate(vl, [make_image(1), clip], "what ?", {"max_new_tokens": 1})
     with pytest.raises(TypeError, match="unsupported visual"):
-        vl.generate([3], "what ?", {"max_new_tokens": 1})
+        generate(vl, [3], "what ?", {"max_new_tokens": 1})
     assert vl.visual_kind == "image"
 
 
@@ -168,30 +169,30 @@ def test_bad_visuals_raise(vl, clip, tmp_path):
 def test_stage1_keep_all_equals_baseline(vl, clip, kind):
     visual = make_image(2) if kind == "image" else clip
     n = 256 if kind == "image" else 2056
-    base = vl.generate(visual, "What is happening?", GEN)
-    same = vl.generate(visual, "What is happening?", GEN, KeepAll())
+    base = generate(vl, visual, "What is happening?", GEN)
+    same = generate(vl, visual, "What is happening?", GEN, KeepAll())
     assert same.output_ids == base.output_ids
     same_logits(same.logits, base.logits)
     assert same.kept_indices == [list(range(n))] and same.prompt_tokens == base.prompt_tokens
 
 
 def test_stage1_random_video_keeps_exactly_the_budget(vl, clip):
-    base = vl.generate(clip, "How many times does the man flip ?", {"max_new_tokens": 2})
-    out = vl.generate(clip, "How many times does the man flip ?", {"max_new_tokens": 2}, build_method("random", budget=256, seed=0))
+    base = generate(vl, clip, "How many times does the man flip ?", {"max_new_tokens": 2})
+    out = generate(vl, clip, "How many times does the man flip ?", {"max_new_tokens": 2}, build_method("random", budget=256, seed=0))
     assert out.visual_tokens_in == 2056 and out.visual_tokens_llm == 256
     assert out.layer_visual_tokens == [256] * 4
     assert len(out.kept_indices[0]) == 256 and max(out.kept_indices[0]) < 2056
     assert out.prompt_tokens == base.prompt_tokens - (2056 - 256)
     assert out.kv_cache_tokens == [out.prompt_tokens + len(out.output_ids) - 1] * 4
-    img = vl.generate(make_image(3), "What is it?", {"max_new_tokens": 2}, build_method("random", budget=64, seed=0))
+    img = generate(vl, make_image(3), "What is it?", {"max_new_tokens": 2}, build_method("random", budget=64, seed=0))
     assert img.visual_tokens_in == 256 and img.visual_tokens_llm == 64
 
 
 def test_stage1_cached_equals_uncached_video(vl, clip):
     gen = {"max_new_tokens": 4, "output_logits": True, "min_new_tokens": 4}
     q = "what is the dog receiving in his mouth ?"
-    cached = vl.generate(clip, q, gen, build_method("random", budget=0.25, seed=3))
-    uncached = vl.generate(clip, q, {**gen, "use_cache": False}, build_method("random", budget=0.25, seed=3))
+    cached = generate(vl, clip, q, gen, build_method("random", budget=0.25, seed=3))
+    uncached = generate(vl, clip, q, {**gen, "use_cache": False}, build_method("random", budget=0.25, seed=3))
     assert cached.visual_tokens_llm == uncached.visual_tokens_llm == 514
     assert cached.kept_indices == uncached.kept_indices
     assert cached.output_ids == uncached.output_ids
@@ -203,8 +204,8 @@ def test_eager_and_sdpa_agree_on_video(vl, vl_eager, clip):
     eager = vl_eager
     assert eager.attn_implementation == "eager"
     q = "what are the boys playing ?"
-    a = eager.generate(clip, q, GEN, build_method("random", budget=256, seed=0))
-    b = vl.generate(clip, q, GEN, build_method("random", budget=256, seed=0))
+    a = generate(eager, clip, q, GEN, build_method("random", budget=256, seed=0))
+    b = generate(vl, clip, q, GEN, build_method("random", budget=256, seed=0))
     assert a.kept_indices == b.kept_indices and a.visual_tokens_llm == b.visual_tokens_llm == 256
     torch.testing.assert_close(a.logits[0], b.logits[0], atol=1e-3, rtol=1e-4)
 
@@ -228,17 +229,17 @@ class EveryFourthLLM(TokenCompressor):
 def test_stage2_random_video_drops_at_layer_k(vl, clip):
     q = "How many times does the dog bite ?"
     gen = {"max_new_tokens": 3, "output_logits": True, "min_new_tokens": 3}
-    base = vl.generate(clip, q, gen)
-    out = vl.generate(clip, q, gen, build_method("random", budget=256, seed=0, stage="llm", layer=2))
+    base = generate(vl, clip, q, gen)
+    out = generate(vl, clip, q, gen, build_method("random", budget=256, seed=0, stage="llm", layer=2))
     p, t = base.prompt_tokens, len(out.output_ids) - 1
     assert out.visual_tokens_in == out.visual_tokens_llm == 2056 and out.prompt_tokens == p
     assert out.layer_visual_tokens == [2056, 2056, 256, 256]
     assert out.kv_cache_tokens == [p + t, p + t, p - 1800 + t, p - 1800 + t]
-    nocache = vl.generate(
+    nocache = generate(vl,
         clip, q, {**gen, "use_cache": False}, build_method("random", budget=256, seed=0, stage="llm", layer=2)
     )
     torch.testing.assert_close(out.logits[0], nocache.logits[0], atol=1e-4, rtol=0)  # same first draw
-    keep_all = vl.generate(clip, q, gen, build_method("random", budget=2056, seed=0, stage="llm", layer=1))
+    keep_all = generate(vl, clip, q, gen, build_method("random", budget=2056, seed=0, stage="llm", layer=1))
     assert keep_all.output_ids == base.output_ids
     same_logits(keep_all.logits, base.logits)
 
@@ -247,8 +248,8 @@ def test_stage2_random_video_drops_at_layer_k(vl, clip):
 def test_stage2_video_cached_equals_uncached(vl, vl_eager, clip, attn):
     a = vl if attn == "sdpa" else vl_eager
     gen = {"max_new_tokens": 2, "output_logits": True, "min_new_tokens": 2}
-    cached = a.generate(clip, "what is the dog doing ?", gen, EveryFourthLLM())
-    nocache = a.generate(clip, "what is the dog doing ?", {**gen, "use_cache": False}, EveryFourthLLM())
+    cached = generate(a, clip, "what is the dog doing ?", gen, EveryFourthLLM())
+    nocache = generate(a, clip, "what is the dog doing ?", {**gen, "use_cache": False}, EveryFourthLLM())
     assert cached.layer_visual_tokens == [2056, 514, 514, 514]
     assert cached.output_ids == nocache.output_ids
     for x, y in zip(cached.logits, nocache.logits):

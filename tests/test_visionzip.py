@@ -27,6 +27,7 @@ from apet_bench.config import compose
 from apet_bench.methods import build_method
 from apet_bench.models import load_model
 from apet_bench.models.video_llava import VideoClip
+from apet_bench.pipeline import apply_visual_stage, generate
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("APET_BENCH_TEST_DATA_ROOT", REPO.parent / "shared" / "benchmarks"))
@@ -109,7 +110,7 @@ def test_sdpa_run_selects_the_eager_top_tokens_and_notes_the_attention():
     assert sdpa.vision_tower.config._attn_implementation == "sdpa"
     img = make_image(2, (70, 50))
     m = build_method("visionzip", budget=64)
-    out = sdpa.generate([img], "What?", GEN, m)
+    out = generate(sdpa, [img], "What?", GEN, m)
     inputs = eager.prepare_inputs([img], eager.build_prompt("q"))
     with torch.inference_mode():
         att = eager.vision_tower(inputs["pixel_values"], output_attentions=True).attentions[-2][0, :, 0, 1:].sum(0)
@@ -126,7 +127,7 @@ def test_dominant_rows_are_the_projected_layer_minus2_tokens():
 
     a.visual_context = VisualContext(a, inputs)
     with torch.inference_mode(), m(a):
-        _, sels = a.apply_visual_stage(inputs, m)
+        _, sels = apply_visual_stage(a, inputs, m)
         tokens = a.encode_images(inputs)[0]  # 576 projected patches of hidden_states[-2]
     dom = torch.tensor(m.records[0]["dominant"][1:]) - 1
     assert sels[0].num_tokens == 64 and sels[0].kept_indices is None
@@ -241,14 +242,14 @@ def test_hooks_removed_none_unchanged_and_seed_deterministic(model):
         visual = [make_image(5, (90, 60))]
         budget = 0.2 if model == "tiny_qwen25vl" else 64
     gen = {"max_new_tokens": 3, "output_logits": True}
-    ref = a.generate(visual, "What?", gen, build_method("none"))
+    ref = generate(a, visual, "What?", gen, build_method("none"))
     before = count_hooks(a.model)  # after a first forward: transformers adds its own output-capturing hooks lazily
-    one = a.generate(visual, "What?", gen, build_method("visionzip", budget=budget))
-    two = a.generate(visual, "What?", gen, build_method("visionzip", budget=budget))
+    one = generate(a, visual, "What?", gen, build_method("visionzip", budget=budget))
+    two = generate(a, visual, "What?", gen, build_method("visionzip", budget=budget))
     assert count_hooks(a.model) == before
     assert one.output_ids == two.output_ids and all(torch.equal(x, y) for x, y in zip(one.logits, two.logits))
     assert one.visual_tokens_llm < ref.visual_tokens_llm
-    after = a.generate(visual, "What?", gen, build_method("none"))
+    after = generate(a, visual, "What?", gen, build_method("none"))
     assert all(torch.equal(x, y) for x, y in zip(ref.logits, after.logits))
 
 
@@ -259,7 +260,7 @@ def _stage_one(a, visuals, method, question="q"):
     inputs = a.prepare_inputs(visuals, a.build_prompt(question, num_images=len(visuals)))
     a.visual_context = VisualContext(a, inputs)
     with torch.inference_mode(), method(a):
-        _, sels = a.apply_visual_stage(inputs, method)
+        _, sels = apply_visual_stage(a, inputs, method)
         vf = a.visual_context.vision_features  # pre-projector features (a second tower pass)
         tokens = a.encode_images(inputs)
     return inputs, sels, vf, tokens
@@ -297,7 +298,7 @@ def test_video_frames_keep_indices_and_rows():
     rng = np.random.default_rng(4)
     clip = VideoClip((rng.random((8, 48, 64, 3)) * 255).astype("uint8"))
     m = build_method("visionzip", budget=256)
-    out = a.generate([clip], "What happens?", GEN, m)
+    out = generate(a, [clip], "What happens?", GEN, m)
     kept = out.kept_indices[0]
     assert len(kept) == 256 and len(set(kept)) == 256
     assert all(kept[f * 32] == f * 257 for f in range(8))  # each frame's [CLS] first
@@ -307,7 +308,7 @@ def test_video_frames_keep_indices_and_rows():
 def test_two_images_each_get_the_budget():
     a = adapter("tiny_llava15")
     m = build_method("visionzip", budget=64)
-    out = a.generate([make_image(1, (60, 60)), make_image(2, (50, 70))], "Compare.", GEN, m)
+    out = generate(a, [make_image(1, (60, 60)), make_image(2, (50, 70))], "Compare.", GEN, m)
     assert out.visual_tokens_llm == 128 and len(m.records) == 2
     assert m.records[0]["dominant"] != m.records[1]["dominant"]
 
@@ -333,7 +334,7 @@ def test_qwen_dominant_tokens_are_top_pooled_eager_attention(monkeypatch):
     monkeypatch.setattr(mq, "eager_attention_forward", spy)
     img = make_image(8, (150, 100))
     m = build_method("visionzip", budget=0.2)
-    a.generate([img], "What?", GEN, m)
+    generate(a, [img], "What?", GEN, m)
     received = torch.cat([w[0].float().mean(dim=(0, 1)) for w in seen[-1:]])  # one image, one chunk
     grid = a.prepare_inputs([img], a.build_prompt("q"))["image_grid_thw"]
     v = a.vision_tower
@@ -348,6 +349,6 @@ def test_qwen_dominant_tokens_are_top_pooled_eager_attention(monkeypatch):
 def test_video_llava_image_uses_the_image_tower():
     a = adapter("tiny_video_llava")
     m = build_method("visionzip", budget=64)
-    out = a.generate([make_image(9, (80, 80))], "What?", GEN, m)
+    out = generate(a, [make_image(9, (80, 80))], "What?", GEN, m)
     assert out.visual_tokens_in == 256 and out.visual_tokens_llm == 64 and len(out.kept_indices[0]) == 63
     assert len(m.records) == 1 and len(m.records[0]["dominant"]) == 54 and len(m.records[0]["targets"]) == 10

@@ -21,6 +21,7 @@ from test_stage2 import GEN, QUESTION, assert_logits_equal
 from apet_bench.methods.base import TokenCompressor, VisualSelection
 from apet_bench.models.base import POSITION_ENCODINGS, VisualContext, VisualSegment, VisualSegments
 from apet_bench.models.video_llava import VideoClip
+from apet_bench.pipeline import generate
 
 
 def _clip(seed: int = 3) -> VideoClip:
@@ -252,16 +253,16 @@ def _count_calls(module):
 def test_stage1_method_with_vision_features_end_to_end(model, kind):
     adapter = get_adapter(model, "sdpa")
     visuals = [_clip()] if kind == "video" else [make_image(7, (64, 48))]
-    base = adapter.generate(visuals, QUESTION, GEN)
+    base = generate(adapter, visuals, QUESTION, GEN)
     # keep-all through the vision-feature path reproduces the unmodified model exactly
-    same = adapter.generate(visuals, QUESTION, GEN, HalfPerSegmentFromFeatures(keep_all=True))
+    same = generate(adapter, visuals, QUESTION, GEN, HalfPerSegmentFromFeatures(keep_all=True))
     assert same.output_ids == base.output_ids
     assert_logits_equal(same.logits, base.logits)
     tower = adapter.model.model.video_tower if kind == "video" else adapter.vision_tower
     calls, handle = _count_calls(tower)
     try:
         method = HalfPerSegmentFromFeatures()
-        out = adapter.generate(visuals, QUESTION, GEN, method)
+        out = generate(adapter, visuals, QUESTION, GEN, method)
     finally:
         handle.remove()
     assert len(calls) == 1, "vision tower must run once per sample"
@@ -297,8 +298,8 @@ class KeepAllReadsSegments(TokenCompressor):
 def test_stage2_method_reads_segments(model):
     adapter = get_adapter(model, "sdpa")
     method = KeepAllReadsSegments()
-    base = adapter.generate([make_image(7, (64, 48))], QUESTION, GEN)
+    base = generate(adapter, [make_image(7, (64, 48))], QUESTION, GEN)
     with method(adapter):
-        out = adapter.generate([make_image(7, (64, 48))], QUESTION, GEN, method)
+        out = generate(adapter, [make_image(7, (64, 48))], QUESTION, GEN, method)
         assert method.checked >= 1
     assert out.output_ids == base.output_ids

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from apet_bench.methods import UnknownMethodError, available_methods
+from apet_bench.pipeline import generate
 from apet_bench.viz import KEPT, main, token_maps
 
 #: Methods under test: apet and random always; every other registered method too (baselines land
@@ -76,7 +77,7 @@ def test_apet_stages_merges_and_heat_maps(photo, tiny_llava15, tmp_path):
     from apet_bench.viz import _record_apet_calls
 
     with _record_apet_calls() as calls:
-        tiny_llava15.generate([photo], "Describe the image.", {"max_new_tokens": 1}, build_method("apet", budget=64, seed=0))
+        generate(tiny_llava15, [photo], "Describe the image.", {"max_new_tokens": 1}, build_method("apet", budget=64, seed=0))
     np.testing.assert_allclose(result.approx_error, calls[0][1].error[0].numpy().reshape(24, 24), rtol=1e-6)
     assert result.llm_attention.min() >= 0 and result.llm_attention.sum() <= 1.0 + 1e-5
     assert (tmp_path / "image__tiny_llava15__64__error_vs_attention.png").stat().st_size > 10_000

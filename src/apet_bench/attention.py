@@ -24,14 +24,12 @@ from __future__ import annotations
 import copy
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from apet_bench.models.base import ModelAdapter
+from apet_bench.core import AttentionRequest, RowSpec, VisualModel
 
 __all__ = [
     "ROWS_ATTN_IMPLEMENTATION",
@@ -46,39 +44,6 @@ __all__ = [
 ROWS_ATTN_IMPLEMENTATION = "apet_bench_rows"
 #: Attribute set on a wrapped attention module (removed on exit).
 _CAPTURE_ATTR = "_apet_bench_row_capture"
-
-RowSpec = str | int | Sequence[int]
-
-
-@dataclass(frozen=True)
-class AttentionRequest:
-    """Which attention probabilities a stage-2 method wants before a drop.
-
-    Attributes
-    ----------
-    layer : int
-        Decoder layer whose self-attention is read (FastV: ``K - 1``); must be below the drop layer.
-    rows : str or int or sequence of int
-        Query rows: ``"last"`` (the last token of the sequence, i.e. the last prompt token during
-        prefill: left padding keeps it in the last column for every row), ``"all"``, an int or a
-        sequence of ints (negative counts from the end), indices into that layer's prefill sequence.
-    pre_drop : bool
-        ``False`` (default, FastV): the rows are recorded while layer ``layer`` runs its prefill, so
-        ``layer`` must lie before the drop layer. ``True`` (PyramidDrop, ``Cooperx521/PyramidDrop``
-        ``llava/model/modeling_llama_pdrop.py`` ``pdrop_rank_drop``): ``layer`` is the drop layer K
-        itself, and the rows are computed from layer K's ``input_layernorm``, q/k projections and RoPE
-        applied to K's input **before** the drop (:meth:`AttentionRowCapture.probe`); layer K then
-        runs on the reduced sequence as usual.
-    numerics : {"fp32", "official"}
-        How the rows are computed (:func:`attention_rows`): ``"fp32"`` (default) in float32,
-        ``"official"`` as eager attention in the model's dtype (probabilities returned in that dtype).
-    """
-
-    layer: int
-    rows: RowSpec = "last"
-    pre_drop: bool = False
-    numerics: str = "fp32"
-
 
 def resolve_rows(rows: RowSpec, seq_len: int, device: torch.device | None = None) -> torch.Tensor:
     """Turn a row spec into sorted-as-given, non-negative query indices.
@@ -245,8 +210,8 @@ class AttentionRowCapture:
 
     Parameters
     ----------
-    adapter_or_layers : ModelAdapter or sequence of nn.Module
-        The adapter (its :attr:`~apet_bench.models.base.ModelAdapter.decoder_layers` are used) or the
+    adapter_or_layers : VisualModel or sequence of nn.Module
+        The adapter (its :attr:`~apet_bench.models.base.VisualModel.decoder_layers` are used) or the
         decoder layers themselves; each must have a ``self_attn`` module (Llama, Qwen2, Qwen2.5-VL).
     layer : int
         Decoder layer index, ``0 <= layer < num_layers``.
@@ -285,7 +250,7 @@ class AttentionRowCapture:
 
     def __init__(
         self,
-        adapter_or_layers: ModelAdapter | Sequence[nn.Module],
+        adapter_or_layers: VisualModel | Sequence[nn.Module],
         layer: int,
         rows: RowSpec = "last",
         callback: Callable[[torch.Tensor], Any] | None = None,
@@ -418,15 +383,15 @@ def _impl_of(module: nn.Module) -> str | None:
     return impl
 
 
-def attention_backends(adapter: ModelAdapter, method: Any = None) -> dict[str, Any]:
+def attention_backends(adapter: VisualModel, method: Any = None) -> dict[str, Any]:
     """Which attention backend every layer used, read from the modules themselves.
 
-    Call it while the method's hooks are attached (``ModelAdapter.generate`` does, right after
+    Call it while the method's hooks are attached (``VisualModel.generate`` does, right after
     ``generate``), so that a layer wrapped by :class:`AttentionRowCapture` shows as such.
 
     Parameters
     ----------
-    adapter : ModelAdapter
+    adapter : VisualModel
         Gives ``decoder_layers`` and ``vision_tower``.
     method : TokenCompressor, optional
         Its :attr:`~apet_bench.methods.TokenCompressor.attention_notes` (attention it computes itself,

@@ -56,6 +56,7 @@ from typing import Any
 import torch
 
 from apet_bench.config import ConfigError
+from apet_bench.pipeline import generate
 
 __all__ = [
     "CONVENTION",
@@ -616,7 +617,7 @@ def _proxy_plan(family: str, num_layers: int, visual_tokens: int, method: Any) -
         handles = [layer.register_forward_pre_hook(make(i), with_kwargs=True) for i, layer in enumerate(clip_layers)]
     try:
         with _quiet():
-            out = adapter.generate([image], "Is there a bus in the image?", {"max_new_tokens": 1}, method)
+            out = generate(adapter, [image], "Is there a bus in the image?", {"max_new_tokens": 1}, method)
     finally:
         for hd in handles:
             hd.remove()

@@ -18,7 +18,7 @@ Protocol (issue #8, deliverable 2; one documented answer to "how was timing meas
 * **Fixed output length.** ``min_new_tokens = max_new_tokens`` (default 16), greedy, so every sample
   decodes the same number of tokens whatever the weights.
 * **Warm-up** runs (default 3) are discarded, then ``repeats`` (default 10) timed runs; medians reported.
-* **Timing** through the adapter's own ``generate`` path (``ModelAdapter.generate``, which measures
+* **Timing** through the adapter's own ``generate`` path (:func:`apet_bench.pipeline.generate`, which measures
   ``prefill_ms`` = vision encoder + projector + stage-1 compression + LLM prefill up to the end of the
   prefill forward, and ``total_ms`` to the end of decoding). On CUDA its clock is replaced by CUDA events
   (an event recorded and synchronised at each stamp, elapsed time from a start event); on CPU
@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from apet_bench.config import ConfigError
+from apet_bench.pipeline import generate
 
 __all__ = [
     "BACKENDS",
@@ -200,7 +201,7 @@ def _random_full_size(cfg: Mapping[str, Any], attn: str, dev: torch.device) -> t
 
 
 class _EventClock:
-    """A clock for ``ModelAdapter._clock``: seconds since :meth:`start`, measured with CUDA events."""
+    """A clock for ``ModelAdapter.clock``: seconds since :meth:`start`, measured with CUDA events."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -316,7 +317,7 @@ def measure_latency(
     gen_kwargs = {"max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens, "do_sample": False}
     clock = _EventClock(dev) if cuda else None
     if clock is not None:
-        adapter._clock = clock  # instance attribute: the adapter's generate and prefill probe read it
+        adapter.clock = clock  # instance attribute: the pipeline's wall times and prefill probe read it
     prefill, total = [], []
     out = None
     if cuda:
@@ -326,7 +327,7 @@ def measure_latency(
             if clock is not None:
                 torch.cuda.synchronize(dev)
                 clock.start()
-            out = adapter.generate([image], question, gen_kwargs, method)
+            out = generate(adapter, [image], question, gen_kwargs, method)
             if len(out.output_ids) != max_new_tokens:
                 raise RuntimeError(f"latency: generated {len(out.output_ids)} tokens, expected {max_new_tokens}")
             if i >= warmup:
@@ -334,7 +335,7 @@ def measure_latency(
                 total.append(float(out.total_ms))
     finally:
         if clock is not None:
-            del adapter._clock
+            del adapter.clock
     if cuda:
         peak, mem_kind = torch.cuda.max_memory_allocated(dev) / 2**20, "torch.cuda.max_memory_allocated"
     else:

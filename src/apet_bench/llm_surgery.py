@@ -1,12 +1,12 @@
 """Stage-2 surgery: drop (or merge) visual tokens at decoder layer K during prefill, generic over VLM families.
 
-transformers-hooks.md §3.3, made a context manager that any :class:`~apet_bench.methods.TokenCompressor`
-with :meth:`~apet_bench.methods.TokenCompressor.llm_layers` uses through
-:meth:`~apet_bench.methods.TokenCompressor.select_llm_tokens`; the method decides *which* visual tokens
+transformers-hooks.md §3.3, made a context manager that any :class:`~apet_bench.methods.Compressor`
+with :meth:`~apet_bench.methods.Compressor.llm_layers` uses through
+:meth:`~apet_bench.methods.Compressor.select_llm_tokens`; the method decides *which* visual tokens
 stay, this module does everything else:
 
 * a forward pre-hook on the top-level model reads ``input_ids`` / ``attention_mask`` at each prefill and
-  asks the adapter for the visual positions (:meth:`ModelAdapter.visual_positions`, per row);
+  asks the adapter for the visual positions (:meth:`VisualModel.visual_positions`, per row);
 * a forward pre-hook (``with_kwargs=True``) on **every** decoder layer ``>= K`` (the model's layer loop
   passes the full-length RoPE cos/sin and mask to each layer, so hooking only layer K fails at K+1):
 
@@ -35,17 +35,13 @@ adaptive counts. ``K = 0`` is not supported (layer 0's cache length sizes the de
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from apet_bench.methods.base import LLMSelection
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from apet_bench.attention import AttentionRowCapture
-    from apet_bench.methods.base import TokenCompressor
-    from apet_bench.models.base import ModelAdapter
+from apet_bench.attention import AttentionRowCapture
+from apet_bench.core import Compressor, LLMSelection, VisualModel
 
 __all__ = ["LLMStageSurgery", "build_keep_index", "gather_seq"]
 
@@ -163,12 +159,12 @@ class LLMStageSurgery:
 
     Parameters
     ----------
-    adapter : ModelAdapter
+    adapter : VisualModel
         Gives ``model``, ``decoder_layers`` and ``visual_positions(input_ids, attention_mask)``.
-    method : TokenCompressor
-        Its :meth:`~TokenCompressor.llm_layers` (unless ``layers`` is given),
-        :meth:`~TokenCompressor.select_llm_tokens` and, with ``needs_attention_weights``,
-        :meth:`~TokenCompressor.attention_request` are used.
+    method : Compressor
+        Its :meth:`~Compressor.llm_layers` (unless ``layers`` is given),
+        :meth:`~Compressor.select_llm_tokens` and, with ``needs_attention_weights``,
+        :meth:`~Compressor.attention_request` are used.
     layers : sequence of int, optional
         Drop layers overriding ``method.llm_layers()``.
 
@@ -201,7 +197,7 @@ class LLMStageSurgery:
     [593, 593, 161, 161]
     """
 
-    def __init__(self, adapter: ModelAdapter, method: TokenCompressor, layers: Sequence[int] | None = None) -> None:
+    def __init__(self, adapter: VisualModel, method: Compressor, layers: Sequence[int] | None = None) -> None:
         self.adapter = adapter
         self.method = method
         drops = tuple(int(k) for k in (method.llm_layers() if layers is None else layers))
@@ -257,7 +253,6 @@ class LLMStageSurgery:
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> LLMStageSurgery:
         try:
-            from apet_bench.attention import AttentionRowCapture
 
             modes: dict[int, bool] = {}
             for req in self._requests.values():

@@ -11,39 +11,12 @@ method (ApET, VisionZip, ToMe, random) goes through these functions.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-from apet_bench.methods.base import VisualSelection
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from apet_bench.methods.base import TokenCompressor
+from apet_bench.core import Compressor, ShrunkSequence, VisualSelection
 
 __all__ = ["ShrunkSequence", "count_placeholders", "select_visual_tokens", "shrink_placeholder_runs"]
-
-
-@dataclass
-class ShrunkSequence:
-    """Token sequence after the placeholder runs were resized.
-
-    Attributes
-    ----------
-    input_ids : torch.Tensor
-        ``(batch_size, new_seq_len)`` long, left-padded.
-    attention_mask : torch.Tensor
-        ``(batch_size, new_seq_len)`` long, 0 on the left padding.
-    source_positions : torch.Tensor
-        ``(batch_size, new_seq_len)`` long: for each new column, the column of the original
-        ``input_ids`` it comes from. A kept visual token maps to ``run_start + kept_index``; ``-1`` marks
-        padding and visual tokens without an original index (``kept_indices is None``). Models with
-        position ids tied to the original layout (Qwen2.5-VL mRoPE, §3.2 step 4) gather with it.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    source_positions: torch.Tensor
 
 
 def count_placeholders(input_ids: torch.Tensor, placeholder_id: int, attention_mask: torch.Tensor | None = None) -> int:
@@ -70,13 +43,13 @@ def count_placeholders(input_ids: torch.Tensor, placeholder_id: int, attention_m
 
 
 def select_visual_tokens(
-    method: TokenCompressor, features: Sequence[torch.Tensor]
+    method: Compressor, features: Sequence[torch.Tensor]
 ) -> list[VisualSelection]:
     """Run a stage-1 method on each image's visual tokens and check what it returns.
 
     Parameters
     ----------
-    method : TokenCompressor
+    method : Compressor
         A method whose context is open (``with method(adapter):``).
     features : sequence of torch.Tensor
         One ``(num_visual_tokens_i, hidden_size)`` tensor per image (projector output).

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from apet_bench.config import ConfigError
+from apet_bench.pipeline import generate
 
 __all__ = [
     "DEFAULT_QUESTION",
@@ -352,7 +353,7 @@ def _llm_attention(adapter: Any, image: Any, question: str, layer: int) -> tuple
     from apet_bench.attention import AttentionRowCapture
 
     with AttentionRowCapture(adapter, layer=layer, rows="last") as cap:
-        adapter.generate([image], question, {"max_new_tokens": 1})
+        generate(adapter, [image], question, {"max_new_tokens": 1})
     inputs = adapter.visual_context.inputs
     vis = adapter.visual_positions(inputs["input_ids"][:1], inputs.get("attention_mask"))[0].cpu()
     probs = cap.probs[0, :, 0].mean(0).cpu()  # (seq,)
@@ -456,7 +457,7 @@ def compute_token_maps(
         method = build_method(name, budget=None if name == "none" else budget, seed=seed, **params)
         rec = _record_apet_calls() if name == "apet" else contextlib.nullcontext(None)
         with rec as calls:
-            out = adapter.generate([image], question, {"max_new_tokens": 1}, method)
+            out = generate(adapter, [image], question, {"max_new_tokens": 1}, method)
         kept = None if out.kept_indices is None else [int(i) for i in out.kept_indices[0]]
         if kept is None and min(out.layer_visual_tokens or [out.visual_tokens_llm]) == out.visual_tokens_in:
             kept = list(range(out.visual_tokens_in))  # nothing dropped anywhere (method none)

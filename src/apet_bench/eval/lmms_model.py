@@ -21,6 +21,8 @@ from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
+from apet_bench.pipeline import generate
+
 __all__ = ["ApetBenchLMM", "SampleRecord", "manifests", "translate_gen_kwargs"]
 
 MODEL_ID = "apet_bench"
@@ -211,7 +213,7 @@ class ApetBenchLMM(lmms):
                 visuals = [v for v in (visuals or []) if v is not None]
                 hf_kwargs, until = translate_gen_kwargs(copy.deepcopy(gen_kwargs))
                 try:
-                    out = self.adapter.generate(visuals, contexts, hf_kwargs, method)
+                    out = generate(self.adapter, visuals, contexts, hf_kwargs, method)
                 except ValueError as exc:  # bad input (placeholders, image size, budget): name the sample
                     raise ValueError(f"{task} doc_id={doc_id}: {exc}") from exc
                 text = out.text

@@ -2,7 +2,7 @@
 
 A method is a ``@dataclass`` and a context manager, in the manner of the presses of NVIDIA/kvpress
 (``kvpress/presses/base_press.py``): ``with method(adapter): ...`` attaches whatever hooks the method
-needs to the model behind a :class:`~apet_bench.models.base.ModelAdapter` and removes every one of them
+needs to the model behind a :class:`~apet_bench.models.base.VisualModel` and removes every one of them
 on exit, so one loaded model can run ``none``, ``random``, ``apet`` and ``fastv`` back to back.
 
 A method acts at one or two stages (architecture.md, "What flows through it"):
@@ -27,16 +27,23 @@ import dataclasses
 import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from apet_bench.budget import BudgetError, budget_to_tokens, validate_budget
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from apet_bench.models.base import ModelAdapter
+from apet_bench.core import (
+    NUMERICS,
+    STAGE_ONE,
+    STAGE_TWO,
+    STAGES,
+    AttentionRequest,
+    LLMSelection,
+    VisualModel,
+    VisualSelection,
+)
 
 __all__ = [
     "LLMSelection",
@@ -52,73 +59,6 @@ __all__ = [
     "get_method_class",
     "register_method",
 ]
-
-#: Stages a method may declare. ``"vision"`` = stage 1 (after the projector), ``"llm"`` = stage 2
-#: (inside the LLM during prefill), ``"both"`` = stages 1 and 2, ``"none"`` = no compression.
-STAGES: tuple[str, ...] = ("none", "vision", "llm", "both")
-#: Stages for which the adapter runs the projector-stage surgery (transformers-hooks.md §3.2).
-STAGE_ONE: frozenset[str] = frozenset({"vision", "both"})
-#: Stages for which the method registers hooks inside the LLM (transformers-hooks.md §3.3).
-STAGE_TWO: frozenset[str] = frozenset({"llm", "both"})
-#: Values of every method's ``numerics`` parameter: ``"official"`` computes the method's dtype-sensitive
-#: steps in the dtype and order of its official code (e.g. ApET's FPS in fp16, FastV's head mean of fp16
-#: attention probabilities), ``"fp32"`` computes them in fp32. ``docs/numerics.md`` lists every method.
-NUMERICS: tuple[str, ...] = ("official", "fp32")
-
-
-@dataclass
-class VisualSelection:
-    """What a stage-1 method returns for one image.
-
-    Attributes
-    ----------
-    features : torch.Tensor
-        ``(num_kept, hidden_size)``: the visual tokens that enter the LLM for this image, in the order
-        they take in the sequence. Kept tokens, merged tokens or new tokens are all allowed.
-    kept_indices : torch.Tensor or None
-        ``(num_kept,)`` long: for each row of ``features``, its index in the image's original visual
-        tokens (``0 <= i < num_visual_tokens``), when the method keeps (or writes over) original tokens;
-        ``None`` when the rows have no single original token (e.g. pooled tokens).
-    reported_indices : torch.Tensor or None
-        ``(num_kept,)`` long, only when ``kept_indices`` is ``None``: each row's original token index for
-        accounting and figures (``samples.jsonl`` ``kept_indices``, token maps, positional bias), or
-        ``-1`` for a row that is none of the model's visual tokens (VisionZip's [CLS] row on LLaVA-1.5);
-        ``-1`` rows are left out of the recorded indices. Never used for positions.
-    """
-
-    features: torch.Tensor
-    kept_indices: torch.Tensor | None = None
-    reported_indices: torch.Tensor | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        """Number of visual tokens kept for this image (``features.shape[0]``)."""
-        return int(self.features.shape[0])
-
-
-@dataclass
-class LLMSelection:
-    """What a stage-2 method returns at a drop layer: the visual tokens kept from there on, per row.
-
-    Attributes
-    ----------
-    keep_positions : torch.Tensor
-        ``(batch_size, num_kept)`` long: per row, positions (columns of the drop layer's input
-        sequence) of the visual tokens to keep; each must be one of that row's visual positions, none
-        repeated. Every non-visual position (text, padding) is always kept. Rows keep the same count.
-    hidden_states : torch.Tensor or None
-        ``(batch_size, num_kept, hidden_size)``: new hidden states written over the kept visual tokens,
-        row ``j`` over ``keep_positions[:, j]`` (merging methods: a kept token absorbs dropped ones);
-        ``None`` keeps the layer's input hidden states.
-    """
-
-    keep_positions: torch.Tensor
-    hidden_states: torch.Tensor | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        """Visual tokens kept per row (``keep_positions.shape[1]``)."""
-        return int(self.keep_positions.shape[-1])
 
 
 @dataclass
@@ -153,7 +93,7 @@ class TokenCompressor:
     -----
     Lifecycle. ``with method(adapter):`` calls :meth:`reset` then :meth:`attach` and, in ``finally``,
     removes every hook registered through :meth:`register_hook` and calls :meth:`detach`. Entering again
-    for the same adapter while the context is open is a no-op (so ``ModelAdapter.generate``, which
+    for the same adapter while the context is open is a no-op (so ``VisualModel.generate``, which
     always enters the context, keeps the state of an enclosing run-level ``with``); entering for another
     adapter while open raises ``RuntimeError``.
 
@@ -179,8 +119,8 @@ class TokenCompressor:
     #: :meth:`llm_layers` (PDrop-style schedules).
     layer: ClassVar[int | None] = None
     #: Stage 1: the method reads the vision tower's pre-projector features
-    #: (``self.visual_context.vision_features``, ``ModelAdapter.vision_features``); the adapter then
-    #: records them in the same vision-tower pass as the visual tokens (``ModelAdapter.stage_one_features``).
+    #: (``self.visual_context.vision_features``, ``VisualModel.vision_features``); the adapter then
+    #: records them in the same vision-tower pass as the visual tokens (``VisualModel.stage_one_features``).
     needs_vision_features: ClassVar[bool] = False
     #: Stage 2 only. False (default, FastV semantics): kept tokens keep their original RoPE positions.
     #: True (the official ApET / PDrop-style LLaVA code, methods.md §1.4): from each drop layer on, the
@@ -208,12 +148,12 @@ class TokenCompressor:
 
     # ------------------------------------------------------------------ lifecycle
     @contextlib.contextmanager
-    def __call__(self, adapter: ModelAdapter) -> Iterator[TokenCompressor]:
+    def __call__(self, adapter: VisualModel) -> Iterator[TokenCompressor]:
         """Context manager that attaches the method to ``adapter`` and detaches it on exit.
 
         Parameters
         ----------
-        adapter : ModelAdapter
+        adapter : VisualModel
             The loaded model the method acts on.
 
         Yields
@@ -246,7 +186,7 @@ class TokenCompressor:
                 self._adapter = None
 
     @contextlib.contextmanager
-    def suspended(self, adapter: ModelAdapter) -> Iterator[None]:
+    def suspended(self, adapter: VisualModel) -> Iterator[None]:
         """Take the method's hooks off ``adapter`` for one sample and put them back afterwards, keeping the
         per-run state (no :meth:`reset`: random generators go on where they were). A no-op when the method
         is not attached to ``adapter``. Used for a sample that is not compressed
@@ -272,7 +212,7 @@ class TokenCompressor:
         (segments, vision features, inputs), or ``None`` outside a context / before the first sample.
 
         Read it in :meth:`compress_visual` (``self.visual_context.segments[image_index]``) or in stage-2
-        hooks. Source: ``ModelAdapter.generate`` sets it after the processor.
+        hooks. Source: ``VisualModel.generate`` sets it after the processor.
         """
         if self._adapter is None:
             return None
@@ -338,10 +278,10 @@ class TokenCompressor:
         if gen is not None:
             gen.manual_seed((int(self.seed) * 1_000_003 + int(key)) % (2 ** 63))
 
-    def attach(self, adapter: ModelAdapter) -> None:
+    def attach(self, adapter: VisualModel) -> None:
         """Register the method's hooks on ``adapter`` (use :meth:`register_hook`). Base: registers none."""
 
-    def detach(self, adapter: ModelAdapter) -> None:
+    def detach(self, adapter: VisualModel) -> None:
         """Undo anything :meth:`attach` did besides hooks (hooks are removed by the base class)."""
 
     def register_hook(
@@ -493,16 +433,15 @@ class TokenCompressor:
         -------
         apet_bench.attention.AttentionRequest
         """
-        from apet_bench.attention import AttentionRequest
 
         return AttentionRequest(layer=layer_idx - 1, rows="last", numerics=self.numerics)
 
-    def plan(self, adapter: ModelAdapter, num_visual_tokens: int) -> list[int]:
+    def plan(self, adapter: VisualModel, num_visual_tokens: int) -> list[int]:
         """Planned visual tokens at the input of every decoder layer during prefill.
 
         Parameters
         ----------
-        adapter : ModelAdapter
+        adapter : VisualModel
             Gives ``num_layers``.
         num_visual_tokens : int
             Visual tokens of the sample entering the LLM (after stage 1, if any).

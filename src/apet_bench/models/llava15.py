@@ -23,12 +23,11 @@ from apet_bench.models.base import (
     VisualSegment,
     VisualSegments,
     check_image_size,
-    config_processor_loader,
-    load_pretrained,
     placeholder_prompt_body,
     register_adapter,
 )
 from apet_bench.models.inputs import VICUNA_V1_SYSTEM, conversation_prompt, with_official_ids
+from apet_bench.models.loading import config_processor_loader, load_pretrained
 from apet_bench.models.tiny import build_tiny_llava15
 
 __all__ = ["VICUNA_V1_SYSTEM", "Llava15Adapter", "vicuna_v1_prompt"]
@@ -177,7 +176,8 @@ class Llava15Adapter(ModelAdapter):
         """``model.model.vision_tower`` (``CLIPVisionModel``, ViT-L/14-336 for 7B)."""
         return self.model.model.vision_tower
 
-    def _vision_feature_module(self) -> nn.Module:
+    @property
+    def vision_projector(self) -> nn.Module:
         return self.model.model.multi_modal_projector
 
     def _split_vision_features(self, captured: list[torch.Tensor], inputs: Mapping[str, Any]) -> list[torch.Tensor]:

@@ -39,12 +39,11 @@ from apet_bench.models.base import (
     ModelSpec,
     VisualSegment,
     VisualSegments,
-    config_processor_loader,
-    load_pretrained,
     register_adapter,
 )
 from apet_bench.models.inputs import with_official_ids
 from apet_bench.models.llava15 import vicuna_v1_prompt
+from apet_bench.models.loading import config_processor_loader, load_pretrained
 from apet_bench.models.tiny import (
     TinyLlavaConfig,
     build_tiny_tokenizer,
@@ -485,7 +484,8 @@ class LlavaNextAdapter(ModelAdapter):
         """``model.model.vision_tower`` (``CLIPVisionModel``, ViT-L/14-336 for 7B), run on every crop."""
         return self.model.model.vision_tower
 
-    def _vision_feature_module(self) -> nn.Module:
+    @property
+    def vision_projector(self) -> nn.Module:
         return self.model.model.multi_modal_projector
 
     def _num_crops(self, inputs: Mapping[str, Any]) -> list[int]:

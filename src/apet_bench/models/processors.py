@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from apet_bench.models.base import ModelConfigError
+from apet_bench.models.spec import ModelConfigError
 
 __all__ = ["PROCESSOR_KEYS", "build_image_processor", "build_processor", "check_against_model", "processor_options"]
 

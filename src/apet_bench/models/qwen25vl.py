@@ -29,17 +29,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from apet_bench.methods.base import TokenCompressor, VisualSelection
+from apet_bench.core import ShrunkSequence, VisualSelection
 from apet_bench.models.base import (
     ModelAdapter,
     ModelConfigError,
     ModelSpec,
     VisualSegment,
     VisualSegments,
-    load_pretrained,
     placeholder_prompt_body,
     register_adapter,
 )
+from apet_bench.models.loading import config_processor_loader, load_pretrained
 from apet_bench.models.tiny import build_tiny_tokenizer, checked_config, instantiate_tiny_model
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -361,10 +361,8 @@ class Qwen25VLAdapter(ModelAdapter):
     position_encoding = "mrope-3d"
 
     def __init__(self, **kwargs: Any) -> None:
-        self._shrunk = False
-        self._expected_positions: torch.Tensor | None = None
         super().__init__(**kwargs)
-        self._guard = self.model.model.language_model.register_forward_pre_hook(self._check_positions, with_kwargs=True)
+        self._guard = self.language_model.register_forward_pre_hook(self._check_positions, with_kwargs=True)
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> Qwen25VLAdapter:
@@ -387,8 +385,6 @@ class Qwen25VLAdapter(ModelAdapter):
             pixels.get("min_pixels", PAPER_MIN_PIXELS), pixels.get("max_pixels", PAPER_MAX_PIXELS)
         )
         if spec.options.get("processor") is not None:
-            from apet_bench.models.base import config_processor_loader
-
             loader = config_processor_loader(spec)
             model, processor, weights = load_pretrained(spec, _model_class(), loader)
         else:
@@ -520,7 +516,6 @@ class Qwen25VLAdapter(ModelAdapter):
         ValueError
             For an image that is too small or too elongated (one line, naming its size).
         """
-        self._shrunk = False
         for i, image in enumerate(images):
             self.check_image(image, i)
         if self.fetch_image_resize:
@@ -546,7 +541,8 @@ class Qwen25VLAdapter(ModelAdapter):
         """``model.model.visual`` (window-attention ViT; its ``merger`` is the 2×2 PatchMerger)."""
         return self.model.model.visual
 
-    def _vision_feature_module(self) -> nn.Module:
+    @property
+    def vision_projector(self) -> nn.Module:
         return self.model.model.visual.merger
 
     def _split_vision_features(self, captured: list[torch.Tensor], inputs: Mapping[str, Any]) -> list[torch.Tensor]:
@@ -622,28 +618,28 @@ class Qwen25VLAdapter(ModelAdapter):
         unit = int(self.model.config.vision_config.spatial_merge_size) ** 2
         return [torch.arange(int(t * h * w)) // unit for t, h, w in inputs["image_grid_thw"].tolist()]
 
-    def apply_visual_stage(
-        self, inputs: Mapping[str, Any], method: TokenCompressor
-    ) -> tuple[dict[str, Any], list[VisualSelection]]:
-        """Stage 1 with mRoPE positions kept (transformers-hooks.md §3.2 step 4).
+    def stage_one_inputs(
+        self, inputs: Mapping[str, Any], selections: Sequence[VisualSelection], shrunk: ShrunkSequence
+    ) -> dict[str, Any]:
+        """Stage one's ``generate`` inputs with each kept token's mRoPE position kept (``docs/models.md``).
 
-        Features, the method's choice and the shrunk placeholder runs as in the base class; then
         ``get_rope_index`` on the original inputs gives the full-length (t, h, w) positions, and the
         kept columns are gathered (:func:`mrope_positions_for_kept`) into 4-row ``position_ids``.
         ``image_grid_thw`` and ``pixel_values`` are left out (the model would recompute positions
         from them), ``mm_token_type_ids`` is shrunk with the sequence, and ``model.model.rope_deltas``
         is set so decode positions continue at ``last position + 1`` on any path.
 
+        The positions are also stored on the call's :class:`~apet_bench.core.SampleContext`
+        (``stage_one_positions``), where the position guard on the LLM reads them.
+
         Returns
         -------
-        gen_inputs : dict
+        dict
             ``input_ids`` / ``attention_mask`` / ``mm_token_type_ids`` ``(1, L')``, ``position_ids``
             ``(4, 1, L')`` and ``mm_encoder_outputs``.
-        selections : list of VisualSelection
         """
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        selections, shrunk = self._select_and_shrink(inputs, method)
         full_mask = inputs.get("attention_mask")
         full_pos, _ = self.model.model.get_rope_index(
             inputs["input_ids"],
@@ -655,7 +651,7 @@ class Qwen25VLAdapter(ModelAdapter):
         position_ids = mrope_positions_for_kept(full_pos, shrunk.source_positions, shrunk.attention_mask, visual)
         mm_types = visual.to(inputs["mm_token_type_ids"].dtype)
         new_len = shrunk.attention_mask.long().sum(-1, keepdim=True)
-        # Decode continues at max position + 1, i.e. at cache position + rope_deltas (methods.md §0.4).
+        # Decode continues at max position + 1, i.e. at cache position + rope_deltas.
         self.model.model.rope_deltas = position_ids[1:].amax(dim=(0, 2)).unsqueeze(1) + 1 - new_len
         if position_ids.shape[0] != 4 or position_ids.shape[-1] != shrunk.input_ids.shape[1]:
             raise RuntimeError(f"Qwen2.5-VL stage 1 built position_ids {tuple(position_ids.shape)}, not (4, B, L')")
@@ -671,30 +667,15 @@ class Qwen25VLAdapter(ModelAdapter):
         gen_inputs["mm_encoder_outputs"] = {
             "image": BaseModelOutputWithPooling(pooler_output=[s.features for s in selections])
         }
-        self._expected_positions = position_ids
-        self._shrunk = True
-        return gen_inputs, selections
-
-    def generate(
-        self,
-        images: Sequence[Image.Image],
-        question: str,
-        generate_kwargs: Mapping[str, Any] | None = None,
-        method: TokenCompressor | None = None,
-    ) -> Any:
-        """:meth:`ModelAdapter.generate <apet_bench.models.base.ModelAdapter.generate>`, with the
-        position guard armed only between stage 1 and the end of this call."""
-        try:
-            return super().generate(images, question, generate_kwargs, method)
-        finally:
-            self._shrunk = False
-            self._expected_positions = None
+        ctx = self.visual_context
+        if ctx is not None:
+            ctx.stage_one_positions = position_ids
+        return gen_inputs
 
     def _check_positions(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook on the LLM: after stage 1, every forward must get the 3-D mRoPE positions.
 
-        transformers-hooks.md §3.2: a shrunk Qwen sequence without explicit ``position_ids`` runs
-        silently with 1-D positions (``generate`` then builds 4 rows that all hold the 1-D text
+        A shrunk Qwen sequence without explicit ``position_ids`` runs silently with 1-D positions (``generate`` then builds 4 rows that all hold the 1-D text
         positions). The hook compares the prompt columns of ``position_ids`` with the ones stage 1
         built, and checks decode steps get 3 or 4 rows that continue past the prompt's last position.
 
@@ -704,10 +685,11 @@ class Qwen25VLAdapter(ModelAdapter):
             For missing, 1-D or 2-D ``position_ids``, or prompt positions that are not the gathered
             (t, h, w) ones.
         """
-        if not self._shrunk:
+        ctx = self.visual_context
+        if ctx is None or not ctx.active or ctx.stage_one_positions is None:
             return
         pos = kwargs.get("position_ids")
-        expected = self._expected_positions
+        expected = ctx.stage_one_positions
         if pos is None or pos.ndim != 3 or pos.shape[0] not in (3, 4) or expected is None:
             shape = None if pos is None else tuple(pos.shape)
             raise RuntimeError(

@@ -35,17 +35,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from apet_bench.core import ShrunkSequence, VisualSelection
 from apet_bench.data.video import DEFAULT_NUM_FRAMES, is_video_path, load_video
-from apet_bench.methods.base import TokenCompressor, VisualSelection
 from apet_bench.models.base import (
-    GenerationOutput,
     ModelAdapter,
     ModelSpec,
     VisualSegment,
     VisualSegments,
     check_image_size,
-    config_processor_loader,
-    load_pretrained,
     placeholder_prompt_body,
     register_adapter,
 )
@@ -57,6 +54,7 @@ from apet_bench.models.inputs import (
     video_llava_video_transform,
     with_official_ids,
 )
+from apet_bench.models.loading import config_processor_loader, load_pretrained
 from apet_bench.models.tiny import (
     TinyLlavaConfig,
     build_tiny_tokenizer,
@@ -290,9 +288,12 @@ class VideoLlavaAdapter(ModelAdapter):
     (256, 2056, 4)
     """
 
-    def __init__(self, **kwargs: Any) -> None:
-        self._kind = "image"  # visual kind of the sample being generated
-        super().__init__(**kwargs)
+    @property
+    def _kind(self) -> str:
+        """Visual kind of the sample being generated (its :class:`~apet_bench.core.SampleContext`),
+        ``"image"`` outside a generate call."""
+        ctx = self.visual_context
+        return ctx.kind if ctx is not None and ctx.active else "image"
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> VideoLlavaAdapter:
@@ -413,7 +414,13 @@ class VideoLlavaAdapter(ModelAdapter):
         else ``model.model.image_tower`` (LanguageBind ViT-L/14-224; both feed the same projector)."""
         return self.model.model.video_tower if self._kind == "video" else self.model.model.image_tower
 
-    def _vision_feature_module(self) -> nn.Module:
+    @property
+    def vision_towers(self) -> list[tuple[str, nn.Module]]:
+        """``[("image", image_tower), ("video", video_tower)]``."""
+        return [("image", self.model.model.image_tower), ("video", self.model.model.video_tower)]
+
+    @property
+    def vision_projector(self) -> nn.Module:
         return self.model.model.multi_modal_projector
 
     def _split_vision_features(self, captured: list[torch.Tensor], inputs: Mapping[str, Any]) -> list[torch.Tensor]:
@@ -601,30 +608,28 @@ class VideoLlavaAdapter(ModelAdapter):
         out = self.model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
         return list(out.pooler_output)
 
-    def apply_visual_stage(
-        self, inputs: Mapping[str, Any], method: TokenCompressor
-    ) -> tuple[dict[str, Any], list[VisualSelection]]:
-        """Stage 1 for images or videos: compress, shrink the placeholder runs, pass a tensor ``pooler_output``.
+    def stage_one_placeholder_id(self, inputs: Mapping[str, Any]) -> int:
+        """``<video>`` for a video sample (``pixel_values_videos`` present), else ``<image>``."""
+        return self.video_token_id if inputs.get("pixel_values_videos") is not None else self.image_token_id
 
-        As :meth:`ModelAdapter.apply_visual_stage`, except that ``VideoLlavaModel.forward`` calls
-        ``pooler_output.to(...)`` (a tensor, not a list: transformers-hooks.md §3.1), so the kept tokens
-        of all visuals are concatenated into one ``(1, sum_i k_i, hidden_size)`` tensor (3-D:
-        ``get_placeholder_mask`` flattens dims 0-1), under
-        ``mm_encoder_outputs["video"]`` for videos and ``["image"]`` for images.
+    def stage_one_inputs(
+        self, inputs: Mapping[str, Any], selections: Sequence[VisualSelection], shrunk: ShrunkSequence
+    ) -> dict[str, Any]:
+        """Stage one's ``generate`` inputs for images or videos, with a tensor ``pooler_output``.
+
+        As :meth:`ModelAdapter.stage_one_inputs`, except that ``VideoLlavaModel.forward`` calls
+        ``pooler_output.to(...)`` (a tensor, not a list), so the kept tokens of all visuals are
+        concatenated into one ``(1, sum_i k_i, hidden_size)`` tensor (3-D: ``get_placeholder_mask``
+        flattens dims 0-1), under ``mm_encoder_outputs["video"]`` for videos and ``["image"]`` for images.
 
         Returns
         -------
-        gen_inputs : dict
+        dict
             ``input_ids`` / ``attention_mask`` ``(1, new_seq_len)`` and ``mm_encoder_outputs``.
-        selections : list of VisualSelection
-            One per image / video.
         """
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         is_video = inputs.get("pixel_values_videos") is not None
-        selections, shrunk = self._select_and_shrink(
-            inputs, method, self.video_token_id if is_video else self.image_token_id
-        )
         drop = ("input_ids", "attention_mask", "pixel_values", "pixel_values_videos", "pixel_values_images")
         gen_inputs: dict[str, Any] = {k: v for k, v in inputs.items() if k not in drop}
         gen_inputs["input_ids"] = shrunk.input_ids
@@ -634,17 +639,11 @@ class VideoLlavaAdapter(ModelAdapter):
         gen_inputs["mm_encoder_outputs"] = {
             "video" if is_video else "image": BaseModelOutputWithPooling(pooler_output=kept)
         }
-        return gen_inputs, selections
+        return gen_inputs
 
-    # ------------------------------------------------------------------ generate
-    def generate(
-        self,
-        images: Any,
-        question: str,
-        generate_kwargs: Mapping[str, Any] | None = None,
-        method: TokenCompressor | None = None,
-    ) -> GenerationOutput:
-        """Answer ``question`` about images or videos (batch size 1); see :meth:`ModelAdapter.generate`.
+    # ------------------------------------------------------------------ the generate loop's visuals
+    def prepare_visuals(self, images: Any) -> tuple[list[Any], str]:
+        """The sample's visuals (PIL images or :class:`VideoClip` objects) and their kind.
 
         Parameters
         ----------
@@ -652,13 +651,12 @@ class VideoLlavaAdapter(ModelAdapter):
             lmms-eval video tasks pass ``[<path>]`` (``doc_to_visual``): a ``str`` / ``PathLike`` ending
             in a video extension (:data:`apet_bench.data.video.VIDEO_EXTENSIONS`) is decoded to
             :attr:`num_frames` uniformly sampled frames; another path is opened as an image.
-        question, generate_kwargs, method
-            As :meth:`ModelAdapter.generate`.
 
         Returns
         -------
-        GenerationOutput
-            ``visual_tokens_in`` is 2056 per video, 256 per image; ``num_images`` counts visuals.
+        visuals : list
+        kind : {"image", "video"}
+            ``visual_tokens_in`` is then 2056 per video, 256 per image.
 
         Raises
         ------
@@ -676,12 +674,7 @@ class VideoLlavaAdapter(ModelAdapter):
         kinds = {"video" if isinstance(v, VideoClip) else "image" for v in visuals}
         if len(kinds) > 1:
             raise ValueError("a Video-LLaVA sample holds either images or videos, not both")
-        previous = self._kind
-        self._kind = kinds.pop() if kinds else "image"
-        try:
-            return super().generate(visuals, question, generate_kwargs, method)
-        finally:
-            self._kind = previous
+        return visuals, (kinds.pop() if kinds else "image")
 
 
 def _load_pretrained(spec: ModelSpec) -> tuple[nn.Module, Any, str]:
