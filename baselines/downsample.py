@@ -153,8 +153,8 @@ class DownsampleCompressor(TokenCompressor):
 
     @property  # type: ignore[override]
     def needs_vision_features(self) -> bool:  # type: ignore[override]
-        """LLaVA-NeXT only: the per-crop grids come from the pre-projector crop features."""
-        return self._adapter is not None and self._adapter.family == "llava_next"
+        """Models with packed crops (LLaVA-NeXT) only: the per-crop grids come from the pre-projector crop features."""
+        return self._adapter is not None and self._adapter.packs_crops
 
     def unit_budget(self, n_cells: int, share: float) -> int:
         """Tokens for a unit of ``n_cells`` grid tokens that gets ``share`` of an int budget."""
@@ -188,7 +188,7 @@ class DownsampleCompressor(TokenCompressor):
         if adapter is None or ctx is None:
             raise RuntimeError("downsample: compress_visual needs an open context (with method(adapter))")
         dev = features.device
-        if adapter.family == "llava_next":
+        if adapter.packs_crops:
             vf = ctx.vision_features[image_index]  # (C, P, D_v): base view, then grid crops
             proj = adapter.project_visual(vf)  # (C, P, D)
             side = int(adapter.patches_per_side)

@@ -990,7 +990,7 @@ class SparseVLMCompressor(TokenCompressor):
         """
         if self._orig is None or int(self._orig.numel()) != seq_len:
             raise RuntimeError(f"method {self.name!r}: lost track of the RoPE positions of the sequence")
-        lm = getattr(getattr(self._adapter.model, "model", None), "language_model", None)
+        lm = self._adapter.language_model
         rotary = getattr(lm, "rotary_emb", None)
         if rotary is None or not hasattr(rotary, "inv_freq"):
             raise ValueError(f"method {self.name!r}: version 2.0 cannot find the LLM's RoPE frequencies")

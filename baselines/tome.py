@@ -45,7 +45,6 @@ __all__ = [
     "BipartiteMatch",
     "NEXT_SUB_IMAGES",
     "REMAINDERS",
-    "REAL_TOWERS",
     "ORDERS",
     "ToMeCompressor",
     "TowerGeometry",
@@ -367,38 +366,13 @@ class TowerGeometry:
         return max(0, int(h))
 
 
-#: The real checkpoints' towers (pinned configs): CLIP ViT-L/14-336 (llava-1.5-7b-hf, llava-v1.6-vicuna-7b-hf:
-#: 24 layers, ``vision_feature_layer: -2``, 576 patches per image / crop) and LanguageBind ViT-L/14-224
-#: (Video-LLaVA-7B-hf: 24 layers, -2, 256 patches per image / frame) [code: the HF configs].
-REAL_TOWERS: dict[str, TowerGeometry] = {
-    "llava15": TowerGeometry(24, -2, 576),
-    "llava_next": TowerGeometry(24, -2, 576),
-    "video_llava": TowerGeometry(24, -2, 256),
-}
-
-
 def _geometry_from_config(model_cfg: Mapping[str, Any]) -> TowerGeometry | None:
-    """The tower geometry of a composed model config (tiny: from ``tiny_config``; real: :data:`REAL_TOWERS`)."""
-    family = model_cfg.get("family")
-    if family not in REAL_TOWERS:
+    """The tower geometry a model config declares (``vision_tower``, added by
+    ``apet_bench.models.config_facts`` from the model's own description), or ``None``."""
+    vt = model_cfg.get("vision_tower")
+    if not vt:
         return None
-    if not model_cfg.get("tiny"):
-        return REAL_TOWERS[family]
-    tc = dict(model_cfg.get("tiny_config") or {})
-    if family == "llava_next":
-        from apet_bench.models.llava_next import TinyLlavaNextConfig
-
-        cfg = TinyLlavaNextConfig.from_mapping(tc)
-    else:
-        from apet_bench.models.tiny import TinyLlavaConfig
-
-        if family == "video_llava":
-            from apet_bench.models.video_llava import TINY_VIDEO_LLAVA_DEFAULTS
-
-            tc = {**TINY_VIDEO_LLAVA_DEFAULTS, **tc}
-            tc.pop("num_frames", None)
-        cfg = TinyLlavaConfig.from_mapping(tc)
-    return TowerGeometry(cfg.vision_layers, -2, (cfg.image_size // cfg.patch_size) ** 2)
+    return TowerGeometry(int(vt["num_layers"]), int(vt["feature_layer"]), int(vt["patches"]))
 
 
 # ====================================================================== the method
@@ -494,13 +468,13 @@ class ToMeCompressor(TokenCompressor):
             raise ValueError(f"method {self.name!r}: order {self.order!r} is not one of {list(ORDERS)} (or null)")
 
     # ------------------------------------------------------------------ budget per unit
-    def unit_target(self, family: str, patches: int, kind: str = "image", num_frames: int = 8) -> int:
+    def unit_target(self, packs_crops: bool, patches: int, kind: str = "image", num_frames: int = 8) -> int:
         """Tokens of one unit entering the LLM (patches; a Video-LLaVA frame counts its [CLS]).
 
         Parameters
         ----------
-        family : str
-            Model family.
+        packs_crops : bool
+            The model packs crops (LLaVA-NeXT: the budget is shared by its 5 sub-images).
         patches : int
             Patch tokens of the unit (576 image / crop, 256 Video-LLaVA image / frame).
         kind : {"image", "video"}
@@ -514,10 +488,10 @@ class ToMeCompressor(TokenCompressor):
             than 2 tokens per frame ([CLS] + 1).
         """
         b = self.budget
-        if family == "llava_next":
+        if packs_crops:
             k = int(math.floor(float(b) / NEXT_SUB_IMAGES + 0.5)) if isinstance(b, int) else budget_to_tokens(b, patches)
             return max(1, min(patches, k))
-        if family == "video_llava" and kind == "video":
+        if kind == "video":
             if isinstance(b, int):
                 if b % num_frames:
                     raise BudgetError(f"tome: Video-LLaVA budget {b} is not a multiple of its {num_frames} frames")
@@ -552,21 +526,17 @@ class ToMeCompressor(TokenCompressor):
             (``BudgetError`` for the schedule) one line naming the bad value.
         """
         super().check_model_config(model_cfg)
-        family = model_cfg.get("family")
-        if self.prop_attn and model_cfg.get("attn_implementation") == "flash_attention_2" and family != "qwen25vl":
+        geo = _geometry_from_config(model_cfg)
+        if geo is None:  # no patched tower (post-merger recipe): nothing to check
+            return
+        if self.prop_attn and model_cfg.get("attn_implementation") == "flash_attention_2":
             raise ValueError(
                 "tome: prop_attn needs an additive attention bias, which flash_attention_2 cannot take; "
                 "use attn_implementation=sdpa or method.params.prop_attn=false"
             )
-        geo = _geometry_from_config(model_cfg)
-        if geo is None:
-            return
-        kinds = ["image"]
-        if family == "video_llava":
-            kinds.append("video")
-        for kind in kinds:
-            frames = int((model_cfg.get("tiny_config") or {}).get("num_frames", 8))
-            target = self.unit_target(str(family), geo.patches, kind, frames)
+        for kind in model_cfg.get("visual_kinds") or ["image"]:
+            frames = int(model_cfg.get("num_frames") or 8)
+            target = self.unit_target(bool(model_cfg.get("packs_crops")), geo.patches, kind, frames)
             try:
                 self.tower_schedule(geo, target, cls_in_target=kind == "video")
             except BudgetError as e:
@@ -579,13 +549,11 @@ class ToMeCompressor(TokenCompressor):
         self.last_groups = []
 
     def _towers(self, adapter: Any) -> list[tuple[str, nn.Module]]:
-        if adapter.family == "video_llava":
-            return [("image", adapter.model.model.image_tower), ("video", adapter.model.model.video_tower)]
-        return [("image", adapter.vision_tower)]
+        return list(adapter.vision_towers)
 
     def _geometry(self, adapter: Any, tower: nn.Module) -> TowerGeometry:
         vc = tower.config
-        fl = adapter.model.config.vision_feature_layer
+        fl = adapter.vision_feature_layer
         if not isinstance(fl, int):
             raise ValueError(f"tome: vision_feature_layer {fl!r} is not one layer (multi-layer features unsupported)")
         return TowerGeometry(int(vc.num_hidden_layers), int(fl), int((vc.image_size // vc.patch_size) ** 2))
@@ -603,7 +571,7 @@ class ToMeCompressor(TokenCompressor):
         """
         self._states = {}
         self._patched = []
-        if adapter.family == "qwen25vl":
+        if adapter.features_per_token > 1:  # merged tokens: the post-merger recipe, no tower patch
             return
         for kind, tower in self._towers(adapter):
             attn_impl = getattr(tower.config, "_attn_implementation", None)
@@ -633,10 +601,10 @@ class ToMeCompressor(TokenCompressor):
         self._states = {}
 
     # ------------------------------------------------------------------ stage 1
-    def _order(self, family: str) -> str:
-        if self.order is not None and family not in ("llava_next",):
+    def _order(self, packs_crops: bool, merged_tokens: bool) -> str:
+        if self.order is not None and not packs_crops:
             return self.order
-        return "spatial" if family in ("llava_next", "qwen25vl") else "merged"
+        return "spatial" if packs_crops or merged_tokens else "merged"
 
     def compress_visual(self, features: torch.Tensor, *, image_index: int) -> VisualSelection:
         """Keep one token per merged group at its representative index (CLIP towers), or run the
@@ -667,14 +635,14 @@ class ToMeCompressor(TokenCompressor):
         if image_index == 0:
             self._planned = 0
             self.last_groups = []
-        if adapter.family == "qwen25vl":
+        if adapter.features_per_token > 1:
             return self._qwen(features)
-        kind = getattr(adapter, "visual_kind", "image")
+        kind = adapter.visual_kind
         state = self._state_for(adapter, kind)
         if state.rep is None or state.group is None:
             raise RuntimeError("tome: the vision tower did not run with ToMe for this sample")
-        order = self._order(adapter.family)
-        if adapter.family == "llava_next":
+        order = self._order(adapter.packs_crops, False)
+        if adapter.packs_crops:
             return self._next(features, image_index, state)
         spatial = order == "spatial"
         if kind == "video":
@@ -758,7 +726,7 @@ class ToMeCompressor(TokenCompressor):
             group = slot_map(match).gather(1, group)
             rep = rep.gather(1, kept_slots(match))
         out, idx = x[0], rep[0]
-        if self._order("qwen25vl") == "spatial":
+        if self._order(False, True) == "spatial":
             idx, perm = idx.sort()
             out = out.index_select(0, perm)
             inv = torch.empty_like(perm)
@@ -861,7 +829,7 @@ def _tower_pre_hook(method: ToMeCompressor, adapter: Any, state: _TowerState, ge
         frames = 8
         if kind == "video":
             frames = int(getattr(adapter, "num_frames", 8))
-        target = method.unit_target(adapter.family, geo.patches, kind, frames)
+        target = method.unit_target(adapter.packs_crops, geo.patches, kind, frames)
         state.schedule = method.tower_schedule(geo, target, cls_in_target=kind == "video")
         state.unit_llm = int(target)
         t0 = geo.patches + 1

@@ -288,11 +288,11 @@ def qwen_attention_received(
 def check_video_budget(name: str, budget: Any, model_cfg: dict[str, Any]) -> None:
     """Refuse, before loading, a Video-LLaVA video budget (an int above ``visual_tokens`` per image) that is
     not a multiple of the frames (``tiny_config.num_frames``, else 8 as Video-LLaVA-7B-hf); one line."""
-    if model_cfg.get("family") != "video_llava" or isinstance(budget, bool) or not isinstance(budget, int):
+    if "video" not in (model_cfg.get("visual_kinds") or ()) or isinstance(budget, bool) or not isinstance(budget, int):
         return
     if budget <= int(model_cfg.get("visual_tokens") or 0):
         return  # an image budget (videos then get budget / frames per frame, checked per sample)
-    frames = int((model_cfg.get("tiny_config") or {}).get("num_frames", 8))
+    frames = int(model_cfg.get("num_frames") or 8)
     if budget % frames:
         raise BudgetError(
             f"method {name!r}: video budget {budget} on model {model_cfg.get('name')!r} is not a multiple of its {frames} frames"
@@ -389,7 +389,7 @@ class VisionZipCompressor(TokenCompressor):
         """
         super().check_model_config(model_cfg)
         check_video_budget(self.name, self.budget, model_cfg)
-        if model_cfg.get("family") == "qwen25vl" and not self.qwen_fallback:
+        if model_cfg.get("has_cls_token") is False and not self.qwen_fallback:
             raise ValueError(
                 f"method 'visionzip': model {model_cfg.get('name')!r} has a vision tower without [CLS] and "
                 "qwen_fallback is false (set method.params.qwen_fallback=true for the Qwen port, methods.md §2.5)"
@@ -404,7 +404,7 @@ class VisionZipCompressor(TokenCompressor):
 
     def attach(self, adapter: Any) -> None:
         """Hook the encoder layer VisionZip reads (CLIP layer ``-2``; Qwen: the last ViT block's attention)."""
-        if adapter.family == "qwen25vl":
+        if not adapter.has_cls_token:
             if not self.qwen_fallback:
                 raise ValueError("method 'visionzip': Qwen2.5-VL has no [CLS] and qwen_fallback is false")
             blocks = adapter.vision_tower.blocks
@@ -414,10 +414,7 @@ class VisionZipCompressor(TokenCompressor):
                 "q.k^T softmax recomputed in fp32 for that block (query chunks); tower stays on its backend",
             )
             return
-        towers = [adapter.vision_tower]
-        if adapter.family == "video_llava":
-            towers = [adapter.model.model.image_tower, adapter.model.model.video_tower]
-        for tower in towers:
+        for _, tower in adapter.vision_towers:
             layers = _encoder_layers(tower)
             self.register_hook(layers[len(layers) + VISION_LAYER], self._clip_hook, with_kwargs=True)
         self.note_attention(
@@ -493,9 +490,9 @@ class VisionZipCompressor(TokenCompressor):
             batch = self._take_batch()
         else:
             batch = self._batch
-        if adapter.family == "qwen25vl":
+        if not adapter.has_cls_token:
             return self._qwen(features, image_index, batch)
-        if adapter.family == "llava_next":
+        if adapter.packs_crops:
             return self._next(features, image_index, batch)
         seg = ctx.segments[image_index]
         if seg.kind == "video":
@@ -542,10 +539,10 @@ class VisionZipCompressor(TokenCompressor):
         """LLaVA-NeXT: per crop, then the official layout (methods.md §2.3)."""
         adapter = self._adapter
         ctx = self.visual_context
-        crops = adapter._num_crops(ctx.inputs)
+        crops = adapter.num_crops(ctx.inputs)
         start = sum(crops[:image_index])
         nc = crops[image_index]
-        rows_, cols_ = adapter.visual_layout(ctx.inputs)[image_index].crop_grid
+        rows_, cols_ = adapter.crop_grids(ctx.inputs)[image_index]
         side = int(adapter.patches_per_side)
         res = [self._unit(batch, start + c, 1.0 / NEXT_SUB_IMAGES) for c in range(nc)]
         hidden = batch["hidden"]

@@ -21,6 +21,7 @@ from test_stage2 import count_hooks
 from apet_bench.apet import select_basis
 from apet_bench.budget import BudgetError
 from apet_bench.config import compose
+from apet_bench.core import SampleContext
 from apet_bench.methods import build_method
 from apet_bench.methods.apet import ApETCompressor, default_drop_layer
 from apet_bench.models import load_model
@@ -165,11 +166,11 @@ def test_llava15_basis_tokens_kept(variant, seed):
 def test_video_basis_tokens_kept(variant):
     adapter = get_adapter("tiny_video_llava", "sdpa")
     method = build_method("apet", budget=256, seed=1, variant=variant)
-    adapter._kind = "video"
+    adapter.visual_context = SampleContext(adapter, kind="video")
     try:
         sel, feats, _ = _stage1(adapter, [_clip()], method)
     finally:
-        adapter._kind = "image"
+        adapter.visual_context = None
     frames = feats.view(8, 257, -1)
     if variant == "official":  # [CLS, 22 targets, 10 basis] per frame; basis = FPS over the 256 patches
         out = sel.features.view(8, 33, -1)

@@ -33,7 +33,7 @@ from apet_bench.baselines.tome import (
 from apet_bench.budget import BudgetError
 from apet_bench.config import compose
 from apet_bench.methods import build_method, get_method_class
-from apet_bench.models import load_model
+from apet_bench.models import config_facts, load_model
 from apet_bench.models.base import VisualContext
 from apet_bench.models.video_llava import VideoClip
 from apet_bench.pipeline import generate
@@ -242,18 +242,18 @@ def test_unreachable_schedule_refused_before_loading(model, budget, monkeypatch)
 
 def test_reachable_schedule_accepted_and_flash_refused():
     m = build_method("tome", budget=64)
-    m.check_model_config({"name": "llava15", "family": "llava15", "tiny": False, "num_layers": 32})
-    m.check_model_config({"name": "t", "family": "llava15", "tiny": True, "tiny_config": {"vision_layers": 12}})
-    build_method("tome", budget=160).check_model_config(  # 32 per crop of 64: one merging layer suffices
-        {"name": "t", "family": "llava_next", "tiny": True, "tiny_config": {}})
+    m.check_model_config(config_facts({"name": "llava15", "family": "llava15", "tiny": False, "num_layers": 32}))
+    m.check_model_config(config_facts({"name": "t", "family": "llava15", "tiny": True, "tiny_config": {"vision_layers": 12}}))
+    build_method("tome", budget=160).check_model_config(config_facts(  # 32 per crop of 64: one layer suffices
+        {"name": "t", "family": "llava_next", "tiny": True, "tiny_config": {}}))
     with pytest.raises(BudgetError, match="cannot reach 14 of 65"):  # 64 -> 13 per crop: not in one layer
-        m.check_model_config({"name": "t", "family": "llava_next", "tiny": True, "tiny_config": {}})
+        m.check_model_config(config_facts({"name": "t", "family": "llava_next", "tiny": True, "tiny_config": {}}))
     with pytest.raises(ValueError, match="flash_attention_2"):
-        m.check_model_config({"name": "llava15", "family": "llava15", "attn_implementation": "flash_attention_2"})
-    build_method("tome", budget=64, prop_attn=False).check_model_config(
-        {"name": "llava15", "family": "llava15", "attn_implementation": "flash_attention_2"})
+        m.check_model_config(config_facts({"name": "llava15", "family": "llava15", "attn_implementation": "flash_attention_2"}))
+    build_method("tome", budget=64, prop_attn=False).check_model_config(config_facts(
+        {"name": "llava15", "family": "llava15", "attn_implementation": "flash_attention_2"}))
     with pytest.raises(BudgetError, match="multiple of its 8 frames"):
-        build_method("tome", budget=100).check_model_config({"name": "v", "family": "video_llava", "tiny": False})
+        build_method("tome", budget=100).check_model_config(config_facts({"name": "v", "family": "video_llava", "tiny": False}))
 
 
 # ====================================================================== the patched tower

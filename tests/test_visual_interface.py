@@ -18,6 +18,7 @@ from conftest import make_image
 from test_model_matrix import MODELS, get_adapter
 from test_stage2 import GEN, QUESTION, assert_logits_equal
 
+from apet_bench.core import SampleContext
 from apet_bench.methods.base import TokenCompressor, VisualSelection
 from apet_bench.models.base import POSITION_ENCODINGS, VisualContext, VisualSegment, VisualSegments
 from apet_bench.models.video_llava import VideoClip
@@ -33,11 +34,11 @@ def _inputs(model: str, kind: str = "image"):
     """Processed inputs of a 2-image sample (different sizes), or of one video for Video-LLaVA."""
     adapter = get_adapter(model, "sdpa")
     if kind == "video":
-        adapter._kind = "video"
+        adapter.visual_context = SampleContext(adapter, kind="video")
         try:
             return adapter, adapter.prepare_inputs([_clip()], adapter.build_prompt(QUESTION, 1))
         finally:
-            adapter._kind = "image"
+            adapter.visual_context = None
     images = [make_image(1, (64, 48)), make_image(2, (40, 90))]
     return adapter, adapter.prepare_inputs(images, adapter.build_prompt(QUESTION, 2))
 
@@ -197,11 +198,11 @@ def test_llava15_vision_features_are_clip_penultimate_without_cls():
 def test_video_llava_vision_tower_follows_kind():
     adapter = get_adapter("tiny_video_llava", "sdpa")
     assert adapter.vision_tower is adapter.model.model.image_tower
-    adapter._kind = "video"
+    adapter.visual_context = SampleContext(adapter, kind="video")
     try:
         assert adapter.vision_tower is adapter.model.model.video_tower
     finally:
-        adapter._kind = "image"
+        adapter.visual_context = None
 
 
 # ---------------------------------------------------------------------- a stage-1 method on vision features

@@ -419,7 +419,8 @@ class SampleContext:
         The processed inputs (``VisualModel.prepare_inputs``), before stage one; ``None`` until the
         processor ran.
     kind : str
-        ``"image"`` or ``"video"``: what the sample's visuals are.
+        ``"image"`` or ``"video"``: what the sample's visuals are (default: ``"video"`` when ``inputs``
+        hold ``pixel_values_videos``).
     active : bool
         True while the generate call runs; family hooks that guard a call (Qwen2.5-VL's position check)
         do nothing once it is False.
@@ -431,9 +432,11 @@ class SampleContext:
         its own checks during the call.
     """
 
-    def __init__(self, model: VisualModel, inputs: Mapping[str, Any] | None = None, kind: str = "image") -> None:
+    def __init__(self, model: VisualModel, inputs: Mapping[str, Any] | None = None, kind: str | None = None) -> None:
         self.model = model
         self.inputs = inputs
+        if kind is None:  # transformers processors put video pixels under ``pixel_values_videos``
+            kind = "video" if inputs is not None and inputs.get("pixel_values_videos") is not None else "image"
         self.kind = kind
         self.active = True
         self.visual_tokens: list[torch.Tensor] | None = None

@@ -258,10 +258,11 @@ def prepare_run(cfg: DictConfig | dict[str, Any]) -> PreparedRun:
     elif budget is None:
         raise BudgetError(f"method {cfg['method']['name']!r} needs a budget (budget=null given)")
     from apet_bench.methods import build_method
+    from apet_bench.models import config_facts
 
     # The method's own checks against the model config (drop layers, schedules, [CLS]) before loading.
     build_method(cfg["method"]["name"], budget=budget, seed=cfg.get("seed", 0),
-                 **(cfg["method"].get("params") or {})).check_model_config(cfg["model"])
+                 **(cfg["method"].get("params") or {})).check_model_config(config_facts(cfg["model"]))
     from apet_bench.wandb_logger import LOGGERS, _wandb_settings
 
     if (cfg.get("logger") or "none") not in LOGGERS:  # checked before the evaluation, not after it

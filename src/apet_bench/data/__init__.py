@@ -17,8 +17,19 @@ Example
 >>> TaskManager(include_path=task.include_path)  # then tasks=[task.task_name]   # doctest: +SKIP
 """
 
-from ._core import MME_COGNITION, MME_PERCEPTION, MME_SUBTASKS, DataError, PreparedTask
-from .prepare import prepare_benchmark
+from importlib import import_module
+from typing import Any
+
+#: Public names and the submodule defining each. They load on first use (PEP 562), so importing a leaf
+#: such as ``apet_bench.data.video`` (which the Video-LLaVA adapter needs) loads nothing else.
+_EXPORTS = {
+    "DataError": "_core",
+    "PreparedTask": "_core",
+    "MME_SUBTASKS": "_core",
+    "MME_PERCEPTION": "_core",
+    "MME_COGNITION": "_core",
+    "prepare_benchmark": "prepare",
+}
 
 __all__ = [
     "DataError",
@@ -28,3 +39,9 @@ __all__ = [
     "MME_PERCEPTION",
     "MME_COGNITION",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

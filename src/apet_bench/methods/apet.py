@@ -42,9 +42,6 @@ __all__ = ["NEXT_SUB_IMAGES", "QWEN_LLM_RIDGE", "ApETCompressor", "default_drop_
 NEXT_SUB_IMAGES = 5
 #: Ridge ε of Qwen2.5-VL's LLM-stage ``layer_prune`` (``qwen/model/qwen2_5_vl_custom.py``, methods.md §1.2).
 QWEN_LLM_RIDGE = 1e-1
-#: Families whose vision stage runs on pre-projector CLIP features (methods.md §1.3); the others
-#: (Qwen2.5-VL post-merger §1.5, Video-LLaVA videos post-projector §1.6) on the visual tokens.
-_PRE_PROJECTOR_FAMILIES = ("llava15", "llava_next", "video_llava")
 
 
 def default_drop_layer(num_layers: int) -> int:
@@ -222,9 +219,9 @@ class ApETCompressor(TokenCompressor):
         adapter = self._adapter
         if adapter is None:
             return True
-        if adapter.family not in _PRE_PROJECTOR_FAMILIES:
+        if adapter.features_per_token > 1:  # merged tokens (Qwen2.5-VL): ApET runs on the tokens themselves
             return False
-        return getattr(adapter, "visual_kind", "image") != "video"
+        return adapter.visual_kind != "video"
 
     # ------------------------------------------------------------------ budget arithmetic
     def _count(self, ratio: float, n: int, share: float) -> int:
@@ -237,9 +234,9 @@ class ApETCompressor(TokenCompressor):
 
     def _drop_layer(self, adapter: Any) -> int | None:
         """``K`` for ``adapter``'s current sample, or ``None`` without an LLM stage."""
-        if adapter.family == "qwen25vl" and self.official:
+        if adapter.features_per_token > 1 and self.official:
             return None  # the released code has the layer-14 call commented out (methods.md §1.5)
-        if getattr(adapter, "visual_kind", "image") == "video":
+        if adapter.visual_kind == "video":
             return None  # Video-LLaVA: vision stage only (methods.md §1.6)
         return int(self.layer) if self.layer is not None else default_drop_layer(adapter.num_layers)
 
@@ -317,11 +314,11 @@ class ApETCompressor(TokenCompressor):
         if adapter is None or ctx is None:
             raise RuntimeError("apet: compress_visual needs an open context on a model adapter (with method(adapter))")
         segments = ctx.segments[image_index]
-        if adapter.family == "qwen25vl":
+        if adapter.features_per_token > 1:
             return self._vision_qwen(features)
         if segments.kind == "video":
             return self._vision_video(features, segments)
-        if adapter.family == "llava_next":
+        if adapter.packs_crops:
             return self._vision_next(features, image_index)
         return self._vision_image(features, image_index)
 
@@ -464,7 +461,7 @@ class ApETCompressor(TokenCompressor):
         if self._generator is None:
             self.reset()
         adapter = self._adapter
-        qwen = adapter is not None and adapter.family == "qwen25vl"
+        qwen = adapter is not None and adapter.features_per_token > 1  # the official code's Qwen2.5-VL path
         ridge = QWEN_LLM_RIDGE if qwen else DEFAULT_RIDGE
         keep_rows, hid_rows = [], []
         for b, pos in enumerate(visual_positions):

@@ -39,6 +39,7 @@ __all__ = [
     "ModelAdapter",
     "ModelConfigError",
     "ModelSpec",
+    "config_facts",
     "get_adapter_class",
     "load_model",
     "register_adapter",
@@ -71,3 +72,27 @@ def load_model(model_cfg: Mapping[str, Any]) -> ModelAdapter:
     """
     spec = ModelSpec.from_mapping(model_cfg)
     return get_adapter_class(spec.family).from_spec(spec)
+
+
+def config_facts(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A model config with the facts methods check before loading added.
+
+    Added keys: ``vision_tower`` (the family's :meth:`ModelAdapter.vision_tower_config`: ``num_layers``,
+    ``feature_layer``, ``patches``, or ``None``), ``has_cls_token``, ``packs_crops``, ``visual_kinds``
+    and ``num_frames`` (the adapter's capabilities). The runner passes this to
+    ``TokenCompressor.check_model_config``, so methods learn a model's geometry and capabilities without
+    importing models or naming a family.
+
+    Raises
+    ------
+    ModelConfigError
+        For an unknown family.
+    """
+    out = dict(model_cfg)
+    cls = get_adapter_class(str(model_cfg.get("family")))
+    out["vision_tower"] = cls.vision_tower_config(model_cfg)
+    out["has_cls_token"] = bool(cls.has_cls_token)
+    out["packs_crops"] = bool(cls.packs_crops)
+    out["visual_kinds"] = list(cls.visual_kinds)
+    out["num_frames"] = cls.config_num_frames(model_cfg)
+    return out

@@ -199,6 +199,23 @@ class ModelAdapter:
         )
         return cls(spec=spec, model=model, processor=processor, weights=weights, is_random_weights=True)
 
+    @classmethod
+    def vision_tower_config(cls, model_cfg: Mapping[str, Any]) -> dict[str, int] | None:
+        """The vision tower's geometry from a model config, without loading anything.
+
+        For methods' checks before loading (``TokenCompressor.check_model_config``); added to the config
+        as ``vision_tower`` by :func:`apet_bench.models.config_facts`.
+
+        Returns
+        -------
+        dict or None
+            ``{"num_layers": L, "feature_layer": h, "patches": P}``: encoder layers, the hidden state the
+            projector reads (``vision_feature_layer``, negative from the end) and patch tokens per image
+            / crop / frame (CLS excluded); ``None`` for a tower without that layout (Qwen2.5-VL's windowed
+            ViT).
+        """
+        return None
+
     def build_prompt(self, question: str, num_images: int = 1) -> str:  # pragma: no cover - abstract
         """The model's prompt for ``question`` with ``num_images`` image placeholders."""
         raise NotImplementedError
@@ -301,6 +318,67 @@ class ModelAdapter:
         raise NotImplementedError
 
     @property
+    def visual_kind(self) -> str:
+        """``"image"`` or ``"video"``: the kind of the sample being generated (its
+        :class:`~apet_bench.core.SampleContext`), ``"image"`` outside a generate call."""
+        ctx = self.visual_context
+        return ctx.kind if ctx is not None and ctx.active else "image"
+
+    @property
+    def vision_feature_layer(self) -> int | list[int]:
+        """The vision tower's hidden state the projector reads (``config.vision_feature_layer``; negative
+        from the end: -2 is the output of the second-to-last layer)."""
+        return self.model.config.vision_feature_layer
+
+    # Capabilities methods branch on instead of a model family.
+    #: The vision tower emits a [CLS] token (CLIP / LanguageBind towers); Qwen2.5-VL's ViT does not.
+    has_cls_token: ClassVar[bool] = True
+    #: Pre-projector feature rows merged into one visual token (1; Qwen2.5-VL's 2×2 merger: 4).
+    features_per_token: ClassVar[int] = 1
+    #: Visual tokens are crops packed by the model (LLaVA-NeXT anyres: base view + grid crops, unpadded,
+    #: with newline tokens); methods that work per crop read :meth:`num_crops` / :meth:`crop_grids` and
+    #: rebuild the span with :meth:`pack_visual`.
+    packs_crops: ClassVar[bool] = False
+    #: Kinds of visual the model takes (Video-LLaVA: images and videos).
+    visual_kinds: ClassVar[tuple[str, ...]] = ("image",)
+
+    @classmethod
+    def config_num_frames(cls, model_cfg: Mapping[str, Any]) -> int | None:
+        """Frames per video a model config declares (``None`` for a model without videos)."""
+        return None
+
+    @property
+    def patches_per_side(self) -> int:
+        """``image_size // patch_size`` of the vision tower: the side of one image's / crop's / frame's
+        patch grid (24 for CLIP-336/14, 16 for LanguageBind-224/14)."""
+        vc = self.model.config.vision_config
+        return int(vc.image_size // vc.patch_size)
+
+    def num_crops(self, inputs: Mapping[str, Any]) -> list[int]:
+        """Per image, its crops (base view first) when :attr:`packs_crops`; else one per image.
+
+        Raises
+        ------
+        NotImplementedError
+            Never for the default (one crop per visual); families that pack crops override.
+        """
+        return [1 for _ in self.visual_segments(inputs)]
+
+    def crop_grids(self, inputs: Mapping[str, Any]) -> list[tuple[int, int]]:
+        """Per image, ``(rows, cols)`` of its grid crops (the base view excluded); ``(1, 1)`` by default."""
+        return [(1, 1) for _ in self.visual_segments(inputs)]
+
+    def pack_visual(self, crop_tokens: Sequence[torch.Tensor], inputs: Mapping[str, Any]) -> list[torch.Tensor]:
+        """Pack per-crop tokens into each image's span as the model does (families with :attr:`packs_crops`).
+
+        Raises
+        ------
+        NotImplementedError
+            For a model that does not pack crops.
+        """
+        raise NotImplementedError(f"{self.family}: visual tokens are not packed crops")
+
+    @property
     def language_model(self) -> nn.Module:
         """The LLM's decoder stack (``model.model.language_model``): its forward receives ``input_ids`` or
         ``inputs_embeds``, ``position_ids`` and ``attention_mask`` for every prefill and decode step."""
@@ -400,7 +478,7 @@ class ModelAdapter:
         if ctx is not None and ctx.inputs is None:
             ctx.inputs = inputs
         elif ctx is None or ctx.inputs is not inputs:
-            ctx = SampleContext(self, inputs, kind=ctx.kind if ctx is not None else "image")
+            ctx = SampleContext(self, inputs)
             self.visual_context = ctx
         return ctx
 

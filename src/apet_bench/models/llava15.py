@@ -28,7 +28,7 @@ from apet_bench.models.base import (
 )
 from apet_bench.models.inputs import VICUNA_V1_SYSTEM, conversation_prompt, with_official_ids
 from apet_bench.models.loading import config_processor_loader, load_pretrained
-from apet_bench.models.tiny import build_tiny_llava15
+from apet_bench.models.tiny import TinyLlavaConfig, build_tiny_llava15
 
 __all__ = ["VICUNA_V1_SYSTEM", "Llava15Adapter", "vicuna_v1_prompt"]
 
@@ -73,6 +73,15 @@ class Llava15Adapter(ModelAdapter):
     >>> adapter.num_visual_tokens, adapter.num_layers
     (576, 4)
     """
+
+    @classmethod
+    def vision_tower_config(cls, model_cfg: Mapping[str, Any]) -> dict[str, int] | None:
+        """CLIP ViT-L/14-336 of llava-1.5-7b-hf (24 layers, ``vision_feature_layer`` -2, 576 patches); a tiny
+        model's from its ``tiny_config``. See :meth:`ModelAdapter.vision_tower_config`."""
+        if not model_cfg.get("tiny"):
+            return {"num_layers": 24, "feature_layer": -2, "patches": 576}
+        tc = TinyLlavaConfig.from_mapping(dict(model_cfg.get("tiny_config") or {}))
+        return {"num_layers": tc.vision_layers, "feature_layer": -2, "patches": (tc.image_size // tc.patch_size) ** 2}
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> Llava15Adapter:

@@ -274,7 +274,18 @@ class LlavaNextAdapter(ModelAdapter):
     (336, 4)
     """
 
+    packs_crops = True
+
     current_layouts: list[ImageLayout] = []  # noqa: RUF012 - replaced per instance by prepare_inputs
+
+    @classmethod
+    def vision_tower_config(cls, model_cfg: Mapping[str, Any]) -> dict[str, int] | None:
+        """CLIP ViT-L/14-336 of llava-v1.6-vicuna-7b-hf (24 layers, -2, 576 patches per crop); a tiny
+        model's from its ``tiny_config``. See :meth:`ModelAdapter.vision_tower_config`."""
+        if not model_cfg.get("tiny"):
+            return {"num_layers": 24, "feature_layer": -2, "patches": 576}
+        tc = TinyLlavaNextConfig.from_mapping(dict(model_cfg.get("tiny_config") or {}))
+        return {"num_layers": tc.vision_layers, "feature_layer": -2, "patches": (tc.image_size // tc.patch_size) ** 2}
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> LlavaNextAdapter:
@@ -307,12 +318,6 @@ class LlavaNextAdapter(ModelAdapter):
         return cls(spec=spec, model=model, processor=processor, weights=weights, is_random_weights=False)
 
     # ------------------------------------------------------------------ family specifics
-    @property
-    def patches_per_side(self) -> int:
-        """``image_size // patch_size`` of the vision tower (24 for CLIP-336/14)."""
-        vc = self.model.config.vision_config
-        return int(vc.image_size // vc.patch_size)
-
     @property
     def tokens_per_crop(self) -> int:
         """Visual tokens of one crop before packing: ``patches_per_side²`` (+1 with the ``full`` strategy)."""
@@ -488,7 +493,12 @@ class LlavaNextAdapter(ModelAdapter):
     def vision_projector(self) -> nn.Module:
         return self.model.model.multi_modal_projector
 
-    def _num_crops(self, inputs: Mapping[str, Any]) -> list[int]:
+    def crop_grids(self, inputs: Mapping[str, Any]) -> list[tuple[int, int]]:
+        """Per image, ``(rows, cols)`` of its grid crops (:meth:`visual_layout`)."""
+        return [layout.crop_grid for layout in self.visual_layout(inputs)]
+
+    def num_crops(self, inputs: Mapping[str, Any]) -> list[int]:
+        """Per image, its crops: the base view plus ``rows × cols`` grid crops."""
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         cfg = self.model.config
@@ -500,7 +510,7 @@ class LlavaNextAdapter(ModelAdapter):
         ]
 
     def _split_vision_features(self, captured: list[torch.Tensor], inputs: Mapping[str, Any]) -> list[torch.Tensor]:
-        return list(torch.split(captured[0], self._num_crops(inputs), dim=0))  # (sum crops, 576, D_v)
+        return list(torch.split(captured[0], self.num_crops(inputs), dim=0))  # (sum crops, 576, D_v)
 
     def visual_segments(self, inputs: Mapping[str, Any]) -> list[VisualSegments]:
         """Per image: ``"base"`` then ``"sub_image 1"`` .. ``"sub_image {rows·cols}"``, plus the newlines.
@@ -548,7 +558,7 @@ class LlavaNextAdapter(ModelAdapter):
         The inverse of :attr:`ImageLayout.source` (see :meth:`ModelAdapter.feature_token_map`).
         """
         out = []
-        for layout, crops in zip(self.visual_layout(inputs), self._num_crops(inputs)):
+        for layout, crops in zip(self.visual_layout(inputs), self.num_crops(inputs)):
             m = torch.full((crops * layout.tokens_per_crop,), -1, dtype=torch.long)
             valid = layout.source >= 0
             m[layout.source[valid]] = torch.nonzero(valid).flatten()

@@ -359,6 +359,13 @@ class Qwen25VLAdapter(ModelAdapter):
 
     #: 3-D mRoPE (t, h, w) from ``get_rope_index``; stage 1 keeps each kept token's original position.
     position_encoding = "mrope-3d"
+    #: Qwen2.5-VL's ViT has no [CLS] token.
+    has_cls_token = False
+
+    @property
+    def features_per_token(self) -> int:  # type: ignore[override]
+        """``spatial_merge_size²`` (4): the merger turns 2×2 pre-merger patches into one visual token."""
+        return int(self.model.config.vision_config.spatial_merge_size) ** 2
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

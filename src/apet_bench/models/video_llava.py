@@ -288,12 +288,23 @@ class VideoLlavaAdapter(ModelAdapter):
     (256, 2056, 4)
     """
 
-    @property
-    def _kind(self) -> str:
-        """Visual kind of the sample being generated (its :class:`~apet_bench.core.SampleContext`),
-        ``"image"`` outside a generate call."""
-        ctx = self.visual_context
-        return ctx.kind if ctx is not None and ctx.active else "image"
+    visual_kinds = ("image", "video")
+
+    @classmethod
+    def config_num_frames(cls, model_cfg: Mapping[str, Any]) -> int | None:
+        """``tiny_config.num_frames`` of a tiny model, else :data:`~apet_bench.data.video.DEFAULT_NUM_FRAMES` (8)."""
+        return int((model_cfg.get("tiny_config") or {}).get("num_frames", DEFAULT_NUM_FRAMES))
+
+    @classmethod
+    def vision_tower_config(cls, model_cfg: Mapping[str, Any]) -> dict[str, int] | None:
+        """LanguageBind ViT-L/14-224 of Video-LLaVA-7B-hf (24 layers, -2, 256 patches per image / frame);
+        a tiny model's from its ``tiny_config``. See :meth:`ModelAdapter.vision_tower_config`."""
+        if not model_cfg.get("tiny"):
+            return {"num_layers": 24, "feature_layer": -2, "patches": 256}
+        tc = {**TINY_VIDEO_LLAVA_DEFAULTS, **dict(model_cfg.get("tiny_config") or {})}
+        tc.pop("num_frames", None)
+        cfg = TinyLlavaConfig.from_mapping(tc)
+        return {"num_layers": cfg.vision_layers, "feature_layer": -2, "patches": (cfg.image_size // cfg.patch_size) ** 2}
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> VideoLlavaAdapter:
@@ -356,12 +367,7 @@ class VideoLlavaAdapter(ModelAdapter):
     @property
     def visual_token_id(self) -> int:
         """Placeholder id of the current sample's kind: :attr:`video_token_id` while a video is generated, else :attr:`image_token_id`."""
-        return self.video_token_id if self._kind == "video" else self.image_token_id
-
-    @property
-    def visual_kind(self) -> str:
-        """``"video"`` while a video sample is being generated, else ``"image"``."""
-        return self._kind
+        return self.video_token_id if self.visual_kind == "video" else self.image_token_id
 
     def visual_positions(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -412,7 +418,7 @@ class VideoLlavaAdapter(ModelAdapter):
     def vision_tower(self) -> nn.Module:
         """The tower of the current sample's kind: ``model.model.video_tower`` while a video is generated,
         else ``model.model.image_tower`` (LanguageBind ViT-L/14-224; both feed the same projector)."""
-        return self.model.model.video_tower if self._kind == "video" else self.model.model.image_tower
+        return self.model.model.video_tower if self.visual_kind == "video" else self.model.model.image_tower
 
     @property
     def vision_towers(self) -> list[tuple[str, nn.Module]]:
@@ -516,7 +522,7 @@ class VideoLlavaAdapter(ModelAdapter):
             If ``question`` holds placeholders, but not ``num_images`` of them (``num_images × num_frames``
             for videos), or for an unknown kind.
         """
-        kind = kind or self._kind
+        kind = kind or self.visual_kind
         return video_llava_prompt(question, num_images, kind, self.num_frames, getattr(self.processor, "image_token", "<image>"))
 
     @property
