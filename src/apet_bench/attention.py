@@ -386,7 +386,7 @@ def _impl_of(module: nn.Module) -> str | None:
 def attention_backends(adapter: VisualModel, method: Any = None) -> dict[str, Any]:
     """Which attention backend every layer used, read from the modules themselves.
 
-    Call it while the method's hooks are attached (``VisualModel.generate`` does, right after
+    Call it while the method's hooks are attached (``apet_bench.pipeline.generate`` does, right after
     ``generate``), so that a layer wrapped by :class:`AttentionRowCapture` shows as such.
 
     Parameters

@@ -276,7 +276,7 @@ def measure_latency(
     question: str = POPE_QUESTION,
     visual_tokens: int | None = None,
 ) -> LatencyResult:
-    """Time ``adapter.generate`` under ``method`` with the protocol of the module docstring.
+    """Time :func:`apet_bench.pipeline.generate` under ``method`` with the protocol of the module docstring.
 
     Parameters
     ----------

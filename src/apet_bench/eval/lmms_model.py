@@ -94,7 +94,7 @@ class SampleRecord:
 
 
 class ApetBenchLMM(lmms):
-    """lmms-eval ``simple`` model running ``adapter.generate`` under a compression method.
+    """lmms-eval ``simple`` model running :func:`apet_bench.pipeline.generate` under a compression method.
 
     Parameters
     ----------

@@ -93,7 +93,7 @@ class TokenCompressor:
     -----
     Lifecycle. ``with method(adapter):`` calls :meth:`reset` then :meth:`attach` and, in ``finally``,
     removes every hook registered through :meth:`register_hook` and calls :meth:`detach`. Entering again
-    for the same adapter while the context is open is a no-op (so ``VisualModel.generate``, which
+    for the same adapter while the context is open is a no-op (so ``apet_bench.pipeline.generate``, which
     always enters the context, keeps the state of an enclosing run-level ``with``); entering for another
     adapter while open raises ``RuntimeError``.
 
@@ -103,7 +103,7 @@ class TokenCompressor:
     >>> method = build_method("random", budget=64, seed=0)
     >>> with method(adapter):                       # doctest: +SKIP
     ...     for image, question in samples:
-    ...         out = adapter.generate([image], question, {"max_new_tokens": 16}, method)
+    ...         out = generate(adapter, [image], question, {"max_new_tokens": 16}, method)
     """
 
     #: Registry key (set by :func:`register_method`).
@@ -190,7 +190,7 @@ class TokenCompressor:
         """Take the method's hooks off ``adapter`` for one sample and put them back afterwards, keeping the
         per-run state (no :meth:`reset`: random generators go on where they were). A no-op when the method
         is not attached to ``adapter``. Used for a sample that is not compressed
-        (:func:`apet_bench.models.base.within_budget`)."""
+        (:func:`apet_bench.pipeline.within_budget`)."""
         if self._adapter is not adapter:
             yield
             return
@@ -212,7 +212,7 @@ class TokenCompressor:
         (segments, vision features, inputs), or ``None`` outside a context / before the first sample.
 
         Read it in :meth:`compress_visual` (``self.visual_context.segments[image_index]``) or in stage-2
-        hooks. Source: ``VisualModel.generate`` sets it after the processor.
+        hooks. Source: ``apet_bench.pipeline.generate`` sets it after the processor.
         """
         if self._adapter is None:
             return None

@@ -52,7 +52,7 @@ class RandomCompressor(TokenCompressor):
     Notes
     -----
     The generator is re-seeded at each (outermost) ``with method(adapter):``. Wrap a whole run in one
-    context to get a different subset per sample; ``ModelAdapter.generate`` called outside such a
+    context to get a different subset per sample; ``apet_bench.pipeline.generate`` called outside such a
     context enters it itself, so every call then draws the first subset of the stream. Subsets depend
     on the order samples are processed in (data-parallel shards draw their own streams).
 

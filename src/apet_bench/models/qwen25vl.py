@@ -15,7 +15,7 @@ depends on the image: ``min_pixels / 28²`` to ``max_pixels / 28²`` (256 to 204
 setting).
 
 Positions are 3-D mRoPE (t, h, w), computed by ``get_rope_index`` on the full ``input_ids``
-(transformers-hooks.md §3.1). Stage 1 (:meth:`Qwen25VLAdapter.apply_visual_stage`) therefore passes
+(transformers-hooks.md §3.1). Stage 1 (:meth:`Qwen25VLAdapter.stage_one_inputs`) therefore passes
 explicit 4-row ``position_ids`` that keep every kept token's original (t, h, w) position (§3.2 step 4),
 and a guard on the LLM refuses any forward of a shrunk sequence without them.
 """

@@ -76,7 +76,7 @@ TINY_VIDEO_LLAVA_DEFAULTS: dict[str, Any] = {"image_size": 224}
 
 
 class VideoClip:
-    """Decoded frames of one video, as :meth:`VideoLlavaAdapter.generate` takes them.
+    """Decoded frames of one video, as :meth:`VideoLlavaAdapter.prepare_visuals` takes them.
 
     Parameters
     ----------
