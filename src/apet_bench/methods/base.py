@@ -25,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import importlib.metadata
+import pkgutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -39,7 +41,9 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from apet_bench.models.base import ModelAdapter
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "LLMSelection",
+    "MethodImportError",
     "NUMERICS",
     "STAGES",
     "STAGE_ONE",
@@ -49,8 +53,10 @@ __all__ = [
     "VisualSelection",
     "available_methods",
     "build_method",
+    "discover_methods",
     "get_method_class",
     "register_method",
+    "registered_classes",
 ]
 
 #: Stages a method may declare. ``"vision"`` = stage 1 (after the projector), ``"llm"`` = stage 2
@@ -558,8 +564,13 @@ class TokenCompressor:
 
 # ---------------------------------------------------------------------- registry
 _REGISTRY: dict[str, type[TokenCompressor]] = {}
-#: Packages imported (once) before the registry is read, so that their modules can register methods.
-PLUGIN_PACKAGES: list[str] = ["apet_bench.baselines"]
+#: Packages whose every module is imported (once, :func:`pkgutil.iter_modules`) before the registry is
+#: read, so that a method file dropped into one of them registers itself with no other edit.
+PLUGIN_PACKAGES: list[str] = ["apet_bench.methods", "apet_bench.baselines"]
+#: Entry-point group (``importlib.metadata``) through which another installed distribution adds methods:
+#: each entry point names a module (or an object in it) that registers its classes when imported, e.g.
+#: ``[project.entry-points."apet_bench.methods"] mymethod = "my_package.my_method"`` in its pyproject.toml.
+ENTRY_POINT_GROUP = "apet_bench.methods"
 _plugins_loaded = False
 
 
@@ -568,6 +579,10 @@ class UnknownMethodError(KeyError, ValueError):
 
     def __str__(self) -> str:  # KeyError would print the repr of the message
         return str(self.args[0]) if self.args else ""
+
+
+class MethodImportError(ImportError):
+    """A method module (package scan or entry point) failed to import; the message names it and the cause."""
 
 
 def register_method(name: str) -> Callable[[type[TokenCompressor]], type[TokenCompressor]]:
@@ -605,17 +620,60 @@ def register_method(name: str) -> Callable[[type[TokenCompressor]], type[TokenCo
     return decorator
 
 
+def _import_method_module(module: str, origin: str) -> None:
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the module's name
+        raise MethodImportError(
+            f"method module {module!r} ({origin}) failed to import: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def discover_methods() -> list[str]:
+    """Import every method module: each module of :data:`PLUGIN_PACKAGES` and each entry point of the
+    group :data:`ENTRY_POINT_GROUP`, so that their ``@register_method`` classes are registered.
+
+    Returns
+    -------
+    list of str
+        The modules imported, in order (packages first, then entry points sorted by name).
+
+    Raises
+    ------
+    MethodImportError
+        (an ``ImportError``) naming the module and the cause, for a module that fails to import; a
+        broken method is never skipped silently.
+    """
+    imported: list[str] = []
+    for package in PLUGIN_PACKAGES:
+        pkg = importlib.import_module(package)
+        for info in pkgutil.iter_modules(getattr(pkg, "__path__", []), prefix=f"{package}."):
+            _import_method_module(info.name, f"package {package}")
+            imported.append(info.name)
+    for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        try:
+            ep.load()
+        except Exception as exc:  # noqa: BLE001 - re-raised with the entry point's name
+            raise MethodImportError(
+                f"method module {ep.value!r} (entry point {ep.name!r} of group {ENTRY_POINT_GROUP!r}) "
+                f"failed to import: {type(exc).__name__}: {exc}"
+            ) from exc
+        imported.append(ep.value)
+    return imported
+
+
 def _load_plugins() -> None:
     global _plugins_loaded
     if _plugins_loaded:
         return
-    for package in PLUGIN_PACKAGES:
-        try:
-            importlib.import_module(package)
-        except ModuleNotFoundError as e:  # the package itself is absent; a broken baseline still raises
-            if e.name != package:
-                raise
+    discover_methods()
     _plugins_loaded = True
+
+
+def registered_classes() -> list[type[TokenCompressor]]:
+    """Every registered method class (after discovery), sorted by registry name."""
+    _load_plugins()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
 
 
 def available_methods() -> list[str]:
