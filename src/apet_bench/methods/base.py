@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from apet_bench.budget import BudgetError, budget_to_tokens, validate_budget
+from apet_bench.methods.records import OverheadContext, TokenMap, TokenScores
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from apet_bench.models.base import ModelAdapter
@@ -529,6 +530,79 @@ class TokenCompressor:
                 n = min(n, int(self.llm_keep_count(n, layer_idx=i)))
             counts.append(n)
         return counts
+
+    # ------------------------------------------------------------------ efficiency and figures
+    def flops_overhead(self, ctx: OverheadContext) -> dict[str, int]:
+        """FLOPs the method computes besides the model's own forward pass, during one prefill.
+
+        ``apet_bench.flops`` reports their sum as the method's own line (prefill TFLOPs = vision +
+        LLM + this). Convention: one multiply-add = 2 FLOPs; unlike the model's count, a method's
+        formula also counts its element-wise terms (norms, distances, means) and documents each.
+        Every registered method defines it, next to its code; a method with nothing to count returns
+        ``{}`` explicitly.
+
+        Parameters
+        ----------
+        ctx : OverheadContext
+            Full-size model dimensions and this prefill's token counts (per decoder layer, per vision
+            layer, text tokens). The method's own hyper-parameters are its fields.
+
+        Returns
+        -------
+        dict of str to int
+            FLOPs per named term (e.g. ``{"attention_row_L1": ...}``); the keys are shown in the breakdown.
+
+        Raises
+        ------
+        NotImplementedError
+            Base class: the method has no overhead formula (``apet_bench.flops`` turns it into one line
+            naming the method; a missing formula never counts as 0).
+        """
+        raise NotImplementedError(
+            f"method {self.name!r} defines no FLOPs overhead formula (implement "
+            f"{type(self).__name__}.flops_overhead)"
+        )
+
+    def token_map(self, num_visual_tokens: int, kept_indices: list[int] | None) -> TokenMap | None:
+        """Which kept token every original visual token ended in, for the sample just generated.
+
+        Called by ``apet_bench.viz`` after one ``generate`` on a single image whose visual tokens form
+        one segment of ``num_visual_tokens`` (a single unit: no crops, no frames). Methods that merge
+        (or that keep rows the adapter cannot report) override it and read what they recorded during
+        that ``generate``.
+
+        Parameters
+        ----------
+        num_visual_tokens : int
+            ``N``: the image's original visual tokens.
+        kept_indices : list of int or None
+            ``GenerationOutput.kept_indices[0]`` of that call (indices in ``[0, N)``), or ``None``.
+
+        Returns
+        -------
+        TokenMap or None
+            ``None`` (base): no merges to draw; the figure shows the kept tokens only.
+        """
+        return None
+
+    def token_scores(self, adapter: ModelAdapter, inputs: Any) -> TokenScores | None:
+        """The score the method ranks the visual tokens of one image by, computed on uncompressed features.
+
+        Called by ``apet_bench.viz`` (figure beside the attention maps) outside the method's context.
+
+        Parameters
+        ----------
+        adapter : ModelAdapter
+            The loaded model.
+        inputs : BatchFeature
+            Processor outputs of one prompt with one image (``adapter.prepare_inputs``).
+
+        Returns
+        -------
+        TokenScores or None
+            ``(N,)`` scores; ``None`` (base) when the method ranks by nothing it can show on its own.
+        """
+        return None
 
     # ------------------------------------------------------------------ helpers
     def num_tokens_to_keep(self, num_visual_tokens: int) -> int:
