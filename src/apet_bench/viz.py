@@ -154,7 +154,7 @@ def load_model_config(name: str) -> dict[str, Any]:
     Raises
     ------
     ConfigError
-        Unknown model (listing the options) or one marked ``available: false``.
+        Unknown model (listing the options).
     """
     from omegaconf import OmegaConf
 
@@ -164,8 +164,6 @@ def load_model_config(name: str) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"unknown model {name!r} (available: {', '.join(group_options('model'))})")
     cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    if not cfg.get("available", True):
-        raise ConfigError(f"model {name!r} is not available yet")
     return cfg
 
 
