@@ -3,7 +3,7 @@
 A method is a ``@dataclass`` and a context manager, in the manner of the presses of NVIDIA/kvpress
 (``kvpress/presses/base_press.py``): ``with method(adapter): ...`` attaches whatever hooks the method
 needs to the model behind a :class:`~apet_bench.models.base.ModelAdapter` and removes every one of them
-on exit, so one loaded model can run ``none``, ``random``, ``apet`` and ``fastv`` back to back.
+on exit, so one loaded model can run several methods back to back.
 
 A method acts at one or two stages (architecture.md, "What flows through it"):
 
