@@ -288,7 +288,7 @@ def compute_token_maps(
     adapter : ModelAdapter
     image : PIL.Image.Image
     methods : sequence of str
-        Registry names, e.g. ``["apet", "fastv", "visionzip"]``.
+        Registry names (``apet_bench.methods.available_methods()``).
     budget : int or float
         Passed to every method but ``none``.
     question : str
