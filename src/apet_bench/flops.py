@@ -120,19 +120,17 @@ def pope_text_tokens(tokenizer_model: str | os.PathLike, questions: str | os.Pat
     Raises
     ------
     ConfigError
-        If a file is missing, or ``sentencepiece`` is not installed.
+        If a file is missing.
     """
     import statistics
+
+    import sentencepiece as spm
 
     from apet_bench.models.llava15 import vicuna_v1_prompt
 
     for path in (tokenizer_model, questions):
         if not os.path.isfile(path):
             raise ConfigError(f"flops: {str(path)!r} does not exist")
-    try:
-        import sentencepiece as spm
-    except ImportError:  # pragma: no cover
-        raise ConfigError("flops: pope_text_tokens needs the sentencepiece package") from None
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
     lengths = []
     with open(questions) as f:
