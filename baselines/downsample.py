@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from apet_bench.baselines.visionzip import check_video_budget
 from apet_bench.budget import BudgetError
 from apet_bench.methods.base import TokenCompressor, VisualSelection, register_method
+from apet_bench.methods.records import OverheadContext
 
 __all__ = ["DownsampleCompressor", "cell_centres", "pool_grid", "pool_shape"]
 
@@ -167,6 +168,12 @@ class DownsampleCompressor(TokenCompressor):
     def _pool(self, tokens: torch.Tensor, H: int, W: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         h, w = pool_shape(b, H, W, float(self.max_distortion))
         return pool_grid(tokens, H, W, h, w), cell_centres(H, W, h, w)
+
+    def flops_overhead(self, ctx: OverheadContext) -> dict[str, int]:
+        """Area pooling of the projector output (``adaptive_avg_pool2d``, element-wise): every input
+        element added once and every output element divided once, ``(n_in + n_out) · d`` with ``d`` the
+        LLM width (``{"pooling": ...}``)."""
+        return {"pooling": (ctx.visual_tokens_in + ctx.visual_tokens_llm) * ctx.hidden_size}
 
     def compress_visual(self, features: torch.Tensor, *, image_index: int) -> VisualSelection:
         """Pool the visual's grid(s) to the budget.

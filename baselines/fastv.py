@@ -46,6 +46,7 @@ import torch
 
 from apet_bench.budget import BudgetError
 from apet_bench.methods.base import LLMSelection, TokenCompressor, register_method
+from apet_bench.methods.records import OverheadContext
 
 __all__ = [
     "BUDGET_CONVENTIONS",
@@ -349,6 +350,14 @@ class FastV(TokenCompressor):
         return [n if i < k else keep for i in range(facts.num_layers)]
 
     # ------------------------------------------------------------------ selection
+    def flops_overhead(self, ctx: OverheadContext) -> dict[str, int]:
+        """The last prompt token's attention row at layer ``K - 1``, the only row recomputed
+        (``apet_bench.attention.AttentionRowCapture``; ``pkunlp-icler/FastV`` ``fastv_forward`` reads
+        the same row): ``QKᵀ`` of one query over the ``seq`` tokens there, ``2 · seq · d`` (softmax
+        element-wise, not counted). One term per drop layer: ``{"attention_row_L<K-1>": ...}``."""
+        return {f"attention_row_L{drop.layer - 1}": 2 * (drop.before + ctx.text_tokens) * ctx.hidden_size
+                for drop in ctx.drops}
+
     def select_llm_tokens(
         self,
         hidden_states: torch.Tensor,

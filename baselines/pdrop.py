@@ -48,6 +48,7 @@ from apet_bench.baselines.fastv import ModelFacts, model_facts, scale_layers
 from apet_bench.budget import BudgetError
 from apet_bench.core import AttentionRequest
 from apet_bench.methods.base import LLMSelection, TokenCompressor, register_method
+from apet_bench.methods.records import OverheadContext
 
 __all__ = [
     "NEXT_NOMINAL_TOKENS",
@@ -358,6 +359,20 @@ class PyramidDrop(TokenCompressor):
         return out
 
     # ------------------------------------------------------------------ selection
+    def flops_overhead(self, ctx: OverheadContext) -> dict[str, int]:
+        """At each stage layer ``ℓ`` the probe (``AttentionRowCapture.probe``, as the official
+        ``pdrop_rank_drop`` in ``Cooperx521/PyramidDrop`` ``llava/model/modeling_llama_pdrop.py``) runs
+        ``ℓ``'s q/k/v/o projections over the pre-drop sequence ``seq`` (``2·seq·d·(2d + 2·d_kv)``; the
+        official code projects q/k/v only) and the last instruction token's row ``2·seq·d`` (softmax
+        element-wise). Terms ``last_instruction_row_L<ℓ>`` and ``probe_projections_L<ℓ>``."""
+        d, d_kv = ctx.hidden_size, ctx.kv_hidden_size
+        out: dict[str, int] = {}
+        for drop in ctx.drops:
+            seq = drop.before + ctx.text_tokens
+            out[f"last_instruction_row_L{drop.layer}"] = 2 * seq * d
+            out[f"probe_projections_L{drop.layer}"] = 2 * seq * d * (2 * d + 2 * d_kv)
+        return out
+
     def select_llm_tokens(
         self,
         hidden_states: torch.Tensor,

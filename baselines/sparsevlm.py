@@ -63,6 +63,7 @@ import torch
 from apet_bench.budget import BudgetError
 from apet_bench.core import AttentionRequest
 from apet_bench.methods.base import LLMSelection, TokenCompressor, register_method
+from apet_bench.methods.records import OverheadContext
 
 __all__ = [
     "OFFICIAL_LAYERS",
@@ -763,6 +764,24 @@ class SparseVLMCompressor(TokenCompressor):
         if self.placement != "auto":
             return self.placement
         return "after_kept" if self.renumber_positions else "centre"
+
+    def flops_overhead(self, ctx: OverheadContext) -> dict[str, int]:
+        """Raters ``V·Tᵀ`` on the input embeddings (``2·n·t·d``, ``t`` = text tokens after the visual
+        span), the raters' attention rows at each pruning layer (``2·t·seq·d``, computed by the shared row
+        capture), DPC-KNN recycling of the ``m = int(0.3 p) + 1`` best of the ``p`` pruned tokens
+        (pairwise distances ``2m²d``; density and means element-wise, not counted); as
+        ``Gumpest/SparseVLMs`` @ 26a5f48 ``modelling_sparse_llama.py`` and ``utils.py`` ``cluster_and_merge`` (v1.5). A drop at the input
+        of layer ``ℓ`` is the pruning of layer ``ℓ - 1``'s output, hence the ``L<ℓ-1>`` keys."""
+        d = ctx.hidden_size
+        t_after = ctx.text_tokens_after_image
+        out = {"raters": 2 * ctx.visual_tokens_llm * t_after * d}
+        for drop in ctx.drops:
+            seq = drop.before + ctx.text_tokens
+            out[f"rater_rows_L{drop.layer - 1}"] = 2 * t_after * seq * d
+            pruned = max(0, drop.before - drop.after)
+            m = int(0.3 * pruned) + 1 if pruned else 0
+            out[f"recycling_L{drop.layer - 1}"] = 2 * m * m * d
+        return out
 
     def config_dict(self) -> dict[str, Any]:
         """As the base class, plus the resolved schedule when attached."""

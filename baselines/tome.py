@@ -40,6 +40,7 @@ from torch import nn
 
 from apet_bench.budget import BudgetError, budget_to_tokens
 from apet_bench.methods.base import TokenCompressor, VisualSelection, register_method
+from apet_bench.methods.records import OverheadContext, TokenMap
 
 __all__ = [
     "BipartiteMatch",
@@ -605,6 +606,35 @@ class ToMeCompressor(TokenCompressor):
         if self.order is not None and not packs_crops:
             return self.order
         return "spatial" if packs_crops or merged_tokens else "merged"
+
+    def flops_overhead(self, ctx: OverheadContext) -> dict[str, int]:
+        """Bipartite soft matching at every vision layer that merges (``facebookresearch/ToMe``
+        ``tome/merge.py`` ``bipartite_soft_matching``): similarity ``A·Bᵀ`` of the two halves of the
+        ``a`` tokens on head-mean keys, ``2·⌊a/2⌋·⌈a/2⌉·dk`` with ``dk`` the head width; argmax, gathers
+        and the size-weighted means are not counted. ``{"bipartite_matching": ...}`` (0 where the plan
+        records no vision-layer merge, e.g. the passes on Qwen2.5-VL's post-merger tokens)."""
+        lens = list(ctx.vision_layer_tokens or [])
+        dk = ctx.vision_hidden_size // ctx.vision_heads
+        total = 0
+        for a, b in zip(lens, lens[1:]):
+            if b < a:
+                total += 2 * (a // 2) * (a - a // 2) * dk
+        return {"bipartite_matching": total}
+
+    def token_map(self, num_visual_tokens: int, kept_indices: list[int] | None) -> TokenMap | None:
+        """Roots from :attr:`last_groups`: original token ``i`` was merged into kept row
+        ``last_groups[0][0, i]``, whose original index is ``kept_indices[row]``.
+
+        Returns
+        -------
+        TokenMap or None
+            ``None`` without kept indices, or when the last sample is not one unit of
+            ``num_visual_tokens`` tokens (groups of shape ``(1, N)``).
+        """
+        groups = self.last_groups
+        if kept_indices is None or len(groups) != 1 or tuple(groups[0].shape) != (1, int(num_visual_tokens)):
+            return None
+        return TokenMap.from_groups(kept_indices, groups[0][0].tolist())
 
     def compress_visual(self, features: torch.Tensor, *, image_index: int) -> VisualSelection:
         """Keep one token per merged group at its representative index (CLIP towers), or run the

@@ -36,6 +36,7 @@ from torch import nn
 
 from apet_bench.budget import BudgetError
 from apet_bench.methods.base import TokenCompressor, VisualSelection, register_method
+from apet_bench.methods.records import OverheadContext, TokenMap
 
 __all__ = [
     "CONTEXTUAL_SHARE_INT",
@@ -464,6 +465,65 @@ class VisionZipCompressor(TokenCompressor):
         self._batch = self._captured[-1]
         self._captured = []
         return self._batch
+
+    def flops_overhead(self, ctx: OverheadContext) -> dict[str, int]:
+        """What this class recomputes besides the forward pass (``dvlab-research/VisionZip`` computes the
+        same quantities from the tower's outputs).
+
+        Towers with [CLS] (:func:`cls_attention_row` at layer -2): ``q_proj`` of the [CLS] row ``2·dv²``,
+        ``k_proj`` of all ``n + 1`` tokens ``2(n+1)dv²``, the [CLS] scores ``2(n+1)dv``; contextual
+        matching on head-mean keys ``2·rest·ctx·dk`` (``ctx`` = contextual tokens, 10 of 64, i.e.
+        ``k // 6``; ``rest`` the tokens matched). Towers without [CLS] (:func:`qwen_attention_received`):
+        the last block's ``qkv`` over all ``S`` patches ``2·S·dv·3dv`` and its full ``QKᵀ`` ``2·S²·dv``
+        (every query row is needed), then the same matching on the tokens' head width.
+        Terms ``cls_row_recompute`` / ``vit_qkv_recompute`` + ``vit_attention_recompute``, and
+        ``contextual_matching``."""
+        n, k = ctx.visual_tokens_in, ctx.visual_tokens_llm
+        dv, heads = ctx.vision_hidden_size, ctx.vision_heads
+        contextual = max(1, k // 6)
+        rest = max(0, n - (k - contextual))
+        matching = 2 * rest * contextual * (dv // heads)
+        if not ctx.vision_has_cls:
+            S = ctx.patches_per_token * n
+            return {"vit_qkv_recompute": 2 * S * dv * 3 * dv, "vit_attention_recompute": 2 * S * S * dv,
+                    "contextual_matching": matching}
+        return {"cls_row_recompute": 2 * dv * dv + 2 * (n + 1) * dv * dv + 2 * (n + 1) * dv,
+                "contextual_matching": matching}
+
+    def token_map(self, num_visual_tokens: int, kept_indices: list[int] | None) -> TokenMap | None:
+        """Kept tokens and merges from the last sample's :attr:`records` (one image, one unit whose encoder
+        tokens are ``[CLS] + num_visual_tokens`` patches): kept = dominant patches + contextual targets,
+        each contextual member -> its target. Record indices count [CLS] as 0, so patch ``t`` is visual
+        token ``t - 1``; the [CLS] row enters the LLM too but has no patch, so it is not drawn.
+
+        Returns
+        -------
+        TokenMap or None
+            With ``kept_indices`` (``GenerationOutput.kept_indices`` has none on towers whose [CLS] row
+            is kept); ``None`` when the last sample is not that single-unit pattern.
+        """
+        records = self.records
+        if not isinstance(records, list) or len(records) != 1:
+            return None
+        rec = records[0]
+        dominant, targets = list(rec.get("dominant", [])), list(rec.get("targets", []))
+        members = list(rec.get("members", []))
+        idx = [*dominant, *targets] + [m for ms in members for m in ms]
+        n = int(num_visual_tokens)
+        if not idx or max(idx) > n:
+            return None
+        roots = [-1] * n
+        kept = []
+        for t in [*dominant, *targets]:
+            if t > 0:  # 0 = [CLS]
+                roots[t - 1] = t - 1
+                kept.append(t - 1)
+        for t, ms in zip(targets, members):
+            for m in ms:
+                if m > 0 and t > 0:
+                    roots[m - 1] = t - 1
+        return TokenMap(roots, kept_indices=sorted(kept),
+                        kept_source=f"{self.name}.records (dominant + contextual targets; [CLS] row not drawn)")
 
     def compress_visual(self, features: torch.Tensor, *, image_index: int) -> VisualSelection:
         """VisionZip on one image / video (see the module docstring for the per-model layout).

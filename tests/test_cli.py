@@ -38,9 +38,6 @@ def assert_nothing_written(tmp_path):
         (["model=nosuchmodel"], "unknown model 'nosuchmodel'"),
         (["method=nosuchmethod"], "unknown method 'nosuchmethod'"),
         (["benchmark=nosuchbench"], "unknown benchmark 'nosuchbench'"),
-        # an option whose issue has not landed (every shipped one has; simulated by overriding the flag)
-        (["model=qwen25vl", "method=fastv", "budget=0.1", "method.available=false", "+method.issue=99"],
-         "not available yet: method 'fastv' (issue #99)"),
         (["method=random", "budget=0"], "budget 0"),
         (["method=random", "budget=-3"], "budget -3"),
         (["method=random", "budget=577"], "budget 577"),

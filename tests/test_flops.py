@@ -65,15 +65,6 @@ def test_pdrop64_overhead_counts_the_probe_projections():
     assert abs(r.total_tflops - 2.16) / 2.16 < 0.02  # the paper's PDrop row (Table 7)
 
 
-def test_documented_plan_used_when_class_is_absent(monkeypatch):
-    monkeypatch.setattr(flops, "_registered", lambda name: False)
-    r = flops.count_flops("llava15", "visionzip", 64, text_tokens=LLAVA_TEXT)
-    assert "not registered" in r.plan_source and "§2.4" in r.plan_source
-    assert r.layer_visual_tokens == [64] * 32
-    with pytest.raises(ConfigError, match="documented LLaVA-1.5 budgets"):
-        flops.count_flops("llava15", "visionzip", 100, text_tokens=LLAVA_TEXT)
-
-
 def test_additivity(llava_none, llava_apet64):
     for r in (llava_none, llava_apet64):
         assert r.total_tflops == pytest.approx(r.vision_tflops + r.llm_tflops + r.method_tflops, rel=1e-12)
@@ -103,15 +94,16 @@ def test_apet_stage_formula_covers_counted_matmuls():
     from torch.utils.flop_counter import FlopCounterMode
 
     from apet_bench.apet import apet_compress
+    from apet_bench.methods.apet import apet_stage_flops
 
     x = torch.randn(1, 576, 1024)
     with FlopCounterMode(display=False) as c:
         apet_compress(x, 96, num_basis=10, basis="fps", variant="official", generator=torch.Generator().manual_seed(0))
     counted = c.get_total_flops()
-    terms = flops.apet_stage_flops(576, 1024, 96, 10)
+    terms = apet_stage_flops(576, 1024, 96, 10)
     assert counted > 0
     assert sum(terms.values()) >= counted
-    assert flops.apet_stage_flops(96, 4096, 96, 10) == {"fps": 0, "solve": 0, "error": 0, "merge": 0}
+    assert apet_stage_flops(96, 4096, 96, 10) == {"fps": 0, "solve": 0, "error": 0, "merge": 0}
 
 
 def test_qwen_vanilla_and_apet_variants():
@@ -200,3 +192,33 @@ def test_pope_prompt_length_with_the_real_llama2_tokenizer():
 def test_pope_text_tokens_missing_file():
     with pytest.raises(ConfigError, match="does not exist"):
         flops.pope_text_tokens("/nonexistent/tokenizer.model", "/nonexistent/pope.json")
+
+
+def test_method_without_overhead_formula_is_a_one_line_error(monkeypatch):
+    """A registered method whose class defines no ``flops_overhead`` is refused, never counted as 0."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from apet_bench.methods import base
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+
+    @base.register_method("no_formula_probe")
+    @dataclass
+    class NoFormula(base.TokenCompressor):
+        stage: ClassVar[str] = "vision"  # base compress_visual: keeps every token
+
+    with pytest.raises(ConfigError) as ei:
+        flops.count_flops("llava15", "no_formula_probe", 64, text_tokens=LLAVA_TEXT)
+    msg = str(ei.value)
+    assert "no_formula_probe" in msg and "overhead" in msg and len(msg.splitlines()) == 1
+
+
+def test_reference_rows_state_their_overhead():
+    """``random`` selects without arithmetic (an explicit 0); ``downsample`` counts its area pooling."""
+    r = flops.count_flops("llava15", "random", 64, text_tokens=LLAVA_TEXT)
+    assert r.method_breakdown == {} and r.method_tflops == 0
+    assert r.layer_visual_tokens == [64] * 32
+    d = flops.count_flops("llava15", "downsample", 64, text_tokens=LLAVA_TEXT)
+    assert d.layer_visual_tokens == [64] * 32
+    assert d.method_breakdown["pooling"] * 1e12 == pytest.approx((576 + 64) * 4096)

@@ -74,10 +74,10 @@ def test_apet_stages_merges_and_heat_maps(photo, tiny_llava15, tmp_path):
     assert result.cls_attention.sum() == pytest.approx(1.0, abs=0.05)  # [CLS] row minus its self-attention
     # the error heat map is exactly the error ApET's vision stage ranks by (same features, seed, FPS basis)
     from apet_bench.methods import build_method
-    from apet_bench.viz import _record_apet_calls
 
-    with _record_apet_calls() as calls:
-        generate(tiny_llava15, [photo], "Describe the image.", {"max_new_tokens": 1}, build_method("apet", budget=64, seed=0))
+    method = build_method("apet", budget=64, seed=0)
+    generate(tiny_llava15, [photo], "Describe the image.", {"max_new_tokens": 1}, method)
+    calls = method.last_compressions  # (kept, ApETInfo) of each compression call, recorded by the method
     np.testing.assert_allclose(result.approx_error, calls[0][1].error[0].numpy().reshape(24, 24), rtol=1e-6)
     assert result.llm_attention.min() >= 0 and result.llm_attention.sum() <= 1.0 + 1e-5
     assert (tmp_path / "image__tiny_llava15__64__error_vs_attention.png").stat().st_size > 10_000

@@ -8,15 +8,13 @@ top-level value (see :mod:`apet_bench.budget`). A group option whose issue has n
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "GROUPS",
     "ConfigError",
-    "NotAvailableError",
-    "check_available",
     "check_group_overrides",
     "compose",
     "config_dir",
@@ -28,10 +26,6 @@ GROUPS = ("model", "method", "benchmark", "experiment")
 
 class ConfigError(ValueError):
     """A bad configuration value; the message is one line and names the value."""
-
-
-class NotAvailableError(ConfigError):
-    """A model, method or benchmark whose issue has not landed yet."""
 
 
 def config_dir() -> Path:
@@ -51,12 +45,12 @@ def group_options(group: str) -> list[str]:
 def check_group_overrides(overrides: Sequence[str]) -> None:
     """Reject ``group=value`` overrides naming an option that does not exist, before Hydra sees them.
 
-    Handles sweeps (``method=none,random``) and ``+``/``~`` prefixes. ``experiment=null`` is allowed.
+    Handles sweeps (``method=<a>,<b>``) and ``+``/``~`` prefixes. ``experiment=null`` is allowed.
 
     Raises
     ------
     ConfigError
-        ``unknown method 'foo' (available: apet, fastv, ...)``.
+        ``unknown method 'foo' (available: <the YAML files of configs/method/>)``.
     """
     for ov in overrides:
         if "=" not in ov or ov.startswith("-"):
@@ -75,23 +69,6 @@ def check_group_overrides(overrides: Sequence[str]) -> None:
                 continue
             if v not in options:
                 raise ConfigError(f"unknown {key} {v!r} (available: {', '.join(options)})")
-
-
-def check_available(cfg: Mapping[str, Any]) -> None:
-    """Raise :class:`NotAvailableError` when the chosen model/method/benchmark has not landed.
-
-    The message is one line and names every unavailable choice with its issue number.
-    """
-    missing = []
-    for group in ("model", "method", "benchmark"):
-        node = cfg.get(group)
-        if node is None:
-            raise ConfigError(f"no {group} chosen")
-        if not node.get("available", True):
-            issue = node.get("issue")
-            missing.append(f"{group} {node.get('name')!r}" + (f" (issue #{issue})" if issue else ""))
-    if missing:
-        raise NotAvailableError(f"not available yet: {', '.join(missing)}")
 
 
 def compose(overrides: Sequence[str] = ()) -> Any:

@@ -5,7 +5,7 @@ prints a human-readable breakdown and, on its last line, one JSON object with ``
 ``llm_tflops``, ``method_tflops``, ``total_tflops``, the token counts used (visual tokens in, the
 per-layer visual-token plan, text tokens), where the plan came from, and the convention.
 
-How a number is obtained (issue #8; transformers-hooks.md §4):
+How a number is obtained:
 
 1. **Per-layer token counts from the method's own code.** The method (any class in the registry,
    ``apet_bench.methods.build_method``) runs once, through the adapter's real ``generate`` path, on a
@@ -13,24 +13,21 @@ How a number is obtained (issue #8; transformers-hooks.md §4):
    model's depths (32 / 28 decoder layers, 24 CLIP layers) and its visual-token geometry (LLaVA-1.5: a
    336 px image -> 576 tokens; Qwen2.5-VL: an image of ``28h × 28w`` px -> ``h·w`` tokens; LLaVA-NeXT:
    a 672 × 672 image -> base view + 2×2 crops -> 2928 packed tokens; Video-LLaVA: a 224 px image -> 256),
-   with the smallest widths the classes allow (token counts do not depend on widths). The
-   adapter measures the visual tokens at the input of every decoder layer
-   (``GenerationOutput.layer_visual_tokens``) and the method's plan (``TokenCompressor.plan``); we
-   also record the tokens entering every vision-encoder layer (methods that merge inside the ViT,
-   ToMe). A method whose class has not been registered yet but whose plan is documented in
-   design/methods.md (VisionZip §2.4, PDrop §5.3, SparseVLM §4.3, FastV §3.3) is counted from that
-   documented plan, and the report says so (``plan_source``).
+   with the smallest widths the classes allow (token counts do not depend on widths). The per-layer
+   visual tokens are the method's own plan (``TokenCompressor.plan``, recorded by ``generate`` as
+   ``GenerationOutput.planned_layer_visual_tokens``), checked against the counts the adapter measured
+   at the input of every decoder layer; we also record the tokens entering every vision-encoder layer
+   (methods that merge inside the ViT).
 2. **FLOPs of the full-size model on the ``meta`` device.** The HF model class is built from its
    published configuration (:func:`full_size_config`; the hub is unreachable, so the hyper-parameters
    are written here from each checkpoint's ``config.json``) under ``torch.device("meta")``: no weights,
    no memory. Each vision-encoder layer and each decoder layer is then called on meta tensors of its
    own prefill length under :class:`torch.utils.flop_counter.FlopCounterMode`, with the real number of
    text tokens (LLaVA-1.5 POPE prompt: 62 Llama-2 tokens, see :data:`POPE_TEXT_TOKENS`).
-3. **The method's own overhead** (ApET: FPS + ridge solve + error + merge; FastV / PDrop: the
-   attention rows they compute; VisionZip: the [CLS]-row recomputation and contextual matching, on
-   Qwen2.5-VL the last ViT block's full attention recomputed; SparseVLM: raters, rows and recycling;
-   ToMe: bipartite matching) from the per-method formula registry :data:`METHOD_OVERHEAD` (:func:`register_overhead`),
-   reported as its own line.
+3. **The method's own overhead**, from the formula the method defines next to its code
+   (``TokenCompressor.flops_overhead``, given an :class:`~apet_bench.methods.records.OverheadContext`
+   built by :func:`overhead_context`), reported as its own line. This module knows no method by name;
+   a method without a formula is an error naming it, never 0.
 
 Convention (:data:`CONVENTION`, the paper's Table 7 and transformers-hooks.md §4.4): one multiply-add
 = 2 FLOPs (matmuls, convolutions, attention); element-wise ops (norms, activations, softmax, RoPE) and
@@ -56,13 +53,12 @@ from typing import Any
 import torch
 
 from apet_bench.config import ConfigError
+from apet_bench.methods.records import OverheadContext
 from apet_bench.pipeline import generate
 
 __all__ = [
     "CONVENTION",
-    "DOCUMENTED_PLANS",
     "FAMILY_OF_MODEL",
-    "METHOD_OVERHEAD",
     "POPE_TEXT_TOKENS",
     "FlopsReport",
     "TokenPlan",
@@ -73,8 +69,9 @@ __all__ = [
     "llm_flops_formula",
     "main",
     "meta_model",
+    "method_overhead",
+    "overhead_context",
     "pope_text_tokens",
-    "register_overhead",
     "token_plan",
 ]
 
@@ -88,7 +85,7 @@ CONVENTION: dict[str, str] = {
     "lm_head": "last prompt token only (logits_to_keep=1, as generate)",
     "phase": "prefill only (vision encoder + projector + LLM prefill; no decode steps)",
     "weights": "none: full-size HF model classes built on the meta device from the published configs",
-    "method": "method overhead from per-method formulas (apet_bench.flops.METHOD_OVERHEAD), its own line",
+    "method": "method overhead from the method's own formula (TokenCompressor.flops_overhead), its own line",
 }
 
 #: Text tokens of the LLaVA-1.5 POPE prompt (vicuna_v1 system prompt + "USER: <image>\\n{question}\\n
@@ -124,19 +121,17 @@ def pope_text_tokens(tokenizer_model: str | os.PathLike, questions: str | os.Pat
     Raises
     ------
     ConfigError
-        If a file is missing, or ``sentencepiece`` is not installed.
+        If a file is missing.
     """
     import statistics
+
+    import sentencepiece as spm
 
     from apet_bench.models.llava15 import vicuna_v1_prompt
 
     for path in (tokenizer_model, questions):
         if not os.path.isfile(path):
             raise ConfigError(f"flops: {str(path)!r} does not exist")
-    try:
-        import sentencepiece as spm
-    except ImportError:  # pragma: no cover
-        raise ConfigError("flops: pope_text_tokens needs the sentencepiece package") from None
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
     lengths = []
     with open(questions) as f:
@@ -510,11 +505,10 @@ class TokenPlan:
     vision_layer_tokens : list of int or None
         LLaVA family: tokens entering each CLIP layer (CLS included), when a method changes them.
     source : str
-        Where the plan came from (the method's code on the shape proxy, or a documented plan).
+        Where the plan came from (the method's ``plan()`` on the shape proxy, and whether the measured
+        counts agree).
     variant : str
         The method variant and plan it counts (e.g. ApET ``official``/``paper`` and its stage layout).
-    stage_counts : dict
-        Method-specific counts the overhead formulas read (e.g. ApET's vision / LLM-stage keeps).
     crops : int
         Images through the CLIP tower (LLaVA-NeXT: base view + grid crops).
     """
@@ -525,7 +519,6 @@ class TokenPlan:
     vision_layer_tokens: list[int] | None = None
     source: str = ""
     variant: str = ""
-    stage_counts: dict[str, Any] = field(default_factory=dict)
     crops: int = 1
 
     @property
@@ -625,27 +618,20 @@ def _proxy_plan(family: str, num_layers: int, visual_tokens: int, method: Any) -
         raise RuntimeError(f"flops: proxy produced {out.visual_tokens_in} visual tokens, expected {visual_tokens}")
     planned = out.planned_layer_visual_tokens
     measured = [int(v) for v in out.layer_visual_tokens]
+    layers = [int(v) for v in planned] if planned is not None else measured
     full = vision_lengths[0] if vision_lengths else None
     vis = [int(v) for v in vision_lengths] if vision_lengths and any(v != full for v in vision_lengths) else None
-    stage = _stage_counts(method, out)
     src = (
-        f"measured: method {method.name!r} run through the adapter's generate on a tiny random-weight "
-        f"{family} shape proxy ({num_layers} decoder layers, {visual_tokens} visual tokens); "
-        f"plan() {'agrees' if planned == measured else 'differs: ' + str(planned)}"
+        f"plan() of method {method.name!r} after a run through the adapter's generate on a tiny random-weight "
+        f"{family} shape proxy ({num_layers} decoder layers, {visual_tokens} visual tokens); measured counts "
+        f"{'agree' if layers == measured else 'differ: ' + str(measured)}"
     )
-    return TokenPlan(out.visual_tokens_in, out.visual_tokens_llm, measured, vis, src,
-                     _variant_label(method, family, measured), stage, crops=batch[0] if batch else 1)
+    return TokenPlan(out.visual_tokens_in, out.visual_tokens_llm, layers, vis, src,
+                     _variant_label(method, layers), crops=batch[0] if batch else 1)
 
 
-def _stage_counts(method: Any, out: Any) -> dict[str, Any]:
-    counts: dict[str, Any] = {"visual_tokens_in": out.visual_tokens_in, "visual_tokens_llm": out.visual_tokens_llm}
-    changes = [(i, a, b) for i, (a, b) in enumerate(zip(out.layer_visual_tokens, out.layer_visual_tokens[1:]), 1) if b != a]
-    counts["drops"] = [{"layer": i, "from": a, "to": b} for i, a, b in changes]
-    return counts
-
-
-def _variant_label(method: Any, family: str, layers: Sequence[int]) -> str:
-    if method.name == "none":
+def _variant_label(method: Any, layers: Sequence[int]) -> str:
+    if method.stage == "none":
         return "no compression"
     runs = []
     start = 0
@@ -655,117 +641,10 @@ def _variant_label(method: Any, family: str, layers: Sequence[int]) -> str:
             start = i
     layout = ", ".join(runs)
     variant = getattr(method, "variant", None)
-    extra = ""
-    if method.name == "apet" and family == "qwen25vl":
-        extra = (" (official: the layer-14 LLM stage is commented out in the released code, methods.md §1.5)"
-                 if variant == "official" else " (paper: layer-14 LLM stage on, methods.md §1.5)")
     skip = {"name", "stage", "needs_attention_weights", "budget", "seed", "variant", "numerics"}
-    try:
-        params = {k: v for k, v in method.config_dict().items() if k not in skip and v is not None}
-    except Exception:  # noqa: BLE001 - a label only
-        params = {}
+    params = {k: v for k, v in method.config_dict().items() if k not in skip and v is not None}
     shown = f" [{', '.join(f'{k}={v}' for k, v in params.items())}]" if params else ""
-    return (f"variant={variant}: " if variant else "") + f"plan {layout}{extra}{shown}"
-
-
-#: Documented plans of methods whose classes may not be registered yet: ``(method, family) ->
-#: fn(budget, visual_tokens, num_layers) -> (per-layer visual tokens, description)``, from design/methods.md.
-DOCUMENTED_PLANS: dict[tuple[str, str], Callable[[Any, int, int], tuple[list[int], str]]] = {}
-
-
-def _documented(method: str, family: str):
-    def deco(fn):
-        DOCUMENTED_PLANS[(method, family)] = fn
-        return fn
-    return deco
-
-
-def _stages(n: int, num_layers: int, drops: Sequence[tuple[int, int]]) -> list[int]:
-    """Per layer counts: ``n`` until each ``(layer, keep)`` drop (at the input of ``layer``)."""
-    out, cur, d = [], n, dict(drops)
-    for i in range(num_layers):
-        cur = d.get(i, cur)
-        out.append(cur)
-    return out
-
-
-@_documented("visionzip", "llava15")
-def _visionzip_llava(budget: Any, n: int, num_layers: int) -> tuple[list[int], str]:
-    table = {64: (54, 10), 128: (108, 20), 192: (162, 30)}
-    if budget not in table:
-        raise ConfigError(f"flops: VisionZip's documented LLaVA-1.5 budgets are 64/128/192, not {budget!r}")
-    dom, ctx = table[budget]
-    return [dom + ctx] * num_layers, f"documented plan methods.md §2.4: dominant {dom} (incl. CLS) + contextual {ctx}, before the LLM"
-
-
-@_documented("visionzip", "qwen25vl")
-def _visionzip_qwen(budget: Any, n: int, num_layers: int) -> tuple[list[int], str]:
-    if not isinstance(budget, float):
-        raise ConfigError(f"flops: VisionZip's documented Qwen2.5-VL budgets are ratios (0.2 / 0.1), not {budget!r}")
-    dom, ctx = int(0.75 * budget * n), int(0.25 * budget * n)
-    return [dom + ctx] * num_layers, f"documented plan methods.md §2.5 [derived]: dominant {0.75 * budget:.1%} + contextual {0.25 * budget:.1%}"
-
-
-@_documented("pdrop", "llava15")
-def _pdrop_llava(budget: Any, n: int, num_layers: int) -> tuple[list[int], str]:
-    lam = {192: (0.56, 0.313, 0.175), 128: (0.42, 0.176, 0.074), 64: (0.19, 0.037, 0.007)}
-    if budget not in lam:
-        raise ConfigError(f"flops: PDrop's documented LLaVA-1.5 budgets are 64/128/192, not {budget!r}")
-    r = lam[budget]
-    drops = [(2, int(n * r[0])), (8, int(n * r[1])), (16, int(n * r[2]))]
-    return _stages(n, num_layers, drops), f"documented plan methods.md §5.3: layer_list [2,8,16], ratios {list(r)}"
-
-
-@_documented("pdrop", "qwen25vl")
-def _pdrop_qwen(budget: Any, n: int, num_layers: int) -> tuple[list[int], str]:
-    lam = {0.2: 0.35, 0.1: 0.113}
-    if budget not in lam:
-        raise ConfigError(f"flops: PDrop's documented Qwen2.5-VL budgets are 0.2 / 0.1, not {budget!r}")
-    x = lam[budget]
-    drops = [(2, int(n * x)), (8, int(n * x * x)), (16, int(n * x ** 3))]
-    return _stages(n, num_layers, drops), f"documented plan methods.md §5.3 [derived]: layer_list [2,8,16], λ={x}"
-
-
-@_documented("sparsevlm", "llava15")
-def _sparsevlm_llava(budget: Any, n: int, num_layers: int) -> tuple[list[int], str]:
-    sched = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
-    if budget not in sched:
-        raise ConfigError(f"flops: SparseVLM's documented LLaVA-1.5 budgets are 64/128/192, not {budget!r}")
-    s = sched[budget]
-    # prunes the *output* of layers 2, 6, 15 -> inputs of layers 3, 7, 16 (recycled clusters not counted)
-    return _stages(n, num_layers, [(3, s[0]), (7, s[1]), (16, s[2])]), (
-        f"documented plan methods.md §4.3 (v1.5): keep {list(s)} after layers 2/6/15, recycled clusters not counted"
-    )
-
-
-@_documented("sparsevlm", "qwen25vl")
-def _sparsevlm_qwen(budget: Any, n: int, num_layers: int) -> tuple[list[int], str]:
-    fr = {0.2: ((3, 0.34), (6, 0.125), (14, 0.041)), 0.1: ((2, 0.093), (6, 0.034), (14, 0.011))}
-    if budget not in fr:
-        raise ConfigError(f"flops: SparseVLM's documented Qwen2.5-VL budgets are 0.2 / 0.1, not {budget!r}")
-    drops = [(layer, int(n * f)) for layer, f in fr[budget]]
-    return _stages(n, num_layers, drops), "documented plan methods.md §4.4 [derived] (equivalent average)"
-
-
-@_documented("fastv", "llava15")
-def _fastv_llava(budget: Any, n: int, num_layers: int) -> tuple[list[int], str]:
-    keep = int(budget) if isinstance(budget, int) else int(budget * n)
-    return _stages(n, num_layers, [(2, keep)]), f"documented plan methods.md §3.3: K=2, keep {keep} after layer 2"
-
-
-@_documented("fastv", "qwen25vl")
-def _fastv_qwen(budget: Any, n: int, num_layers: int) -> tuple[list[int], str]:
-    keep = int(budget) if isinstance(budget, int) else int(budget * n)
-    return _stages(n, num_layers, [(2, keep)]), f"documented plan methods.md §3.3: K=2, keep {keep} after layer 2"
-
-
-def _registered(method: str) -> bool:
-    from apet_bench.methods import available_methods
-
-    try:
-        return method in available_methods()
-    except Exception:  # noqa: BLE001 - a broken baseline must not stop FLOPs of the others
-        return False
+    return (f"variant={variant}: " if variant else "") + f"plan {layout}{shown}"
 
 
 def token_plan(
@@ -775,7 +654,6 @@ def token_plan(
     *,
     visual_tokens: int | None = None,
     params: Mapping[str, Any] | None = None,
-    allow_documented: bool = True,
 ) -> TokenPlan:
     """The per-layer visual-token plan of ``method`` on the full-size ``model``.
 
@@ -784,16 +662,13 @@ def token_plan(
     model : str
         Model config name (``llava15``, ``qwen25vl``, ...).
     method : str
-        Registry name. A registered method runs on the shape proxy (module docstring, step 1); an
-        unregistered one with a :data:`DOCUMENTED_PLANS` entry uses that (``source`` says so).
+        Registry name; the method runs on the shape proxy (module docstring, step 1).
     budget : int or float or None
-        Visual-token budget (``apet_bench.budget``); ignored by ``none``.
+        Visual-token budget (``apet_bench.budget``); ignored by a method of stage ``"none"``.
     visual_tokens : int, optional
         Visual tokens of the input (LLaVA-1.5: 576, fixed; Qwen2.5-VL: 256..2048, default 729).
     params : mapping, optional
         Method hyper-parameters (default: ``configs/method/<method>.yaml`` ``params``).
-    allow_documented : bool
-        Whether an unregistered method may fall back to its documented plan.
 
     Returns
     -------
@@ -802,16 +677,17 @@ def token_plan(
     Raises
     ------
     ConfigError
-        Unknown model, unregistered method without a documented plan, bad visual-token count.
+        Unknown model, bad visual-token count.
+    apet_bench.methods.UnknownMethodError
+        An unregistered method (a ``ValueError``).
     """
     family = _family(model)
     num_layers = _text_model(meta_model(family)).config.num_hidden_layers
     n = _default_visual_tokens(family, visual_tokens)
     kwargs = dict(_method_params(method) if params is None else params)
-    key = (family, method, budget, n, allow_documented, method == "none" or _registered(method),
-           json.dumps(kwargs, sort_keys=True, default=str))
+    key = (family, method, budget, n, json.dumps(kwargs, sort_keys=True, default=str))
     if key not in _PLAN_CACHE:
-        _PLAN_CACHE[key] = _token_plan(family, method, budget, n, num_layers, kwargs, allow_documented)
+        _PLAN_CACHE[key] = _token_plan(family, method, budget, n, num_layers, kwargs)
     return dataclasses.replace(_PLAN_CACHE[key])
 
 
@@ -819,22 +695,20 @@ def token_plan(
 _PLAN_CACHE: dict[tuple, TokenPlan] = {}
 
 
-def _token_plan(family: str, method: str, budget: Any, n: int, num_layers: int, kwargs: dict[str, Any],
-                allow_documented: bool) -> TokenPlan:
-    if method == "none" and family in ("llava15", "qwen25vl", "video_llava"):
-        return TokenPlan(n, n, [n] * num_layers, None, "no compression", "no compression")
-    if not _registered(method):
-        fn = DOCUMENTED_PLANS.get((method, family)) if allow_documented else None
-        if fn is None:
-            raise ConfigError(f"flops: method {method!r} is not registered and has no documented plan for {family!r}")
-        layers, desc = fn(budget, n, num_layers)
-        return TokenPlan(n, layers[0], layers, None, f"class not registered yet; {desc}", desc,
-                         {"visual_tokens_in": n, "visual_tokens_llm": layers[0]})
-    from apet_bench.methods import build_method
+def _build_method(method: str, budget: Any, kwargs: Mapping[str, Any]) -> Any:
+    from apet_bench.methods import build_method, get_method_class
 
-    m = build_method(method, budget=budget, **kwargs) if budget is not None else build_method(method, **kwargs)
+    if get_method_class(method).stage == "none":
+        budget = None
+    return build_method(method, budget=budget, **kwargs) if budget is not None else build_method(method, **kwargs)
+
+
+def _token_plan(family: str, method: str, budget: Any, n: int, num_layers: int, kwargs: dict[str, Any]) -> TokenPlan:
+    m = _build_method(method, budget, kwargs)
+    if m.stage == "none" and family in ("llava15", "qwen25vl", "video_llava"):
+        return TokenPlan(n, n, [n] * num_layers, None, "no compression", "no compression")
     plan = _proxy_plan(family, num_layers, n, m)
-    if method == "none":
+    if m.stage == "none":
         plan.source, plan.variant = "no compression (token counts measured on the shape proxy)", "no compression"
     return plan
 
@@ -882,179 +756,65 @@ def _default_visual_tokens(family: str, visual_tokens: int | None) -> int:
 
 
 # ---------------------------------------------------------------------- method overhead
-#: ``method name -> fn(family, plan, text_tokens, method_params) -> {term: FLOPs}``.
-METHOD_OVERHEAD: dict[str, Callable[[str, TokenPlan, int, Mapping[str, Any]], dict[str, int]]] = {}
+#: Text tokens before the visual span (LLaVA vicuna_v1: system prompt + "USER: " = 35 with BOS;
+#: Qwen2.5-VL chat template up to ``<|vision_start|>``: about 15). Methods whose raters / query rows are
+#: the tokens after the image read ``OverheadContext.text_tokens_after_image``.
+TEXT_BEFORE_IMAGE: dict[str, int] = {"llava15": 35, "llava_next": 35, "video_llava": 35, "qwen25vl": 15}
 
 
-def register_overhead(name: str) -> Callable:
-    """Decorator registering the overhead formula of method ``name`` in :data:`METHOD_OVERHEAD`."""
+def overhead_context(family: str, plan: TokenPlan, text_tokens: int) -> OverheadContext:
+    """What a method's overhead formula reads: the full-size ``family`` model's dimensions, from its
+    published configuration (:func:`full_size_config`), and ``plan``'s token counts.
 
-    def deco(fn: Callable) -> Callable:
-        METHOD_OVERHEAD[name] = fn
-        return fn
-
-    return deco
-
-
-def _dims(family: str) -> dict[str, int]:
-    model = meta_model(family)
-    tc = _text_model(model).config
-    out = {"d": tc.hidden_size, "layers": tc.num_hidden_layers}
-    if family == "qwen25vl":
-        out["dv"] = tc.hidden_size  # ApET runs on the post-merger tokens (methods.md §1.5)
-        out["vit_hidden"] = model.model.visual.config.hidden_size
-        out["vit_heads"] = model.model.visual.config.num_heads
-    else:
-        vc = _clip_tower(model).config
-        out["dv"] = vc.hidden_size
-        out["dk_vision"] = vc.hidden_size // vc.num_attention_heads
-        out["vision_tokens"] = (vc.image_size // vc.patch_size) ** 2
-        out["proj"] = 2 * (vc.hidden_size * tc.hidden_size + tc.hidden_size * tc.hidden_size)
-    return out
-
-
-def apet_stage_flops(n: int, d: int, keep: int, m: int) -> dict[str, int]:
-    """FLOPs of one ApET compression of ``n`` tokens of width ``d`` to ``keep`` with ``m`` basis tokens.
-
-    Terms (``apet_bench.apet`` and the official ``fps`` / ``linalg.solve`` / ``token_merging``;
-    multiply-add = 2): FPS ``3·m·n·d`` (difference, square, accumulate per basis step); Gram ``2m²d``;
-    right-hand sides ``S Xᵀ`` ``2mnd``; solve ``(2/3)m³ + 2m²n``; reconstruction ``A S`` ``2nmd``;
-    error (residual, square, sum) ``3nd``; merge: cosine similarity of the ``n - keep`` dropped tokens
-    against the ``keep - m`` targets ``2(n-keep)(keep-m)d`` + norms ``3nd`` + the means ``(n-keep)d``.
-    Top-k, argmax and gathers are not counted.
+    Parameters
+    ----------
+    family : str
+        ``llava15``, ``llava_next``, ``qwen25vl`` or ``video_llava``.
+    plan : TokenPlan
+        The method's per-layer plan (:func:`token_plan`).
+    text_tokens : int
+        Text tokens of the prompt.
 
     Returns
     -------
-    dict
-        ``{"fps", "solve", "error", "merge"}`` FLOPs.
+    apet_bench.methods.records.OverheadContext
     """
-    if keep >= n or n <= 0:
-        return {"fps": 0, "solve": 0, "error": 0, "merge": 0}
-    m = min(m, keep)
-    dropped, targets = n - keep, max(1, keep - m)
-    return {
-        "fps": 3 * m * n * d,
-        "solve": 2 * m * m * d + 2 * m * n * d + int(2 * m**3 / 3) + 2 * m * m * n + 2 * n * m * d,
-        "error": 3 * n * d,
-        "merge": 2 * dropped * targets * d + 3 * n * d + dropped * d,
-    }
-
-
-@register_overhead("apet")
-def _apet_overhead(family: str, plan: TokenPlan, text_tokens: int, params: Mapping[str, Any]) -> dict[str, int]:
-    dims = _dims(family)
-    m = int(params.get("num_basis", 10))
-    n_in, n_llm = plan.visual_tokens_in, plan.visual_tokens_llm
-    out: dict[str, int] = {}
-    for k, v in apet_stage_flops(n_in, dims["dv"], n_llm, m).items():
-        out[f"vision_stage_{k}"] = v
-    if "proj" in dims and n_llm < n_in:
-        # our adapter projects all tokens (counted in vision_tflops), ApET re-projects the kept
-        # pre-projector tokens (methods/apet.py _vision_image); the official code projects once.
-        out["vision_stage_reprojection"] = dims["proj"] * n_llm
-    for drop in plan.stage_counts.get("drops", []):
-        for k, v in apet_stage_flops(drop["from"], dims["d"], drop["to"], m).items():
-            out[f"llm_stage_L{drop['layer']}_{k}"] = v
-    return out
-
-
-def _attention_row_flops(seq: int, d: int, rows: int) -> int:
-    """``rows`` query rows against ``seq`` keys, all heads: ``2·rows·seq·d`` (QKᵀ only; softmax element-wise)."""
-    return 2 * rows * seq * d
-
-
-@register_overhead("fastv")
-def _fastv_overhead(family: str, plan: TokenPlan, text_tokens: int, params: Mapping[str, Any]) -> dict[str, int]:
-    d = _dims(family)["d"]
-    out = {}
-    for drop in plan.stage_counts.get("drops", []) or _drops_of(plan):
-        out[f"attention_row_L{drop['layer'] - 1}"] = _attention_row_flops(drop["from"] + text_tokens, d, 1)
-    return out
-
-
-@register_overhead("pdrop")
-def _pdrop_overhead(family: str, plan: TokenPlan, text_tokens: int, params: Mapping[str, Any]) -> dict[str, int]:
-    """At each stage layer ℓ the probe (``AttentionRowCapture.probe``, as the official ``pdrop_rank_drop``)
-    runs ℓ's q/k/v/o projections over the pre-drop sequence ``seq`` (``2·seq·d·(2d + 2·d_kv)``; the
-    official code projects q/k/v only) and the last instruction token's row ``2·seq·d`` (+ softmax);
-    baselines/pdrop.py, methods.md §5.2."""
     model = meta_model(family)
     tc = _text_model(model).config
     d = tc.hidden_size
     head_dim = getattr(tc, "head_dim", None) or d // tc.num_attention_heads
     d_kv = (getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads) * head_dim
-    out = {}
-    for drop in plan.stage_counts.get("drops", []) or _drops_of(plan):
-        seq = drop["from"] + text_tokens
-        out[f"last_instruction_row_L{drop['layer']}"] = _attention_row_flops(seq, d, 1)
-        out[f"probe_projections_L{drop['layer']}"] = 2 * seq * d * (2 * d + 2 * d_kv)
-    return out
-
-
-#: Text tokens before the visual span (LLaVA vicuna_v1: system prompt + "USER: " = 35 with BOS,
-#: methods.md §0.1; Qwen2.5-VL chat template up to ``<|vision_start|>``: about 15). Methods whose raters /
-#: query rows are the tokens after the image (SparseVLM) read ``text_tokens - this``.
-TEXT_BEFORE_IMAGE: dict[str, int] = {"llava15": 35, "llava_next": 35, "video_llava": 35, "qwen25vl": 15}
-
-
-@register_overhead("sparsevlm")
-def _sparsevlm_overhead(family: str, plan: TokenPlan, text_tokens: int, params: Mapping[str, Any]) -> dict[str, int]:
-    """Raters ``V·Tᵀ`` on the input embeddings (``2·n·t·d``), the rows of every token after the visual span
-    at each pruning layer (``2·t·seq·d``, computed by the shared row capture), DPC-KNN recycling of the
-    ``m = int(0.3 p) + 1`` best pruned tokens (pairwise distances ``2m²d``, density/means element-wise);
-    baselines/sparsevlm.py, methods.md §4.2."""
-    d = _dims(family)["d"]
-    n = plan.visual_tokens_llm
-    t_after = max(1, text_tokens - TEXT_BEFORE_IMAGE.get(family, 0))
-    out = {"raters": 2 * n * t_after * d}
-    for drop in plan.stage_counts.get("drops", []) or _drops_of(plan):
-        seq = drop["from"] + text_tokens
-        out[f"rater_rows_L{drop['layer'] - 1}"] = _attention_row_flops(seq, d, t_after)
-        # tokens kept + recycled clusters enter the next layer; recycle only what was pruned
-        pruned = max(0, drop["from"] - drop["to"])
-        m = int(0.3 * pruned) + 1 if pruned else 0
-        out[f"recycling_L{drop['layer'] - 1}"] = 2 * m * m * d
-    return out
-
-
-@register_overhead("visionzip")
-def _visionzip_overhead(family: str, plan: TokenPlan, text_tokens: int, params: Mapping[str, Any]) -> dict[str, int]:
-    """What baselines/visionzip.py recomputes besides the forward pass.
-
-    LLaVA family (``cls_attention_row`` at CLIP layer 22): ``q_proj`` of the [CLS] row ``2·dv²``, ``k_proj`` of
-    all ``n + 1`` tokens ``2(n+1)dv²``, the [CLS] scores ``2(n+1)dv``; contextual matching on head-mean
-    keys ``2·rest·ctx·dk``. Qwen2.5-VL (``qwen_attention_received``, methods.md §2.5): the last ViT block's
-    ``qkv`` over all ``S = 4n`` patches ``2·S·dv·3dv`` and its full ``QKᵀ`` ``2·S²·dv`` (every query row
-    is needed: the recomputation the paper blames for VisionZip's Qwen slow-down), then the same matching.
-    Contextual count: 10 of 64 (methods.md §2.4), i.e. ``k // 6``."""
-    dims = _dims(family)
-    n, k = plan.visual_tokens_in, plan.visual_tokens_llm
-    ctx = max(1, k // 6)
-    rest = max(0, n - (k - ctx))
     if family == "qwen25vl":
-        dv, heads = dims["vit_hidden"], dims["vit_heads"]
-        S = 4 * n
-        return {"vit_qkv_recompute": 2 * S * dv * 3 * dv, "vit_attention_recompute": 2 * S * S * dv,
-                "contextual_matching": 2 * rest * ctx * (dv // heads)}
-    dv, dk = dims["dv"], dims["dk_vision"]
-    return {"cls_row_recompute": 2 * dv * dv + 2 * (n + 1) * dv * dv + 2 * (n + 1) * dv,
-            "contextual_matching": 2 * rest * ctx * dk}
+        vcfg = model.model.visual.config
+        vision = {"vision_hidden_size": vcfg.hidden_size, "vision_heads": vcfg.num_heads, "vision_has_cls": False,
+                  "patches_per_token": vcfg.spatial_merge_size ** 2, "vision_feature_size": d,
+                  "projector_flops_per_token": None}
+    else:
+        vc = _clip_tower(model).config
+        vision = {"vision_hidden_size": vc.hidden_size, "vision_heads": vc.num_attention_heads, "vision_has_cls": True,
+                  "patches_per_token": 1, "vision_feature_size": vc.hidden_size,
+                  "projector_flops_per_token": 2 * (vc.hidden_size * d + d * d)}
+    return OverheadContext(
+        hidden_size=d, kv_hidden_size=d_kv, num_layers=tc.num_hidden_layers, **vision,
+        text_tokens=int(text_tokens), text_tokens_before_image=TEXT_BEFORE_IMAGE.get(family, 0),
+        visual_tokens_in=plan.visual_tokens_in, visual_tokens_llm=plan.visual_tokens_llm,
+        layer_visual_tokens=tuple(int(v) for v in plan.layer_visual_tokens),
+        vision_layer_tokens=None if plan.vision_layer_tokens is None else tuple(plan.vision_layer_tokens),
+    )
 
 
-@register_overhead("tome")
-def _tome_overhead(family: str, plan: TokenPlan, text_tokens: int, params: Mapping[str, Any]) -> dict[str, int]:
-    lens = plan.vision_layer_tokens or []
-    dk = _dims(family).get("dk_vision", 64)
-    total = 0
-    for a, b in zip(lens, lens[1:]):
-        if b < a:
-            total += 2 * (a // 2) * (a - a // 2) * dk  # bipartite similarity A·Bᵀ on head-mean keys
-    return {"bipartite_matching": total}
+def method_overhead(method: Any, ctx: OverheadContext) -> dict[str, int]:
+    """``method.flops_overhead(ctx)``: FLOPs per term of the method's own computation.
 
-
-def _drops_of(plan: TokenPlan) -> list[dict[str, int]]:
-    L = plan.layer_visual_tokens
-    return [{"layer": i, "from": L[i - 1], "to": L[i]} for i in range(1, len(L)) if L[i] != L[i - 1]]
+    Raises
+    ------
+    ConfigError
+        One line naming the method, when its class defines no overhead formula.
+    """
+    try:
+        return {str(k): int(v) for k, v in method.flops_overhead(ctx).items()}
+    except NotImplementedError as exc:
+        raise ConfigError(f"flops: {exc}") from None
 
 
 # ---------------------------------------------------------------------- the report
@@ -1097,7 +857,6 @@ def count_flops(
     visual_tokens: int | None = None,
     text_tokens: int | None = None,
     params: Mapping[str, Any] | None = None,
-    allow_documented: bool = True,
 ) -> FlopsReport:
     """Prefill TFLOPs of ``model`` under ``method`` at ``budget``: vision, LLM, method overhead, total.
 
@@ -1108,7 +867,7 @@ def count_flops(
         2928), ``video_llava`` (an image, 256); any registered method. A
         ``tiny_`` prefix is accepted and counts the full-size model.
     method : str
-        Registry name (``none``, ``apet``, the baselines as they land) or a documented plan.
+        Registry name (any registered method).
     budget : int or float or None
         Tokens (int, the paper's average over decoder layers) or a retention ratio (float).
     visual_tokens : int, optional
@@ -1118,8 +877,6 @@ def count_flops(
         :data:`QWEN_DEFAULT_TEXT_TOKENS`.
     params : mapping, optional
         Method hyper-parameters (default: its config file's ``params``).
-    allow_documented : bool
-        Fall back to :data:`DOCUMENTED_PLANS` for unregistered methods.
 
     Returns
     -------
@@ -1129,10 +886,16 @@ def count_flops(
     Raises
     ------
     ConfigError
-        One line naming the bad model / method / budget / token count.
+        One line naming the bad model / method / budget / token count, or a method without an overhead
+        formula.
+    apet_bench.methods.UnknownMethodError
+        An unregistered method (a ``ValueError``).
     """
+    from apet_bench.methods import get_method_class
+
     family = _family(model)
-    if method != "none":
+    compresses = get_method_class(method).stage != "none"
+    if compresses:
         from apet_bench.budget import validate_budget
 
         if budget is None:
@@ -1149,18 +912,16 @@ def count_flops(
         tsrc = "given"
     mparams = dict(_method_params(method) if params is None else params)
     n_in = _default_visual_tokens(family, visual_tokens)
-    if isinstance(budget, int) and method != "none" and budget > n_in:
+    if isinstance(budget, int) and compresses and budget > n_in:
         raise ConfigError(f"flops: budget {budget} is above the {n_in} visual tokens of {model}")
-    plan = token_plan(model, method, budget if method != "none" else None, visual_tokens=visual_tokens,
-                      params=mparams, allow_documented=allow_documented)
-    if isinstance(budget, int) and method != "none" and budget > plan.visual_tokens_in:
+    plan = token_plan(model, method, budget if compresses else None, visual_tokens=visual_tokens, params=mparams)
+    if isinstance(budget, int) and compresses and budget > plan.visual_tokens_in:
         raise ConfigError(f"flops: budget {budget} is above the {plan.visual_tokens_in} visual tokens of {model}")
     with _quiet():
         vision = count_vision_flops(family, plan.visual_tokens_in, vision_layer_tokens=plan.vision_layer_tokens,
                                     crops=plan.crops)
         llm = count_llm_flops(family, [text_tokens + v for v in plan.layer_visual_tokens])
-    overhead_fn = METHOD_OVERHEAD.get(method)
-    overhead = overhead_fn(family, plan, text_tokens, mparams) if overhead_fn else {}
+    overhead = method_overhead(_build_method(method, budget, mparams), overhead_context(family, plan, text_tokens))
     v_t = sum(vision.values()) / TERA
     l_t = sum(llm.values()) / TERA
     m_t = sum(overhead.values()) / TERA
@@ -1168,7 +929,7 @@ def count_flops(
         model=model,
         model_title=MODEL_TITLE[family],
         method=method,
-        budget=budget if method != "none" else None,
+        budget=budget if compresses else None,
         variant=plan.variant,
         plan_source=plan.source,
         visual_tokens_in=plan.visual_tokens_in,

@@ -138,7 +138,7 @@ def inspect_sample(argv: Sequence[str]) -> dict[str, Any]:
     """
     from omegaconf import OmegaConf
 
-    from apet_bench.config import check_available, compose
+    from apet_bench.config import compose
     from apet_bench.data import prepare_benchmark
     from apet_bench.generation import resolve_generation
     from apet_bench.models.inputs import collapse_placeholder_runs, official_input_ids, with_official_ids
@@ -150,7 +150,6 @@ def inspect_sample(argv: Sequence[str]) -> dict[str, Any]:
     except ValueError:
         raise InspectError(f"index {own.get('index')!r} is not an integer") from None
     cfg = OmegaConf.to_container(compose(overrides), resolve=True)
-    check_available(cfg)
     model_cfg, bench = cfg["model"], cfg["benchmark"]
     family = model_cfg.get("family")
     if family not in _FAMILIES or model_cfg.get("tiny"):

@@ -21,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from apet_bench.budget import BudgetError, budget_to_tokens, validate_budget
-from apet_bench.config import ConfigError, check_available
+from apet_bench.config import ConfigError
 from apet_bench.distributed import broadcast_from_rank0, init_process_group, world
 from apet_bench.results import RUN_MARKER, RunStore, SampleStore, collect_provenance, run_name
 
@@ -234,8 +234,6 @@ def prepare_run(cfg: DictConfig | dict[str, Any]) -> PreparedRun:
 
     Raises
     ------
-    apet_bench.config.NotAvailableError
-        A chosen model/method/benchmark has not landed yet.
     apet_bench.budget.BudgetError
         Budget 0, negative, a float outside (0, 1], or above the model's visual tokens per image.
     apet_bench.data.DataError
@@ -248,7 +246,6 @@ def prepare_run(cfg: DictConfig | dict[str, Any]) -> PreparedRun:
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
     cfg = {k: v for k, v in cfg.items() if k != "hydra"}
-    check_available(cfg)
     budget = cfg.get("budget")
     if budget is not None:
         # Largest visual span of one input (Video-LLaVA: a video's 8 x 257, beyond its 256 per image).

@@ -142,7 +142,7 @@ def expand_seeds(args: list[str]) -> list[str]:
     """Rewrite ``seeds=N`` (seeds 0 .. N-1) or ``seeds=a,b,c`` into the Hydra sweep override ``seed=...``.
 
     Every cell of the sweep then runs once per seed (narrow the sweep to the methods with randomness,
-    e.g. ``method=random,apet,sparsevlm``); the tables report mean ± sd over the seeds found.
+    e.g. ``method=<name>,<name>``); the tables report mean ± sd over the seeds found.
 
     Raises
     ------

@@ -1,28 +1,26 @@
-"""Token maps: which visual tokens each method keeps, and ApET's approximation error beside attention.
+"""Token maps: which visual tokens each method keeps, and a method's per-token scores beside attention.
 
 Two figures for one image and one model, as the paper's Figures 4 and 2:
 
 * **token maps** (Figure 4): per method, the image the model sees with its visual-token grid; kept
-  tokens shown, dropped ones dimmed; for a two-stage method (ApET) tokens kept by the vision stage
-  but dropped at decoder layer K are half-dimmed; where the method reports merges, every kept token
-  that absorbed dropped ones gets a colour and the tokens merged into it are tinted with it.
-* **error vs attention** (Figure 2): per-token heat maps of (a) the vision encoder's [CLS] attention at
-  the layer whose output feeds the projector (CLIP's penultimate layer, ``vision_feature_layer=-2``;
-  the VisionZip score, mean over heads), (b) the last query token's attention over the visual tokens
-  at one LLM decoder layer (the FastV score; default layer 1 = FastV's ``K - 1`` for ``K = 2``, mean
-  over heads, uncompressed prefill), and (c) ApET's approximation error (paper §3.3 Eq. 4-5) of every
-  token from its ``M = 10`` FPS basis tokens, on the features ApET's vision stage reads.
+  tokens shown, dropped ones dimmed; for a two-stage method, tokens kept by the vision stage but
+  dropped inside the LLM are half-dimmed; where the method reports merges, every kept token that
+  absorbed dropped ones gets a colour and the tokens merged into it are tinted with it.
+* **scores vs attention** (Figure 2): per-token heat maps of (a) the vision encoder's [CLS] attention at
+  the layer whose output feeds the projector (CLIP's penultimate layer, ``vision_feature_layer=-2``,
+  mean over heads), (b) the last query token's attention over the visual tokens at one LLM decoder
+  layer (default layer 1, mean over heads, uncompressed prefill), and (c) the per-token score of the
+  first requested method that defines one (:meth:`TokenCompressor.token_scores`; the paper's Figure 2
+  shows ApET's approximation error).
 
 Kept indices come from the same :attr:`GenerationOutput.kept_indices` the runner records: the model's
 ``generate`` runs once per method with ``max_new_tokens=1`` on the image and a short prompt. Methods
 are resolved through the registry (:func:`apet_bench.methods.get_method_class`); an unregistered one is
 a one-line error naming it.
 
-Merges. A method reports its merges by exposing ``last_merge_roots`` after ``generate``: per visual, a
-list giving for every original visual token the index of the kept token its features ended in (itself
-when kept; ``-1`` when discarded without merging). For ``apet`` they are recorded from the
-:class:`~apet_bench.apet.ApETInfo` of each :func:`~apet_bench.apet.apet_compress` call the method makes
-(vision stage, then layer K, composed), by wrapping that function for the duration of the call.
+Merges. After that ``generate``, the method itself reports where every original token went
+(:meth:`TokenCompressor.token_map`, a :class:`~apet_bench.methods.records.TokenMap`: for each original
+token the kept token its features ended in); this module knows no method by name.
 
 Command::
 
@@ -36,10 +34,9 @@ writes ``<out>/<image>__<model>__<budget>__token_maps.png/.svg`` (all methods),
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,7 +155,7 @@ def load_model_config(name: str) -> dict[str, Any]:
     Raises
     ------
     ConfigError
-        Unknown model (listing the options) or one marked ``available: false``.
+        Unknown model (listing the options).
     """
     from omegaconf import OmegaConf
 
@@ -168,8 +165,6 @@ def load_model_config(name: str) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"unknown model {name!r} (available: {', '.join(group_options('model'))})")
     cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    if not cfg.get("available", True):
-        raise ConfigError(f"model {name!r} is not available yet")
     return cfg
 
 
@@ -183,95 +178,6 @@ def _method_params(name: str) -> dict[str, Any]:
     if not path.is_file():
         return {}
     return dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True).get("params") or {})
-
-
-# --------------------------------------------------------------------------------------------------
-# merge recording
-# --------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _record_apet_calls() -> Iterator[list[tuple[torch.Tensor, Any]]]:
-    """Record ``(kept_index, ApETInfo)`` of every ``apet_compress`` call made by ``method=apet``."""
-    import apet_bench.methods.apet as apet_method
-
-    original = apet_method.apet_compress
-    calls: list[tuple[torch.Tensor, Any]] = []
-
-    def recording(*args: Any, **kwargs: Any):
-        tokens, kept, info = original(*args, **kwargs)
-        calls.append((kept.detach().cpu(), info))
-        return tokens, kept, info
-
-    apet_method.apet_compress = recording
-    try:
-        yield calls
-    finally:
-        apet_method.apet_compress = original
-
-
-def _apet_roots(calls: list[tuple[torch.Tensor, Any]], num_tokens: int) -> tuple[np.ndarray, list[int]] | None:
-    """Compose ApET's vision-stage and layer-K merges of a single image into per-token roots.
-
-    Returns ``(roots (N,), stage1_kept)`` or ``None`` when the calls are not one image's
-    ``[vision (1, N, ·)]`` + optional ``[layer K (1, n1, ·)]`` pattern (other families: no merge map).
-    """
-    if not calls or calls[0][0].shape[0] != 1:
-        return None
-    kept1, info1 = calls[0]
-    n = int(info1.error.shape[1]) if info1.error is not None else int(kept1.shape[1])
-    if n != num_tokens:
-        return None
-    roots = np.full(num_tokens, -1, dtype=np.int64)
-    k1 = kept1[0].numpy()
-    roots[k1] = k1
-    t1 = info1.target_index[0].numpy()
-    for d, a in zip(info1.dropped_index[0].numpy(), info1.assignment[0].numpy()):
-        roots[d] = t1[a]
-    if len(calls) >= 2:
-        kept2, info2 = calls[1]
-        span = int(info2.error.shape[1]) if info2.error is not None else int(kept2.shape[1])
-        span_tokens = k1[:span]  # layer-K rows are the stage-1 tokens in sequence order
-        final = {int(span_tokens[j]) for j in kept2[0].numpy()}
-        remap = {int(t): int(t) for t in k1 if int(t) in final or int(t) not in set(span_tokens.tolist())}
-        t2 = info2.target_index[0].numpy()
-        for d, a in zip(info2.dropped_index[0].numpy(), info2.assignment[0].numpy()):
-            remap[int(span_tokens[d])] = int(span_tokens[t2[a]])
-        roots = np.array([remap.get(int(r), -1) if r >= 0 else -1 for r in roots], dtype=np.int64)
-    return roots, sorted(int(x) for x in k1)
-
-
-def _tome_roots(method: Any, kept: list[int] | None, num_tokens: int) -> np.ndarray | None:
-    """ToMe's ``last_groups`` (per original token, the kept row it was merged into) as merge roots."""
-    groups = getattr(method, "last_groups", None)
-    if kept is None or not groups or len(groups) != 1 or tuple(groups[0].shape) != (1, num_tokens):
-        return None
-    rows = groups[0][0].tolist()
-    return np.array([kept[j] if 0 <= j < len(kept) else -1 for j in rows], dtype=np.int64)
-
-
-def _visionzip_selection(method: Any, num_tokens: int) -> tuple[list[int], np.ndarray] | None:
-    """VisionZip's ``records`` of a single image whose layer tokens are ``[CLS] + num_tokens`` patches:
-    kept = dominant patches + contextual targets; roots: members -> their target (the [CLS] row is
-    kept too but has no cell)."""
-    records = getattr(method, "records", None)
-    if not isinstance(records, list) or len(records) != 1:
-        return None
-    rec = records[0]
-    idx = [*rec.get("dominant", []), *rec.get("targets", [])] + [m for ms in rec.get("members", []) for m in ms]
-    if not idx or max(idx) > num_tokens:
-        return None
-    roots = np.full(num_tokens, -1, dtype=np.int64)
-    kept = []
-    for t in [*rec["dominant"], *rec["targets"]]:
-        if t > 0:  # 0 = [CLS]
-            roots[t - 1] = t - 1
-            kept.append(t - 1)
-    for t, members in zip(rec["targets"], rec.get("members", [])):
-        for m in members:
-            if m > 0 and t > 0:
-                roots[m - 1] = t - 1
-    return sorted(kept), roots
 
 
 # --------------------------------------------------------------------------------------------------
@@ -360,25 +266,6 @@ def _llm_attention(adapter: Any, image: Any, question: str, layer: int) -> tuple
     return probs[vis].numpy(), inputs
 
 
-def _approximation_error(adapter: Any, inputs: Any, n_cells: int, seed: int, num_basis: int = 10) -> np.ndarray | None:
-    """ApET's approximation error of every token of the drawn grid (vision-stage features, FPS basis)."""
-    from apet_bench.apet import approximation_error_from_basis, select_basis
-
-    with torch.inference_mode():
-        if adapter.family == "qwen25vl":
-            feats = adapter.encode_images(inputs)[0]  # ApET's Qwen vision stage: post-merger tokens
-        else:
-            feats = adapter.vision_features(inputs)[0]
-            if feats.dim() == 3:
-                feats = feats[0]  # NeXT base view / first frame
-    if int(feats.shape[0]) != n_cells:
-        return None
-    x = feats.unsqueeze(0)
-    basis = select_basis(x, num_basis, "fps", torch.Generator().manual_seed(seed))
-    err, _ = approximation_error_from_basis(x, basis.vectors)
-    return err[0].cpu().numpy()
-
-
 # --------------------------------------------------------------------------------------------------
 # computing and drawing
 # --------------------------------------------------------------------------------------------------
@@ -402,7 +289,7 @@ def compute_token_maps(
     adapter : ModelAdapter
     image : PIL.Image.Image
     methods : sequence of str
-        Registry names, e.g. ``["apet", "fastv", "visionzip"]``.
+        Registry names (``apet_bench.methods.available_methods()``).
     budget : int or float
         Passed to every method but ``none``.
     question : str
@@ -452,31 +339,25 @@ def compute_token_maps(
         return out
 
     maps: list[MethodMap] = []
+    scores = None
     for name in methods:
+        cls = get_method_class(name)
         params = {**_method_params(name), **((method_params or {}).get(name) or {})}
-        method = build_method(name, budget=None if name == "none" else budget, seed=seed, **params)
-        rec = _record_apet_calls() if name == "apet" else contextlib.nullcontext(None)
-        with rec as calls:
-            out = generate(adapter, [image], question, {"max_new_tokens": 1}, method)
+        method = build_method(name, budget=None if cls.stage == "none" else budget, seed=seed, **params)
+        out = generate(adapter, [image], question, {"max_new_tokens": 1}, method)
         kept = None if out.kept_indices is None else [int(i) for i in out.kept_indices[0]]
         if kept is None and min(out.layer_visual_tokens or [out.visual_tokens_llm]) == out.visual_tokens_in:
-            kept = list(range(out.visual_tokens_in))  # nothing dropped anywhere (method none)
+            kept = list(range(out.visual_tokens_in))  # nothing dropped anywhere (no compression)
         mm = MethodMap(name, kept, out.visual_tokens_in, out.visual_tokens_llm, list(out.layer_visual_tokens))
-        roots = getattr(method, "last_merge_roots", None)
-        if roots is not None:
-            mm.merge_roots = np.asarray(roots[0], dtype=np.int64)
-        elif kept is not None and _tome_roots(method, kept, out.visual_tokens_in) is not None:
-            mm.merge_roots = _tome_roots(method, kept, out.visual_tokens_in)
-        elif (vz := _visionzip_selection(method, out.visual_tokens_in)) is not None:
-            if kept is None:
-                mm.kept_indices = vz[0]
-                mm.kept_source = f"{name}.records (dominant + contextual targets; [CLS] row not drawn)"
-                kept = mm.kept_indices
-            mm.merge_roots = vz[1]
-        elif calls:
-            composed = _apet_roots(calls, seg.num_tokens if out.visual_tokens_in == seg.num_tokens else -1)
-            if composed is not None:
-                mm.merge_roots, mm.stage1_kept = composed
+        tmap = method.token_map(out.visual_tokens_in, kept) if out.visual_tokens_in == seg.num_tokens else None
+        if tmap is not None:
+            mm.merge_roots = np.asarray(tmap.merge_roots, dtype=np.int64)
+            mm.stage1_kept = tmap.stage1_kept
+            if kept is None and tmap.kept_indices is not None:
+                mm.kept_indices = kept = list(tmap.kept_indices)
+                mm.kept_source = tmap.kept_source
+        if scores is None:
+            scores = method.token_scores(adapter, inputs)
         if kept is not None:
             state = np.full((h, w), DROPPED, dtype=np.int8)
             for p in mm.stage1_kept or []:
@@ -501,7 +382,9 @@ def compute_token_maps(
         maps.append(mm)
 
     cls_attn = _vision_cls_attention(adapter, inputs, n_cells)
-    error = _approximation_error(adapter, inputs, n_cells, seed)
+    error = None
+    if scores is not None and len(scores.values) == n_cells:
+        error = np.asarray(scores.values, dtype=np.float64)
     vision_by_token = seg.patches is None  # Qwen: rows are tokens; CLIP: rows are patches in raster order
     return TokenMapResult(
         image=_seen_image(adapter, inputs, image, grid),
@@ -524,6 +407,8 @@ def compute_token_maps(
             "vision_attention_layer": int(getattr(adapter.model.config, "vision_feature_layer", -2))
             if isinstance(getattr(adapter.model.config, "vision_feature_layer", -2), int) else -2,
             "segment": seg.name,
+            "scores_method": None if scores is None else scores.method,
+            "scores_title": None if scores is None else scores.title,
         },
     )
 
@@ -624,7 +509,7 @@ def render_token_maps(result: TokenMapResult, out_dir: str | Path, stem: str) ->
          result.cls_attention),
         (f"LLM last-query attention\n(decoder layer {result.info['llm_attention_layer']}, no compression)",
          result.llm_attention),
-        ("ApET approximation error\n(M=10 FPS basis, vision-stage features)", result.approx_error),
+        (result.info.get("scores_title") or "per-token scores\n(no requested method defines them)", result.approx_error),
     ]
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.6))
     axes[0].imshow(result.image)

@@ -34,14 +34,42 @@ from apet_bench.apet import (
 )
 from apet_bench.budget import BudgetError
 from apet_bench.methods.base import LLMSelection, TokenCompressor, VisualSelection, register_method
+from apet_bench.methods.records import OverheadContext, TokenMap, TokenScores
 
-__all__ = ["NEXT_SUB_IMAGES", "QWEN_LLM_RIDGE", "ApETCompressor", "default_drop_layer"]
+__all__ = ["NEXT_SUB_IMAGES", "QWEN_LLM_RIDGE", "ApETCompressor", "apet_stage_flops", "default_drop_layer"]
 
 #: Sub-images per LLaVA-NeXT image in the budget convention (methods.md §0.3: 2880 = 5 × 576, base view
 #: + 2×2 grid), so an int budget ``B`` is ``B / 5`` per sub-image (640 -> 128, official scripts).
 NEXT_SUB_IMAGES = 5
 #: Ridge ε of Qwen2.5-VL's LLM-stage ``layer_prune`` (``qwen/model/qwen2_5_vl_custom.py``, methods.md §1.2).
 QWEN_LLM_RIDGE = 1e-1
+
+
+def apet_stage_flops(n: int, d: int, keep: int, m: int) -> dict[str, int]:
+    """FLOPs of one ApET compression of ``n`` tokens of width ``d`` to ``keep`` with ``m`` basis tokens.
+
+    Terms (``apet_bench.apet`` and the official ``fps`` / ``linalg.solve`` / ``token_merging``;
+    multiply-add = 2): FPS ``3·m·n·d`` (difference, square, accumulate per basis step); Gram ``2m²d``;
+    right-hand sides ``S Xᵀ`` ``2mnd``; solve ``(2/3)m³ + 2m²n``; reconstruction ``A S`` ``2nmd``;
+    error (residual, square, sum) ``3nd``; merge: cosine similarity of the ``n - keep`` dropped tokens
+    against the ``keep - m`` targets ``2(n-keep)(keep-m)d`` + norms ``3nd`` + the means ``(n-keep)d``.
+    Top-k, argmax and gathers are not counted.
+
+    Returns
+    -------
+    dict
+        ``{"fps", "solve", "error", "merge"}`` FLOPs.
+    """
+    if keep >= n or n <= 0:
+        return {"fps": 0, "solve": 0, "error": 0, "merge": 0}
+    m = min(m, keep)
+    dropped, targets = n - keep, max(1, keep - m)
+    return {
+        "fps": 3 * m * n * d,
+        "solve": 2 * m * m * d + 2 * m * n * d + int(2 * m**3 / 3) + 2 * m * m * n + 2 * n * m * d,
+        "error": 3 * n * d,
+        "merge": 2 * dropped * targets * d + 3 * n * d + dropped * d,
+    }
 
 
 def default_drop_layer(num_layers: int) -> int:
@@ -183,6 +211,7 @@ class ApETCompressor(TokenCompressor):
 
     _generator: torch.Generator | None = field(default=None, init=False, repr=False, compare=False)
     _units: list[_Unit] = field(default_factory=list, init=False, repr=False, compare=False)
+    _compressions: list[tuple[torch.Tensor, Any]] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -202,6 +231,7 @@ class ApETCompressor(TokenCompressor):
         """Create the CPU generator seeded with :attr:`seed`; forget the last sample's units."""
         self._generator = torch.Generator(device="cpu").manual_seed(self.seed)
         self._units = []
+        self._compressions = []
 
     @property
     def official(self) -> bool:
@@ -282,10 +312,11 @@ class ApETCompressor(TokenCompressor):
     def _apet(
         self, x: torch.Tensor, keep: int, *, basis: str | None = None, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens, kept, _ = apet_compress(
+        tokens, kept, info = apet_compress(
             x, keep, num_basis=self.num_basis, basis=basis or self.basis, variant=self.variant,  # type: ignore[arg-type]
             generator=self._generator, numerics=self.numerics, **kwargs,  # type: ignore[arg-type]
         )
+        self._compressions.append((kept, info))
         return tokens, kept
 
     # ------------------------------------------------------------------ stage 1
@@ -309,6 +340,7 @@ class ApETCompressor(TokenCompressor):
             self.reset()
         if image_index == 0:
             self._units = []
+            self._compressions = []
         adapter = self._adapter
         ctx = self.visual_context
         if adapter is None or ctx is None:
@@ -429,6 +461,95 @@ class ApETCompressor(TokenCompressor):
         idx = idx.reshape(-1)
         kept_indices = idx if idx.unique().numel() == idx.numel() else None
         return VisualSelection(out.reshape(-1, out.shape[-1]), kept_indices)
+
+    # ------------------------------------------------------------------ efficiency and figures
+    @property
+    def last_compressions(self) -> list[tuple[torch.Tensor, Any]]:
+        """Every :func:`apet_bench.apet.apet_compress` call of the last sample, in order (vision stage,
+        then the LLM stage at ``K``): ``(kept (B, K) long, ApETInfo)``, as returned (device unchanged)."""
+        return list(self._compressions)
+
+    def flops_overhead(self, ctx: OverheadContext) -> dict[str, int]:
+        """ApET's own computation: each compression's FPS, ridge solve, error and merge
+        (:func:`apet_stage_flops`, ``M`` = :attr:`num_basis`) at the vision stage (``n_in -> n_llm`` on
+        the vision features) and at every LLM-stage drop (on the hidden states, width ``d``); plus, where
+        a separate projector follows the vision encoder, re-projecting the kept pre-projector tokens
+        (``projector_flops_per_token · n_llm``: our adapter projects every token, counted in the vision
+        line; the official ``MaQianKun0/ApET`` code projects once). Keys ``vision_stage_<term>``,
+        ``vision_stage_reprojection``, ``llm_stage_L<K>_<term>``."""
+        m = int(self.num_basis)
+        n_in, n_llm = ctx.visual_tokens_in, ctx.visual_tokens_llm
+        out = {f"vision_stage_{k}": v for k, v in apet_stage_flops(n_in, ctx.vision_feature_size, n_llm, m).items()}
+        if ctx.projector_flops_per_token is not None and n_llm < n_in:
+            out["vision_stage_reprojection"] = ctx.projector_flops_per_token * n_llm
+        for drop in ctx.drops:
+            for k, v in apet_stage_flops(drop.before, ctx.hidden_size, drop.after, m).items():
+                out[f"llm_stage_L{drop.layer}_{k}"] = v
+        return out
+
+    def token_map(self, num_visual_tokens: int, kept_indices: list[int] | None) -> TokenMap | None:
+        """Compose the merges of the last sample's vision stage and LLM stage into per-token roots.
+
+        Reads :attr:`last_compressions`: the vision-stage call on ``(1, N, ·)`` (dropped token ->
+        ``ApETInfo.target_index[assignment]``), then, if present, the layer-``K`` call over the stage-1
+        tokens in sequence order (a stage-1 token merged there moves to its layer-``K`` target).
+
+        Returns
+        -------
+        TokenMap or None
+            Roots ``(N,)`` and ``stage1_kept`` (sorted original indices kept by the vision stage); ``None``
+            when the calls are not one image's single-unit pattern (crops, frames, batched calls).
+        """
+        calls = [(kept.detach().cpu(), info) for kept, info in self.last_compressions]
+        if not calls or calls[0][0].shape[0] != 1:
+            return None
+        kept1, info1 = calls[0]
+        n = int(info1.error.shape[1]) if info1.error is not None else int(kept1.shape[1])
+        if n != int(num_visual_tokens):
+            return None
+        roots = [-1] * n
+        k1 = [int(x) for x in kept1[0].tolist()]
+        for t in k1:
+            roots[t] = t
+        t1 = info1.target_index[0].cpu().tolist()
+        for d, a in zip(info1.dropped_index[0].cpu().tolist(), info1.assignment[0].cpu().tolist()):
+            roots[int(d)] = int(t1[int(a)])
+        if len(calls) >= 2:
+            kept2, info2 = calls[1]
+            span = int(info2.error.shape[1]) if info2.error is not None else int(kept2.shape[1])
+            span_tokens = k1[:span]  # layer-K rows are the stage-1 tokens in sequence order
+            in_span = set(span_tokens)
+            final = {span_tokens[j] for j in kept2[0].tolist()}
+            remap = {t: t for t in k1 if t in final or t not in in_span}
+            t2 = info2.target_index[0].cpu().tolist()
+            for d, a in zip(info2.dropped_index[0].cpu().tolist(), info2.assignment[0].cpu().tolist()):
+                remap[span_tokens[int(d)]] = span_tokens[int(t2[int(a)])]
+            roots = [remap.get(r, -1) if r >= 0 else -1 for r in roots]
+        return TokenMap(roots, stage1_kept=sorted(k1))
+
+    def token_scores(self, adapter: Any, inputs: Any) -> TokenScores:
+        """ApET's approximation error (paper §3.3 Eq. 4-5) of every token of the image from its
+        :attr:`num_basis` basis tokens (:attr:`basis` selection, a CPU generator seeded with :attr:`seed`,
+        as the vision stage's first call draws), on the features the vision stage reads: pre-projector
+        vision features (first crop / frame) where a projector follows, else the visual tokens.
+
+        Returns
+        -------
+        TokenScores
+            ``(N,)`` fp32 errors, higher = harder to reconstruct = kept first.
+        """
+        with torch.inference_mode():
+            if adapter.features_per_token == 1:  # pre-projector features map one-to-one to visual tokens
+                feats = adapter.vision_features(inputs)[0]
+                if feats.dim() == 3:
+                    feats = feats[0]  # NeXT base view / first frame
+            else:
+                feats = adapter.encode_images(inputs)[0]
+            x = feats.unsqueeze(0)
+            basis = select_basis(x, self.num_basis, self.basis, torch.Generator().manual_seed(self.seed))
+            err, _ = approximation_error_from_basis(x, basis.vectors)
+        title = f"ApET approximation error\n(M={self.num_basis} {self.basis.upper()} basis, vision-stage features)"
+        return TokenScores(self.name, title, [float(v) for v in err[0].float().cpu().tolist()])
 
     # ------------------------------------------------------------------ stage 2
     def select_llm_tokens(

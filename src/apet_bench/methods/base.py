@@ -2,8 +2,8 @@
 
 A method is a ``@dataclass`` and a context manager, in the manner of the presses of NVIDIA/kvpress
 (``kvpress/presses/base_press.py``): ``with method(adapter): ...`` attaches whatever hooks the method
-needs to the model behind a :class:`~apet_bench.models.base.VisualModel` and removes every one of them
-on exit, so one loaded model can run ``none``, ``random``, ``apet`` and ``fastv`` back to back.
+needs to the model behind a :class:`~apet_bench.core.VisualModel` and removes every one of them
+on exit, so one loaded model can run several methods back to back.
 
 A method acts at one or two stages (architecture.md, "What flows through it"):
 
@@ -25,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import importlib.metadata
+import pkgutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -44,9 +46,12 @@ from apet_bench.core import (
     VisualModel,
     VisualSelection,
 )
+from apet_bench.methods.records import OverheadContext, TokenMap, TokenScores
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "LLMSelection",
+    "MethodImportError",
     "NUMERICS",
     "STAGES",
     "STAGE_ONE",
@@ -56,8 +61,10 @@ __all__ = [
     "VisualSelection",
     "available_methods",
     "build_method",
+    "discover_methods",
     "get_method_class",
     "register_method",
+    "registered_classes",
 ]
 
 
@@ -463,6 +470,79 @@ class TokenCompressor:
             counts.append(n)
         return counts
 
+    # ------------------------------------------------------------------ efficiency and figures
+    def flops_overhead(self, ctx: OverheadContext) -> dict[str, int]:
+        """FLOPs the method computes besides the model's own forward pass, during one prefill.
+
+        ``apet_bench.flops`` reports their sum as the method's own line (prefill TFLOPs = vision +
+        LLM + this). Convention: one multiply-add = 2 FLOPs; unlike the model's count, a method's
+        formula also counts its element-wise terms (norms, distances, means) and documents each.
+        Every registered method defines it, next to its code; a method with nothing to count returns
+        ``{}`` explicitly.
+
+        Parameters
+        ----------
+        ctx : OverheadContext
+            Full-size model dimensions and this prefill's token counts (per decoder layer, per vision
+            layer, text tokens). The method's own hyper-parameters are its fields.
+
+        Returns
+        -------
+        dict of str to int
+            FLOPs per named term (e.g. ``{"attention_row_L1": ...}``); the keys are shown in the breakdown.
+
+        Raises
+        ------
+        NotImplementedError
+            Base class: the method has no overhead formula (``apet_bench.flops`` turns it into one line
+            naming the method; a missing formula never counts as 0).
+        """
+        raise NotImplementedError(
+            f"method {self.name!r} defines no FLOPs overhead formula (implement "
+            f"{type(self).__name__}.flops_overhead)"
+        )
+
+    def token_map(self, num_visual_tokens: int, kept_indices: list[int] | None) -> TokenMap | None:
+        """Which kept token every original visual token ended in, for the sample just generated.
+
+        Called by ``apet_bench.viz`` after one ``generate`` on a single image whose visual tokens form
+        one segment of ``num_visual_tokens`` (a single unit: no crops, no frames). Methods that merge
+        (or that keep rows the adapter cannot report) override it and read what they recorded during
+        that ``generate``.
+
+        Parameters
+        ----------
+        num_visual_tokens : int
+            ``N``: the image's original visual tokens.
+        kept_indices : list of int or None
+            ``GenerationOutput.kept_indices[0]`` of that call (indices in ``[0, N)``), or ``None``.
+
+        Returns
+        -------
+        TokenMap or None
+            ``None`` (base): no merges to draw; the figure shows the kept tokens only.
+        """
+        return None
+
+    def token_scores(self, adapter: VisualModel, inputs: Any) -> TokenScores | None:
+        """The score the method ranks the visual tokens of one image by, computed on uncompressed features.
+
+        Called by ``apet_bench.viz`` (figure beside the attention maps) outside the method's context.
+
+        Parameters
+        ----------
+        adapter : VisualModel
+            The loaded model.
+        inputs : BatchFeature
+            Processor outputs of one prompt with one image (``adapter.prepare_inputs``).
+
+        Returns
+        -------
+        TokenScores or None
+            ``(N,)`` scores; ``None`` (base) when the method ranks by nothing it can show on its own.
+        """
+        return None
+
     # ------------------------------------------------------------------ helpers
     def num_tokens_to_keep(self, num_visual_tokens: int) -> int:
         """Visual tokens to keep out of ``num_visual_tokens`` under :attr:`budget`.
@@ -497,8 +577,13 @@ class TokenCompressor:
 
 # ---------------------------------------------------------------------- registry
 _REGISTRY: dict[str, type[TokenCompressor]] = {}
-#: Packages imported (once) before the registry is read, so that their modules can register methods.
-PLUGIN_PACKAGES: list[str] = ["apet_bench.baselines"]
+#: Packages whose every module is imported (once, :func:`pkgutil.iter_modules`) before the registry is
+#: read, so that a method file dropped into one of them registers itself with no other edit.
+PLUGIN_PACKAGES: list[str] = ["apet_bench.methods", "apet_bench.baselines"]
+#: Entry-point group (``importlib.metadata``) through which another installed distribution adds methods:
+#: each entry point names a module (or an object in it) that registers its classes when imported, e.g.
+#: ``[project.entry-points."apet_bench.methods"] mymethod = "my_package.my_method"`` in its pyproject.toml.
+ENTRY_POINT_GROUP = "apet_bench.methods"
 _plugins_loaded = False
 
 
@@ -507,6 +592,10 @@ class UnknownMethodError(KeyError, ValueError):
 
     def __str__(self) -> str:  # KeyError would print the repr of the message
         return str(self.args[0]) if self.args else ""
+
+
+class MethodImportError(ImportError):
+    """A method module (package scan or entry point) failed to import; the message names it and the cause."""
 
 
 def register_method(name: str) -> Callable[[type[TokenCompressor]], type[TokenCompressor]]:
@@ -544,17 +633,60 @@ def register_method(name: str) -> Callable[[type[TokenCompressor]], type[TokenCo
     return decorator
 
 
+def _import_method_module(module: str, origin: str) -> None:
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the module's name
+        raise MethodImportError(
+            f"method module {module!r} ({origin}) failed to import: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def discover_methods() -> list[str]:
+    """Import every method module: each module of :data:`PLUGIN_PACKAGES` and each entry point of the
+    group :data:`ENTRY_POINT_GROUP`, so that their ``@register_method`` classes are registered.
+
+    Returns
+    -------
+    list of str
+        The modules imported, in order (packages first, then entry points sorted by name).
+
+    Raises
+    ------
+    MethodImportError
+        (an ``ImportError``) naming the module and the cause, for a module that fails to import; a
+        broken method is never skipped silently.
+    """
+    imported: list[str] = []
+    for package in PLUGIN_PACKAGES:
+        pkg = importlib.import_module(package)
+        for info in pkgutil.iter_modules(getattr(pkg, "__path__", []), prefix=f"{package}."):
+            _import_method_module(info.name, f"package {package}")
+            imported.append(info.name)
+    for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        try:
+            ep.load()
+        except Exception as exc:  # noqa: BLE001 - re-raised with the entry point's name
+            raise MethodImportError(
+                f"method module {ep.value!r} (entry point {ep.name!r} of group {ENTRY_POINT_GROUP!r}) "
+                f"failed to import: {type(exc).__name__}: {exc}"
+            ) from exc
+        imported.append(ep.value)
+    return imported
+
+
 def _load_plugins() -> None:
     global _plugins_loaded
     if _plugins_loaded:
         return
-    for package in PLUGIN_PACKAGES:
-        try:
-            importlib.import_module(package)
-        except ModuleNotFoundError as e:  # the package itself is absent; a broken baseline still raises
-            if e.name != package:
-                raise
+    discover_methods()
     _plugins_loaded = True
+
+
+def registered_classes() -> list[type[TokenCompressor]]:
+    """Every registered method class (after discovery), sorted by registry name."""
+    _load_plugins()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
 
 
 def available_methods() -> list[str]:

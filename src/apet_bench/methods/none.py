@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from apet_bench.methods.base import TokenCompressor, register_method
+from apet_bench.methods.records import OverheadContext
 
 __all__ = ["NoCompression"]
 
@@ -27,3 +28,7 @@ class NoCompression(TokenCompressor):
     """
 
     stage: ClassVar[str] = "none"
+
+    def flops_overhead(self, ctx: OverheadContext) -> dict[str, int]:
+        """No computation besides the model: ``{}`` (0 FLOPs)."""
+        return {}

@@ -14,6 +14,7 @@ import torch
 
 from apet_bench.budget import BudgetError
 from apet_bench.methods.base import LLMSelection, TokenCompressor, VisualSelection, register_method
+from apet_bench.methods.records import OverheadContext
 
 __all__ = ["RandomCompressor"]
 
@@ -92,6 +93,11 @@ class RandomCompressor(TokenCompressor):
     def reset(self) -> None:
         """Create the CPU generator seeded with :attr:`seed`."""
         self._generator = torch.Generator(device="cpu").manual_seed(self.seed)
+
+    def flops_overhead(self, ctx: OverheadContext) -> dict[str, int]:
+        """A seeded random permutation and a gather: no multiply-add, no element-wise arithmetic on
+        features, so ``{}`` (0 FLOPs)."""
+        return {}
 
     def compress_visual(self, features: torch.Tensor, *, image_index: int) -> VisualSelection:
         """Keep a uniform random subset of the image's visual tokens, in original order.

@@ -126,27 +126,6 @@ def _decimals(values: list[Any]) -> int:
     return min(best, 2)
 
 
-def _method_reason(method_label: str, benchmark: str) -> str | None:
-    """Why a cell was never run, from the configs (method / benchmark not available yet)."""
-    try:
-        from omegaconf import OmegaConf
-
-        from apet_bench.config import config_dir
-
-        base = method_label.split("-")[0]
-        reasons = []
-        for group, name in (("method", base), ("benchmark", benchmark)):
-            f = config_dir() / group / f"{name}.yaml"
-            if f.is_file():
-                node = OmegaConf.load(f)
-                if not node.get("available", True):
-                    issue = node.get("issue")
-                    reasons.append(f"{group} {name!r} not available yet" + (f" (issue #{issue})" if issue else ""))
-        return "; ".join(reasons) or None
-    except Exception:  # reasons are informative; never fail a table on them
-        return None
-
-
 def _given(v: Any) -> bool:
     """False for None / NaN (pandas fills absent values with NaN)."""
     if v is None:
@@ -323,8 +302,7 @@ def build_table(name: str, runs: Any, *, failures: Any = None, model: str | list
                 if run.get("source") == "imported":
                     cell_notes.append(f"imported predictions: {run.get('weights')}")
             else:
-                reason = failure(p["model"], p["method"], p["budget"], col["benchmark"]) \
-                    or _method_reason(p["method"], col["benchmark"]) or "not run"
+                reason = failure(p["model"], p["method"], p["budget"], col["benchmark"]) or "not run"
             vals.append(value)
             marks.append("".join(note(n) for n in cell_notes) if value is not None else note(reason))
             paper_v = p["paper"]["values"][labels.index(col["label"])] if p["paper"] else None

@@ -9,8 +9,7 @@ Columns, in the paper's layout with our numbers beside the paper's:
 * **TFLOPs** (everywhere): prefill TFLOPs of the full-size model counted on the ``meta`` device
   (:func:`apet_bench.flops.count_flops`: vision encoder + projector + LLM + the method's own overhead;
   1 multiply-add = 2 FLOPs, full n² attention, lm_head on the last token, prefill only), with the
-  per-layer visual-token plan of each method from its own code (registered methods) or from its
-  documented plan in design/methods.md (methods whose class has not landed; the row says so).
+  per-layer visual-token plan of each method from its own code (``TokenCompressor.plan``).
   ``FLOPs Δ`` = vanilla TFLOPs / method TFLOPs (the physical ceiling of the prefill speed-up).
 * **Total time / prefill time** (where CUDA is present): the latency protocol of
   :mod:`apet_bench.latency` (full-size architecture, random bf16 weights unless a checkpoint is
@@ -18,7 +17,8 @@ Columns, in the paper's layout with our numbers beside the paper's:
   ms; the paper's total time is a whole POPE run (mm:ss), so compare the Δ ratios. On a machine
   without CUDA the timing cells read ``no GPU``.
 
-Paper numbers: Table 7 of the ApET paper (A100, POPE), kept here (:data:`PAPER_TABLE7`).
+Paper numbers and rows: Table 7 of the ApET paper (A100, POPE), in ``table7.yaml`` beside this module
+(:data:`PAPER_TABLE7`, :data:`ROWS`).
 """
 
 from __future__ import annotations
@@ -33,51 +33,36 @@ from typing import Any
 
 __all__ = ["MODELS", "PAPER_TABLE7", "ROWS", "build_table7", "main"]
 
-#: Table 7 of the ApET paper (``../shared/paper/ApET-paper.txt`` lines 218-232): per model, per method:
-#: (token, total time mm:ss, total Δ, prefill ms, prefill Δ, TFLOPs). A100, POPE.
+#: The paper's Table 7 and the rows built here (``table7.yaml`` beside this module): per model its title,
+#: budget, visual tokens counted and rows (label, method, params override, the paper's numbers).
+TABLE7_FILE = Path(__file__).with_name("table7.yaml")
+
+
+def _load_layout(path: Path = TABLE7_FILE) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+_LAYOUT = _load_layout()
+
+#: Per model, per method: (token, total time mm:ss, total Δ, prefill ms, prefill Δ, TFLOPs). A100, POPE.
 PAPER_TABLE7: dict[str, dict[str, tuple[str, str, float, float, float, float]]] = {
-    "llava15": {
-        "none": ("100%", "14:47", 1.00, 86.9, 1.00, 8.82),
-        "sparsevlm": ("11.1%", "13:32", 1.09, 77.8, 1.12, 2.31),
-        "pdrop": ("11.1%", "11:15", 1.31, 69.2, 1.26, 2.16),
-        "visionzip": ("11.1%", "10:36", 1.39, 64.4, 1.35, 2.03),
-        "apet": ("11.1%", "10:08", 1.46, 62.8, 1.38, 2.09),
-    },
-    "qwen25vl": {
-        "none": ("100%", "34:14", 1.00, 158.5, 1.00, 14.52),
-        "sparsevlm": ("10%", "33:36", 1.02, 136.8, 1.16, 5.97),
-        "pdrop": ("10%", "32:20", 1.06, 125.5, 1.26, 5.85),
-        "visionzip": ("10%", "30:06", 1.14, 119.3, 1.33, 5.68),
-        "apet": ("10%", "26:18", 1.30, 104.7, 1.51, 5.70),
-    },
+    model: {row["method"]: tuple(row["paper"]) for row in spec["rows"]} for model, spec in _LAYOUT.items()
 }
 
 #: Models of Table 7: config name -> (title, budget of the compressed rows, visual tokens counted).
 MODELS: dict[str, tuple[str, Any, int]] = {
-    "llava15": ("LLaVA-1.5-7B", 64, 576),
-    "qwen25vl": ("Qwen2.5-VL-7B", 0.1, 729),
+    model: (spec["title"], spec["budget"], int(spec["visual_tokens"])) for model, spec in _LAYOUT.items()
 }
 
-#: Rows per model: (label, method, method params override). Qwen's ApET appears twice: the paper
-#: variant (layer-14 LLM stage on, the plan the paper's 5.70 counts) and the official code (the
-#: layer-14 call is commented out, methods.md §1.5).
+#: Rows per model: (label, method, method params override), in the paper's order.
 ROWS: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
-    "llava15": [
-        ("LLaVA-1.5-7B", "none", {}),
-        ("+ SparseVLM", "sparsevlm", {}),
-        ("+ PDrop", "pdrop", {}),
-        ("+ VisionZip", "visionzip", {}),
-        ("+ ApET (ours)", "apet", {}),
-    ],
-    "qwen25vl": [
-        ("Qwen2.5-VL-7B", "none", {}),
-        ("+ SparseVLM", "sparsevlm", {}),
-        ("+ PDrop", "pdrop", {}),
-        ("+ VisionZip", "visionzip", {}),
-        ("+ ApET (ours), paper variant", "apet", {"variant": "paper"}),
-        ("+ ApET (ours), official code", "apet", {"variant": "official"}),
-    ],
+    model: [(row["label"], row["method"], dict(row.get("params") or {})) for row in spec["rows"]]
+    for model, spec in _LAYOUT.items()
 }
+#: Per model, the paper's numbers of each row (same order as :data:`ROWS`).
+_ROW_PAPER: dict[str, list[tuple]] = {model: [tuple(row["paper"]) for row in spec["rows"]] for model, spec in _LAYOUT.items()}
 
 
 def _fmt(x: Any, spec: str = ".2f") -> str:
@@ -110,20 +95,24 @@ def build_table7(
     import pandas as pd
     import torch
 
-    from apet_bench.flops import _registered, count_flops
+    from apet_bench.flops import count_flops
+    from apet_bench.methods import get_method_class
 
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name(0) if cuda else "CPU (no GPU)"
     rows: list[dict[str, Any]] = []
     for model in models:
         title, budget, vt = MODELS[model]
-        paper = PAPER_TABLE7[model]
         base_flops = None
         base_time: dict[str, float] | None = None
         adapter = None
-        for label, method, override in ROWS[model]:
-            p = paper[method]
-            registered = method == "none" or _registered(method)
+        for (label, method, override), p in zip(ROWS[model], _ROW_PAPER[model]):
+            try:
+                reference = get_method_class(method).stage == "none"  # the uncompressed row
+            except ValueError as e:  # an unregistered method: the row says so
+                rows.append({"model": title, "method": label, "token": p[0], "paper_tflops": p[5],
+                             "tflops": None, "variant_plan": "", "plan_source": f"missing: {e}"})
+                continue
             row: dict[str, Any] = {
                 "model": title, "method": label, "token": p[0],
                 "paper_total_time": p[1], "paper_total_speedup": p[2], "paper_prefill_ms": p[3],
@@ -132,17 +121,16 @@ def build_table7(
             try:
                 from apet_bench.flops import _method_params
 
-                params = {**_method_params(method), **override} if method != "none" else {}
-                r = count_flops(model, method, None if method == "none" else budget, visual_tokens=vt, params=params)
+                params = {**_method_params(method), **override} if not reference else {}
+                r = count_flops(model, method, None if reference else budget, visual_tokens=vt, params=params)
                 row.update(
                     tflops=r.total_tflops, vision_tflops=r.vision_tflops, llm_tflops=r.llm_tflops,
                     method_tflops=r.method_tflops, visual_tokens_per_layer=r.mean_layer_visual_tokens,
                     text_tokens=r.text_tokens, variant_plan=r.variant,
-                    plan_source=("no compression" if method == "none" else
-                                 "measured: the method's own code on the shape proxy" if registered
-                                 else "class not registered yet: FLOPs from its documented plan (methods.md)"),
+                    plan_source=("no compression" if reference else
+                                 "the method's own plan() on the shape proxy, checked against measured counts"),
                 )
-                if method == "none":
+                if reference:
                     base_flops = r.total_tflops
                 row["flops_speedup"] = base_flops / r.total_tflops if base_flops else None
                 row["tflops_vs_paper_pct"] = 100.0 * (r.total_tflops - p[5]) / p[5]
@@ -150,19 +138,16 @@ def build_table7(
                 row.update(tflops=None, variant_plan="", plan_source=f"missing: {str(e).splitlines()[0]}")
             if not (timing and cuda):
                 row.update(prefill_ms="no GPU", total_ms="no GPU", prefill_speedup="", total_speedup="")
-            elif not registered:
-                row.update(prefill_ms="missing: not registered", total_ms="missing: not registered",
-                           prefill_speedup="", total_speedup="")
             else:
                 try:
                     from apet_bench.latency import _method_for, build_latency_adapter, measure_latency
 
                     if adapter is None:
                         adapter, weights = build_latency_adapter(model, backend, "cuda")
-                    m = _method_for(method, None if method == "none" else budget, override)
+                    m = _method_for(method, None if reference else budget, override)
                     lat = measure_latency(adapter, m, weights=weights, warmup=warmup, repeats=repeats,
                                           max_new_tokens=max_new_tokens, visual_tokens=vt)
-                    if method == "none":
+                    if reference:
                         base_time = {"prefill": lat.prefill_ms, "total": lat.total_ms}
                     row.update(prefill_ms=lat.prefill_ms, total_ms=lat.total_ms, peak_memory_mib=lat.peak_memory_mib,
                                weights=lat.weights)
@@ -182,7 +167,7 @@ def build_table7(
     header = {
         "device": device,
         "timing": (f"measured: latency protocol, backend {backend}, {warmup} warm-up + median of {repeats}, "
-                   f"{max_new_tokens} generated tokens, per sample (ms); full-size architecture with random bf16 "
+                   f"{max_new_tokens} generated tokens, per sample (ms); full-size architecture with randomly initialised bf16 "
                    "weights unless a checkpoint is available" if (timing and cuda) else
                    "no GPU on this machine: timing cells read 'no GPU' (run make table7 on a CUDA machine)"),
         "flops": ("prefill TFLOPs of the full-size models on the meta device (apet_bench.flops): 1 multiply-add = "
