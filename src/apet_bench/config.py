@@ -22,6 +22,7 @@ __all__ = [
     "compose",
     "config_dir",
     "group_options",
+    "load_experiment",
     "load_group",
     "run_keys",
 ]
@@ -140,6 +141,32 @@ def load_group(group: str, name: str, *, resolve: bool = True) -> dict[str, Any]
     return copy.deepcopy(_load_group_cached(str(config_dir()), group, name, resolve))
 
 
+def load_experiment(name: str) -> dict[str, Any]:
+    """An experiment preset (``configs/experiment/<name>.yaml``) as Hydra composes it for ``run.py``.
+
+    Returns
+    -------
+    dict
+        The composed run config (interpolations unresolved, the ``model`` / ``benchmark`` / ``method`` the
+        preset picks included) with ``sweep``: the preset's ``hydra.sweeper.params`` (``{}`` when none).
+
+    Raises
+    ------
+    ConfigError
+        ``name`` is not an experiment (the message lists them).
+    """
+    from omegaconf import OmegaConf
+
+    options = group_options("experiment")
+    if name not in options:
+        raise ConfigError(f"unknown experiment {name!r} (available: {', '.join(options)})")
+    cfg = _compose_isolated(str(config_dir()), (f"experiment={name}",), True)
+    out = OmegaConf.to_container(cfg, resolve=False)
+    hydra_node = out.pop("hydra", {}) or {}  # type: ignore[union-attr]
+    out["sweep"] = dict(((hydra_node.get("sweeper") or {}).get("params")) or {})  # type: ignore[index]
+    return out  # type: ignore[return-value]
+
+
 def run_keys() -> list[str]:
     """The top-level keys ``run.py`` takes as overrides: those of the composed primary config
     (``configs/config.yaml`` with its defaults), the config groups and ``hydra``."""
@@ -155,7 +182,7 @@ def _load_group_cached(directory: str, group: str, name: str, resolve: bool) -> 
 
 
 @functools.lru_cache(maxsize=16)
-def _compose_isolated(directory: str, overrides: tuple[str, ...]) -> Any:
+def _compose_isolated(directory: str, overrides: tuple[str, ...], with_hydra: bool = False) -> Any:
     """Hydra compose of ``config`` in ``directory``; a Hydra app already running in this process keeps its
     global state (set aside, restored). Cached: callers must not modify the result."""
     from hydra import compose as hydra_compose
@@ -166,6 +193,6 @@ def _compose_isolated(directory: str, overrides: tuple[str, ...]) -> Any:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=directory, version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=list(overrides))
+            return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=with_hydra)
     finally:
         GlobalHydra.instance().hydra = running

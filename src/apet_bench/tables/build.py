@@ -129,16 +129,13 @@ def _decimals(values: list[Any]) -> int:
 def _method_reason(method_label: str, benchmark: str) -> str | None:
     """Why a cell was never run, from the configs (method / benchmark not available yet)."""
     try:
-        from omegaconf import OmegaConf
-
-        from apet_bench.config import config_dir
+        from apet_bench.config import group_options, load_group
 
         base = method_label.split("-")[0]
         reasons = []
         for group, name in (("method", base), ("benchmark", benchmark)):
-            f = config_dir() / group / f"{name}.yaml"
-            if f.is_file():
-                node = OmegaConf.load(f)
+            if name in group_options(group):
+                node = load_group(group, name, resolve=False)
                 if not node.get("available", True):
                     issue = node.get("issue")
                     reasons.append(f"{group} {name!r} not available yet" + (f" (issue #{issue})" if issue else ""))
@@ -178,17 +175,14 @@ def _metric_value(run: Any, metric: str, scale: float) -> tuple[float | None, st
 def protocol_notes(benchmarks: list[str], protocol: str) -> list[str]:
     """One line per benchmark naming the evaluation protocol its column shows (from its config's
     ``protocols`` block: the task variant, question text, scorer and official source)."""
-    import yaml
-
-    from apet_bench.config import config_dir
+    from apet_bench.config import group_options, load_group
     from apet_bench.protocol import resolve
 
     lines = []
     for bench in dict.fromkeys(benchmarks):
-        f = config_dir() / "benchmark" / f"{bench}.yaml"
-        if not f.is_file():
+        if bench not in group_options("benchmark"):
             continue
-        cfg = yaml.safe_load(f.read_text(encoding="utf-8"))
+        cfg = load_group("benchmark", bench, resolve=False)
         block = (cfg.get("protocols") or {}).get(protocol)
         if not block:
             lines.append(f"{bench}: protocol {protocol} not described for this benchmark")
