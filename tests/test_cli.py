@@ -206,3 +206,16 @@ def test_module_cli_types_and_required_keys(capsys):
                                      "method.params.stage=llm", "warmup=0"])
     assert args["backends"] == "sdpa,eager" and args["warmup"] == 0 and args["repeats"] == 10
     assert args["method.params"] == {"layer": None, "stage": "llm"}
+
+
+@pytest.mark.parametrize("name", sorted([*MODULE_BASE, "plots"]))
+def test_docs_page_lists_every_declared_key(name):
+    """docs/cli.md has a section per command with one table row per declared key."""
+    import importlib
+
+    module = importlib.import_module("apet_bench.tables.__main__" if name == "tables" else f"apet_bench.{name}")
+    page = (REPO / "docs" / "cli.md").read_text(encoding="utf-8")
+    section = page.split(f"\n### {name}\n", 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+    rows = {line.split("`")[1] for line in section.splitlines() if line.startswith("| `")}
+    declared = {k.name + "<p>" if k.is_prefix else k.name for k in module._command().keys}
+    assert rows == declared
