@@ -219,3 +219,11 @@ def test_docs_page_lists_every_declared_key(name):
     rows = {line.split("`")[1] for line in section.splitlines() if line.startswith("| `")}
     declared = {k.name + "<p>" if k.is_prefix else k.name for k in module._command().keys}
     assert rows == declared
+
+
+def test_module_cli_delete_goes_back_to_the_default():
+    from apet_bench import latency
+
+    args = latency._command().parse(["model=m", "method.params.a=1", "method.params.b=2", "~method.params.a",
+                                     "warmup=5", "~warmup"])
+    assert args["method.params"] == {"b": 2} and args["warmup"] == 3

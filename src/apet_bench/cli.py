@@ -5,9 +5,11 @@ grammar (``hydra.core.override_parser.overrides_parser.OverridesParser``, facebo
 quoting, lists, ``null``, booleans and numbers mean what they mean to ``run.py``. Bad input ends as one
 line ``apet-bench: error: <one line naming the bad value>`` on stderr, exit code 2.
 
-Used by ``run.py``, ``python -m apet_bench.sweep`` and the ``key=value`` commands (``score``, ``flops``,
-``latency``, ``plots``, ``viz``, ``bias``, ``tables``). Hydra's own errors (an override of a key that does
-not exist such as ``methd=apet``, a bad override syntax, an output directory that cannot be created)
+The error format is used by ``run.py``, ``python -m apet_bench.sweep`` and the ``key=value`` commands
+(``score``, ``flops``, ``latency``, ``plots``, ``viz``, ``bias``, ``tables``, ``inspect``), which
+declare their keys once with :class:`Command` / :class:`Key` (``docs/cli.md`` lists them). Hydra's own
+errors (an override of a key that does not exist such as ``methd=apet``, a bad override syntax, an
+output directory that cannot be created)
 are caught by :func:`run_hydra` and reported the same way instead of Hydra's multi-line report (Hydra
 re-raises them when ``HYDRA_FULL_ERROR=1``, as ``hydra/_internal/utils.py::run_and_report`` does in
 facebookresearch/hydra v1.3.2).
@@ -232,8 +234,11 @@ class Command:
                     raise CliError(f"unknown key {key!r} (keys: {self.accepted()})")
                 extra.append(arg)
                 continue
-            if ov.is_delete():
-                values.pop(key, None)
+            if ov.is_delete():  # back to the default
+                if spec.is_prefix:
+                    values.get(spec.name[:-1], {}).pop(key[len(spec.name):], None)
+                else:
+                    values.pop(key, None)
                 continue
             raw = arg.split("=", 1)[1]
             value = _convert(spec, key, ov, raw)
