@@ -103,7 +103,8 @@ def test_sweep_goes_on_past_a_cell_that_cannot_run(tmp_path):
 def _module_main(name):
     import importlib
 
-    return importlib.import_module("apet_bench.tables.__main__" if name == "tables" else f"apet_bench.{name}").main
+    module = importlib.import_module("apet_bench.tables.__main__" if name == "tables" else f"apet_bench.{name}")
+    return module._main if name == "stats" else module.main
 
 
 def _one_error_line(capsys):
@@ -121,6 +122,8 @@ MODULE_BASE = {
     "bias": [],
     "tables": ["table1"],
     "inspect": ["model=llava15", "benchmark=mme"],
+    "stats": ["mdd"],
+    "wandb_logger": [],
 }
 
 
@@ -187,7 +190,7 @@ def test_module_cli_help_lists_the_declared_keys(name, capsys):
 
     module = importlib.import_module("apet_bench.tables.__main__" if name == "tables" else f"apet_bench.{name}")
     with pytest.raises(SystemExit) as exc:
-        module.main(["--help"])
+        _module_main(name)(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: python -m apet_bench.")

@@ -21,6 +21,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NoReturn
 
 __all__ = ["PREFIX", "REQUIRED", "Args", "CliError", "Command", "Key", "one_line", "error", "fail", "run_hydra"]
@@ -138,6 +139,8 @@ class Command:
         The accepted :class:`Key` s.
     positional
         Name of the bare words the command takes (``tables``: the table names); empty: none allowed.
+        For such a command an argument naming an existing file or directory is a bare word too (run
+        directories such as ``random-stage=llm__64__demo`` contain ``=``).
     extra
         What a ``key=value`` with an undeclared key does: ``error`` (one-line error listing the accepted
         keys), ``ignore`` (kept aside and returned, the command prints a note) or ``overrides`` (kept as
@@ -208,8 +211,9 @@ class Command:
         values: dict[str, Any] = {}
         words: list[str] = []
         extra: list[str] = []
+        given: set[str] = set()
         for arg in argv:
-            if "=" not in arg and not arg.startswith("~"):
+            if ("=" not in arg and not arg.startswith("~")) or (self.positional and Path(arg).exists()):
                 if self.positional and not arg.startswith("-"):
                     words.append(arg)
                     continue
@@ -239,6 +243,7 @@ class Command:
                     values.get(spec.name[:-1], {}).pop(key[len(spec.name):], None)
                 else:
                     values.pop(key, None)
+                    given.discard(key)
                 continue
             raw = arg.split("=", 1)[1]
             value = _convert(spec, key, ov, raw)
@@ -246,6 +251,7 @@ class Command:
                 values.setdefault(spec.name[:-1], {})[key[len(spec.name):]] = value
             else:
                 values[key] = value
+                given.add(key)
         missing = [k for k in self.keys if k.default is REQUIRED and k.name not in values]
         if missing:
             k = missing[0]
@@ -255,7 +261,7 @@ class Command:
                 values.setdefault(k.name[:-1], {})
             elif k.name not in values and k.default is not REQUIRED:
                 values[k.name] = _copy(k.default)
-        return Args(values, words, extra)
+        return Args(values, words, extra, given)
 
     def run(self, argv: Sequence[str] | None, body: Callable[[Args], int | None],
             errors: tuple[type[BaseException], ...] = ()) -> int:
@@ -278,13 +284,14 @@ class CliError(ValueError):
 
 class Args(dict):
     """Parsed arguments: a dict of declared keys (defaults filled in), plus ``words`` (bare words, for
-    commands that take some) and ``extra`` (undeclared ``key=value`` strings kept as typed, for
-    ``extra='ignore'`` / ``'overrides'`` commands)."""
+    commands that take some), ``extra`` (undeclared ``key=value`` strings kept as typed, for
+    ``extra='ignore'`` / ``'overrides'`` commands) and ``given`` (the keys given on the command line)."""
 
-    def __init__(self, values: dict[str, Any], words: list[str], extra: list[str]) -> None:
+    def __init__(self, values: dict[str, Any], words: list[str], extra: list[str], given: set[str] | None = None) -> None:
         super().__init__(values)
         self.words = words
         self.extra = extra
+        self.given = set(given or ())
 
 
 def _show(v: Any) -> str:
