@@ -94,3 +94,136 @@ def test_sweep_goes_on_past_a_cell_that_cannot_run(tmp_path):
     assert done["status"] == "complete" and done["num_samples"] == 2
     missing = json.loads((runs / "tiny_llava15__random__9999__demo" / "run.json").read_text())
     assert missing["status"] == "missing" and "9999" in missing["error"]
+
+
+# ---------------------------------------------------------------------- the module commands' key=value convention
+def _module_main(name):
+    import importlib
+
+    module = importlib.import_module("apet_bench.tables.__main__" if name == "tables" else f"apet_bench.{name}")
+    return module._main if name == "stats" else module.main
+
+
+def _one_error_line(capsys):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("apet-bench: error: ") and "Traceback" not in err, err
+    return err
+
+
+#: Per command: the arguments every call needs (positional table name, required keys).
+MODULE_BASE = {
+    "flops": ["model=llava15"],
+    "latency": ["model=tiny_llava15"],
+    "viz": ["image=x.png"],
+    "score": ["benchmark=pope", "answers=x.jsonl"],
+    "bias": [],
+    "tables": ["table1"],
+    "inspect": ["model=llava15", "benchmark=mme"],
+    "stats": ["mdd"],
+    "wandb_logger": [],
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODULE_BASE))
+def test_module_cli_rejects_an_unknown_key_in_one_line(name, capsys):
+    rc = _module_main(name)([*MODULE_BASE[name], "colour=red"])
+    assert rc == 2
+    err = _one_error_line(capsys)
+    assert "unknown key 'colour'" in err and "keys: " in err, err
+
+
+@pytest.mark.parametrize("name", sorted([*MODULE_BASE, "plots"]))
+@pytest.mark.parametrize("bad", ["results_dir=[1,", "results_dir", "results_dir=it's"])
+def test_module_cli_rejects_a_malformed_argument_in_one_line(name, bad, capsys):
+    base = MODULE_BASE.get(name, [])
+    rc = _module_main(name)([*base, bad])
+    assert rc == 2
+    err = _one_error_line(capsys)
+    assert repr(bad) in err, err
+
+
+def test_plots_notes_the_table_options_it_ignores(capsys, tmp_path):
+    """`make tables TABLE_ARGS=...` hands the tables' options to plots too: they are ignored with a note."""
+    assert _module_main("plots")([f"results_dir={tmp_path}", "ref=apet", "colour=red"]) == 0
+    err = capsys.readouterr().err
+    assert "ignoring option(s) it does not use: ref=apet colour=red" in err
+
+
+@pytest.mark.parametrize("quoted", [True, False])
+@pytest.mark.parametrize("name, args, needle", [
+    ("flops", ["model={v}"], "'llava 15'"),
+    ("latency", ["model={v}"], "unknown model 'llava 15'"),
+    ("viz", ["image={d}/llava 15.png"], "llava 15.png"),
+    ("score", ["benchmark=pope", "answers={d}/llava 15.jsonl", "data_root={d}"], "llava 15.jsonl"),
+    ("inspect", ["model=llava15", "benchmark=mme", "data_root={d}/llava 15"], "llava 15"),
+])
+def test_module_cli_takes_a_value_with_spaces(name, args, needle, quoted, capsys, tmp_path):
+    """A value with spaces (as the shell hands over `key='a b'` or `"key=a b"`) reaches the command intact:
+    the command's own error names it whole."""
+    def fill(a):
+        key, value = a.split("=", 1)
+        value = value.format(v="llava 15", d=tmp_path)
+        return f"{key}='{value}'" if quoted and " " in value else f"{key}={value}"
+
+    assert _module_main(name)([fill(a) for a in args]) == 2
+    assert needle in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("name", ["bias", "plots", "tables"])
+def test_module_cli_runs_with_a_quoted_directory_with_spaces(name, capsys, tmp_path):
+    where = tmp_path / "a results dir"
+    args = (["table3"] if name == "tables" else []) + [f"results_dir='{where}'"]
+    assert _module_main(name)(args) == 0
+    out = capsys.readouterr().out
+    if name == "tables":
+        assert (where / "tables" / "table3.md").is_file()
+    else:
+        assert str(where / "runs") in out, out
+
+
+@pytest.mark.parametrize("name", sorted([*MODULE_BASE, "plots"]))
+def test_module_cli_help_lists_the_declared_keys(name, capsys):
+    import importlib
+
+    module = importlib.import_module("apet_bench.tables.__main__" if name == "tables" else f"apet_bench.{name}")
+    with pytest.raises(SystemExit) as exc:
+        _module_main(name)(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m apet_bench.")
+    for key in module._command().keys:
+        assert f"  {key.name}" in out, (key.name, out)
+
+
+def test_module_cli_types_and_required_keys(capsys):
+    from apet_bench import latency, score
+
+    assert latency.main(["model=tiny_llava15", "repeats=many"]) == 2
+    assert "repeats=many: 'many' is not an integer" in _one_error_line(capsys)
+    assert score.main(["answers=x.jsonl"]) == 2
+    assert "benchmark=<name> is required" in _one_error_line(capsys)
+    args = latency._command().parse(["model=tiny_llava15", "backends=sdpa,eager", "method.params.layer=null",
+                                     "method.params.stage=llm", "warmup=0"])
+    assert args["backends"] == "sdpa,eager" and args["warmup"] == 0 and args["repeats"] == 10
+    assert args["method.params"] == {"layer": None, "stage": "llm"}
+
+
+@pytest.mark.parametrize("name", sorted([*MODULE_BASE, "plots"]))
+def test_docs_page_lists_every_declared_key(name):
+    """docs/cli.md has a section per command with one table row per declared key."""
+    import importlib
+
+    module = importlib.import_module("apet_bench.tables.__main__" if name == "tables" else f"apet_bench.{name}")
+    page = (REPO / "docs" / "cli.md").read_text(encoding="utf-8")
+    section = page.split(f"\n### {name}\n", 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+    rows = {line.split("`")[1] for line in section.splitlines() if line.startswith("| `")}
+    declared = {k.name + "<p>" if k.is_prefix else k.name for k in module._command().keys}
+    assert rows == declared
+
+
+def test_module_cli_delete_goes_back_to_the_default():
+    from apet_bench import latency
+
+    args = latency._command().parse(["model=m", "method.params.a=1", "method.params.b=2", "~method.params.a",
+                                     "warmup=5", "~warmup"])
+    assert args["method.params"] == {"b": 2} and args["warmup"] == 3

@@ -411,14 +411,20 @@ def plot_bias(biases: dict[str, PositionalBias], out_stem: str | Path, *, title:
     return paths
 
 
-def _parse_kv(argv: Sequence[str]) -> dict[str, str]:
-    out = {}
-    for a in argv:
-        if "=" not in a:
-            raise ValueError(f"argument {a!r} is not key=value")
-        k, v = a.split("=", 1)
-        out[k.lstrip("-").replace("-", "_")] = v
-    return out
+def _command() -> Any:
+    from apet_bench.cli import Command, Key
+
+    return Command(
+        "python -m apet_bench.bias",
+        "Positional bias of the kept visual tokens of finished runs (samples.jsonl kept_indices): a table and "
+        "kept-probability-by-position figures.",
+        (
+            Key("results_dir", "results", help="results directory (reads <results_dir>/runs)"),
+            Key("out", None, help="output directory (default <results_dir>/plots/bias)"),
+            Key("model", None, help="only runs of these models (comma-separated)"),
+            Key("benchmark", None, help="only runs of these benchmarks (comma-separated)"),
+        ),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -428,36 +434,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``kept_by_position__<model>__<benchmark>__<budget>.png/.svg`` under ``out``. Exit 2 on a bad
     argument, 0 otherwise (also when no run reports kept indices).
     """
-    try:
-        args = _parse_kv(list(sys.argv[1:] if argv is None else argv))
-        unknown = set(args) - {"results_dir", "out", "model", "benchmark"}
-        if unknown:
-            raise ValueError(f"unknown argument(s) {', '.join(sorted(unknown))}; use results_dir, out, model, benchmark")
-    except ValueError as exc:
-        from apet_bench.cli import error
 
-        return error(exc)
-    results_dir = Path(args.get("results_dir", "results"))
-    out = Path(args.get("out", results_dir / "plots" / "bias"))
-    table, biases = bias_table(results_dir, model=args.get("model"), benchmark=args.get("benchmark"))
-    if table.empty:
-        print(f"no finished run under {results_dir / 'runs'} reports kept indices; nothing to measure")
+    def body(args: dict[str, Any]) -> int:
+        results_dir = Path(args["results_dir"])
+        out = Path(args["out"] or results_dir / "plots" / "bias")
+        table, biases = bias_table(results_dir, model=args["model"], benchmark=args["benchmark"])
+        if table.empty:
+            print(f"no finished run under {results_dir / 'runs'} reports kept indices; nothing to measure")
+            return 0
+        out.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out / "bias.csv", index=False)
+        try:
+            md = table.to_markdown(index=False)  # needs tabulate (an lmms-eval dependency)
+        except ImportError:  # pragma: no cover
+            md = "```\n" + table.to_string(index=False) + "\n```"
+        (out / "bias.md").write_text(md + "\n", encoding="utf-8")
+        for (model, bench, budget), grp in table.groupby(["model", "benchmark", "budget"], dropna=False):
+            plot_bias({r: biases[r] for r in grp["run"]}, out / f"kept_by_position__{model}__{bench}__{budget}",
+                      title=f"{model} on {bench}, budget {budget}: kept probability by position"
+                      + (" (random weights: pipeline check)" if grp["random_weights"].any() else ""))
+        print("Positional bias of the kept visual tokens (apet_bench.bias, from results/runs samples.jsonl kept_indices):")
+        print(table.drop(columns=["run"]).to_string(index=False))
+        print(f"written: {out}/bias.csv, bias.md, kept_by_position__*.png/.svg")
         return 0
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "bias.csv", index=False)
-    try:
-        md = table.to_markdown(index=False)  # needs tabulate (an lmms-eval dependency)
-    except ImportError:  # pragma: no cover
-        md = "```\n" + table.to_string(index=False) + "\n```"
-    (out / "bias.md").write_text(md + "\n", encoding="utf-8")
-    for (model, bench, budget), grp in table.groupby(["model", "benchmark", "budget"], dropna=False):
-        plot_bias({r: biases[r] for r in grp["run"]}, out / f"kept_by_position__{model}__{bench}__{budget}",
-                  title=f"{model} on {bench}, budget {budget}: kept probability by position"
-                  + (" (random weights: pipeline check)" if grp["random_weights"].any() else ""))
-    print("Positional bias of the kept visual tokens (apet_bench.bias, from results/runs samples.jsonl kept_indices):")
-    print(table.drop(columns=["run"]).to_string(index=False))
-    print(f"written: {out}/bias.csv, bias.md, kept_by_position__*.png/.svg")
-    return 0
+
+    return _command().run(argv, body)
 
 
 if __name__ == "__main__":  # pragma: no cover

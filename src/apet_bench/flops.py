@@ -45,7 +45,6 @@ import functools
 import json
 import math
 import os
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -714,15 +713,13 @@ def _token_plan(family: str, method: str, budget: Any, n: int, num_layers: int, 
 
 
 def _method_params(method: str) -> dict[str, Any]:
-    from omegaconf import OmegaConf
+    """Default ``params`` of the method's config (Hydra-composed ``configs/method/<method>.yaml``; empty
+    when there is no such config)."""
+    from apet_bench.config import group_options, load_group
 
-    from apet_bench.config import config_dir
-
-    path = config_dir() / "method" / f"{method}.yaml"
-    if not path.is_file():
+    if method not in group_options("method"):
         return {}
-    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    return dict(cfg.get("params") or {})  # type: ignore[union-attr]
+    return dict(load_group("method", method).get("params") or {})
 
 
 def _family(model: str) -> str:
@@ -950,29 +947,23 @@ def count_flops(
 
 
 # ---------------------------------------------------------------------- CLI
-_KEYS = ("model", "method", "budget", "visual_tokens", "text_tokens")
+def _command() -> Any:
+    from apet_bench.cli import REQUIRED, Command, Key
 
-
-def _parse(argv: Sequence[str]) -> dict[str, Any]:
-    import yaml
-
-    args: dict[str, Any] = {}
-    params: dict[str, Any] = {}
-    for a in argv:
-        if "=" not in a:
-            raise ConfigError(f"flops: argument {a!r} is not key=value (keys: {', '.join(_KEYS)}, method.params.<p>)")
-        k, v = a.split("=", 1)
-        if k.startswith("method.params."):
-            params[k[len("method.params."):]] = yaml.safe_load(v)
-            continue
-        if k not in _KEYS:
-            raise ConfigError(f"flops: unknown key {k!r}; keys: {', '.join(_KEYS)}, method.params.<p>")
-        args[k] = yaml.safe_load(v) if k in ("budget", "visual_tokens", "text_tokens") else v
-    if "model" not in args:
-        raise ConfigError("flops: model=<name> is required (llava15, qwen25vl, llava_next, video_llava)")
-    if params:
-        args["params"] = {**_method_params(args.get("method", "none")), **params}
-    return args
+    return Command(
+        "python -m apet_bench.flops",
+        "Prefill FLOPs of one model + method + budget, counted on the meta device (no weights); prints the "
+        "breakdown, then one JSON line.",
+        (
+            Key("model", REQUIRED, help="llava15, qwen25vl, llava_next or video_llava (tiny_* count as their full-size model)",
+                metavar="name"),
+            Key("method", "none", help="a registered method (configs/method/)"),
+            Key("budget", None, "any", help="visual tokens kept (int) or retention ratio (float in (0, 1]); ignored by none"),
+            Key("visual_tokens", None, "any", help="visual tokens per image (Qwen2.5-VL: 256..2048; fixed for the others)"),
+            Key("text_tokens", None, "any", help="text tokens of the prompt (default: the benchmark's measured mean)"),
+            Key("method.params.", kind="any", help="a method parameter over its config's default"),
+        ),
+    )
 
 
 def format_report(r: FlopsReport) -> str:
@@ -993,20 +984,18 @@ def format_report(r: FlopsReport) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: print the breakdown, then one JSON line; bad input -> one line on stderr, exit 2."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        args = _parse(argv)
-        report = count_flops(
-            args["model"], args.get("method", "none"), args.get("budget"),
-            visual_tokens=args.get("visual_tokens"), text_tokens=args.get("text_tokens"), params=args.get("params"),
-        )
-    except (ConfigError, ValueError, KeyError) as e:
-        from apet_bench.cli import error
 
-        return error(e)
-    print(format_report(report))
-    print(json.dumps(report.to_dict()))
-    return 0
+    def body(args: dict[str, Any]) -> int:
+        params = args["method.params"]
+        report = count_flops(
+            args["model"], args["method"], args["budget"], visual_tokens=args["visual_tokens"],
+            text_tokens=args["text_tokens"], params={**_method_params(args["method"]), **params} if params else None,
+        )
+        print(format_report(report))
+        print(json.dumps(report.to_dict()))
+        return 0
+
+    return _command().run(argv, body, (ConfigError, ValueError, KeyError))
 
 
 if __name__ == "__main__":  # pragma: no cover

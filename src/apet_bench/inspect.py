@@ -40,7 +40,6 @@ import numpy as np
 
 __all__ = ["inspect_sample", "main"]
 
-_OWN_KEYS = ("index", "tokenizer", "out", "visual")
 _FAMILIES = ("llava15", "llava_next", "qwen25vl", "video_llava")
 
 
@@ -48,22 +47,30 @@ class InspectError(ValueError):
     """Bad input to the inspector; one line naming the value."""
 
 
-def _parse(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
-    own: dict[str, str] = {}
-    overrides: list[str] = []
-    for arg in argv:
-        if "=" not in arg or arg.startswith("-"):
-            raise InspectError(f"argument {arg!r} is not key=value")
-        key, value = arg.split("=", 1)
-        if key in _OWN_KEYS:
-            own[key] = value
-        else:
-            overrides.append(arg)
-    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+def _command() -> Any:
+    from apet_bench.cli import Command, Key
+
+    return Command(
+        "python -m apet_bench.inspect",
+        "The exact inputs a model would receive for one benchmark sample (prompt, token ids, pixels, decoding "
+        "settings); needs model=<name> and benchmark=<name>.",
+        (
+            Key("index", 0, "int", help="the sample, 0-based"),
+            Key("tokenizer", None, help="a SentencePiece tokenizer.model (LLaVA family) or a tokenizer directory"),
+            Key("out", None, help="directory for pixel_values.npy (float32) and inputs.json"),
+            Key("visual", None, help="an image or video file replacing the sample's own"),
+        ),
+        extra="overrides",  # model=, benchmark=, data_root=, model.processor.*=, gen_kwargs.*=, ...
+    )
+
+
+def _parse(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    args = _command().parse(argv)
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in args.extra}
     for needed in ("model", "benchmark"):
         if needed not in keys:
             raise InspectError(f"{needed}=<name> is required")
-    return own, overrides
+    return dict(args), args.extra
 
 
 def _load_tokenizer(path: str | None, family: str) -> tuple[Any, str | None]:
@@ -145,10 +152,7 @@ def inspect_sample(argv: Sequence[str]) -> dict[str, Any]:
     from apet_bench.models.processors import build_image_processor, build_processor, processor_options
 
     own, overrides = _parse(argv)
-    try:
-        index = int(own.get("index", "0"))
-    except ValueError:
-        raise InspectError(f"index {own.get('index')!r} is not an integer") from None
+    index = own["index"]
     cfg = OmegaConf.to_container(compose(overrides), resolve=True)
     model_cfg, bench = cfg["model"], cfg["benchmark"]
     family = model_cfg.get("family")
@@ -334,17 +338,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:  # noqa: BLE001 - logging is cosmetic
         pass
     try:
+        own, _ = _parse(argv)
         rec = inspect_sample(argv)
     except (ValueError, KeyError, OSError) as exc:
-        msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"error: {msg.strip().splitlines()[0] if msg.strip() else type(exc).__name__}", file=sys.stderr)
-        return 2
+        from apet_bench.cli import error
+
+        return error(exc)
     pixels = rec.pop("pixel_values")
     out = {k: rec[k] for k in ("prompt", "input_ids", "input_ids_collapsed", "pixel_values_shape",
                                "pixel_values_sha256", "generation_kwargs", "question", "images",
                                "generation_sources", "image_sizes", "input_ids_absent")}
-    if "out" in dict(a.split("=", 1) for a in argv if "=" in a):
-        target = Path(dict(a.split("=", 1) for a in argv if "=" in a)["out"]).expanduser()
+    if own["out"]:
+        target = Path(own["out"]).expanduser()
         target.mkdir(parents=True, exist_ok=True)
         np.save(target / "pixel_values.npy", pixels)
         (target / "inputs.json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")

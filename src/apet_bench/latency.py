@@ -38,7 +38,6 @@ import json
 import os
 import resource
 import statistics
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -102,16 +101,13 @@ def _image_for(family: str, visual_tokens: int | None) -> Any:
 
 
 def _model_cfg(model: str) -> dict[str, Any]:
-    from omegaconf import OmegaConf
+    """The Hydra-composed ``configs/model/<model>.yaml``; ConfigError (listing the models) when unknown."""
+    from apet_bench.config import load_group
 
-    from apet_bench.config import config_dir
-
-    path = config_dir() / "model" / f"{model}.yaml"
-    if not path.is_file():
-        from apet_bench.config import group_options
-
-        raise ConfigError(f"latency: unknown model {model!r} (available: {', '.join(group_options('model'))})")
-    return dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True))  # type: ignore[arg-type]
+    try:
+        return load_group("model", model)
+    except ConfigError as exc:
+        raise ConfigError(f"latency: {exc}") from None
 
 
 def build_latency_adapter(model: str, attn_implementation: str = "sdpa", device: str = "auto") -> tuple[Any, str]:
@@ -388,27 +384,26 @@ def _method_for(name: str, budget: Any, params: Mapping[str, Any] | None = None)
     return build_method(name, budget=budget, **kwargs)
 
 
-_KEYS = ("model", "method", "budget", "backends", "warmup", "repeats", "max_new_tokens", "device", "visual_tokens")
+def _command() -> Any:
+    from apet_bench.cli import REQUIRED, Command, Key
 
-
-def _parse(argv: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    import yaml
-
-    args: dict[str, Any] = {}
-    params: dict[str, Any] = {}
-    for a in argv:
-        if "=" not in a:
-            raise ConfigError(f"latency: argument {a!r} is not key=value (keys: {', '.join(_KEYS)}, method.params.<p>)")
-        k, v = a.split("=", 1)
-        if k.startswith("method.params."):
-            params[k[len("method.params."):]] = yaml.safe_load(v)
-        elif k in _KEYS:
-            args[k] = v if k in ("model", "method", "device", "backends") else yaml.safe_load(v)
-        else:
-            raise ConfigError(f"latency: unknown key {k!r}; keys: {', '.join(_KEYS)}, method.params.<p>")
-    if "model" not in args:
-        raise ConfigError("latency: model=<name> is required (e.g. tiny_llava15 on CPU, llava15 on CUDA)")
-    return args, params
+    return Command(
+        "python -m apet_bench.latency",
+        "Prefill and decode latency of one model + method + budget per attention backend (median of repeats "
+        "after warm-up); one line per backend, then one JSON line.",
+        (
+            Key("model", REQUIRED, help="a model config (e.g. tiny_llava15 on CPU, llava15 on CUDA)", metavar="name"),
+            Key("method", "none", help="a registered method"),
+            Key("budget", None, "any", help="visual tokens kept (int) or retention ratio (float); required unless method=none"),
+            Key("backends", "sdpa", help="comma-separated attention backends: " + ", ".join(BACKENDS)),
+            Key("warmup", 3, "int", help="untimed warm-up samples"),
+            Key("repeats", 10, "int", help="timed samples (the median is reported)"),
+            Key("max_new_tokens", 16, "int", help="decoded tokens per sample"),
+            Key("device", "auto", help="auto, cpu or cuda[:N]"),
+            Key("visual_tokens", None, "any", help="visual tokens per image (Qwen2.5-VL only)"),
+            Key("method.params.", kind="any", help="a method parameter over its config's default"),
+        ),
+    )
 
 
 def format_result(r: LatencyResult) -> str:
@@ -423,39 +418,35 @@ def format_result(r: LatencyResult) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: one line per backend, then one JSON line with every result; bad input -> one line, exit 2."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        args, params = _parse(argv)
-        method = _method_for(args.get("method", "none"), args.get("budget"), params)
-        backends = [b for b in str(args.get("backends", "sdpa")).split(",") if b]
+
+    def body(args: dict[str, Any]) -> int:
+        method = _method_for(args["method"], args["budget"], args["method.params"])
+        backends = [b for b in str(args["backends"]).split(",") if b]
         unknown = [b for b in backends if b not in BACKENDS]
         if unknown:
             raise ConfigError(f"latency: attention backend {unknown[0]!r} is not one of {', '.join(BACKENDS)}")
         results, skipped = [], {}
         from apet_bench.models.base import resolve_device
 
-        avail = available_backends(resolve_device(args.get("device", "auto")))
+        avail = available_backends(resolve_device(args["device"]))
         for backend in backends:
             if avail[backend]:
                 skipped[backend] = avail[backend]
                 print(f"{backend}: skipped ({avail[backend]})")
                 continue
             t0 = time.perf_counter()
-            adapter, weights = build_latency_adapter(args["model"], backend, args.get("device", "auto"))
-            r = measure_latency(adapter, method, weights=weights, warmup=args.get("warmup", 3),
-                                repeats=args.get("repeats", 10), max_new_tokens=args.get("max_new_tokens", 16),
-                                visual_tokens=args.get("visual_tokens"))
+            adapter, weights = build_latency_adapter(args["model"], backend, args["device"])
+            r = measure_latency(adapter, method, weights=weights, warmup=args["warmup"], repeats=args["repeats"],
+                                max_new_tokens=args["max_new_tokens"], visual_tokens=args["visual_tokens"])
             results.append(r)
             print(format_result(r) + f" (wall {time.perf_counter() - t0:.1f} s)")
             del adapter
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    except (ConfigError, ValueError) as e:
-        from apet_bench.cli import error
+        print(json.dumps({"results": [r.to_dict() for r in results], "skipped": skipped}))
+        return 0
 
-        return error(e)
-    print(json.dumps({"results": [r.to_dict() for r in results], "skipped": skipped}))
-    return 0
+    return _command().run(argv, body, (ConfigError, ValueError))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,9 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from apet_bench.config import config_dir
+from apet_bench.config import load_experiment, load_group
 from apet_bench.protocol import DEFAULT_PROTOCOL, DOC_FIELDS, PROTOCOLS, resolve
 
 __all__ = ["render", "main", "TABLES"]
@@ -57,17 +55,13 @@ MMBench-dev 67.7 (CircularEval with MMBench's official extraction).
 """
 
 
-def _load(path: Path) -> dict[str, Any]:
-    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-
-
 def table_benchmarks() -> dict[str, list[str]]:
     """``benchmark -> ["<model> (TableN)", ...]`` from the experiment configs' sweeps, in table order."""
     out: dict[str, list[str]] = {}
     for t in TABLES:
-        cfg = _load(config_dir() / "experiment" / f"{t}.yaml")
-        model = next((d["override /model"] for d in cfg.get("defaults", []) if isinstance(d, dict) and "override /model" in d), "?")
-        benches = str(cfg["hydra"]["sweeper"]["params"]["benchmark"]).split(",")
+        cfg = load_experiment(t)
+        model = cfg["model"]["name"]
+        benches = str(cfg["sweep"]["benchmark"]).split(",")
         for b in benches:
             out.setdefault(b.strip(), []).append(f"{model} ({t.replace('table', 'Table ')})")
     return out
@@ -105,7 +99,7 @@ def render() -> str:
     lines += ["## Protocol table", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     deviations: list[str] = []
     for bench, models in benches.items():
-        raw = _load(config_dir() / "benchmark" / f"{bench}.yaml")
+        raw = load_group("benchmark", bench, resolve=False)
         blocks = raw.get("protocols") or {}
         if not blocks:
             raise ValueError(f"configs/benchmark/{bench}.yaml has no protocols block")

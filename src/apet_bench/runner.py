@@ -84,16 +84,13 @@ def method_label(method_cfg: dict[str, Any]) -> str:
 
     ``random`` -> ``random``; ``random`` with ``params.stage=llm`` -> ``random-stage=llm``.
     """
-    from omegaconf import OmegaConf
-
-    from apet_bench.config import config_dir
+    from apet_bench.config import group_options, load_group
 
     name = method_cfg["name"]
     params = dict(method_cfg.get("params") or {})
-    default_file = config_dir() / "method" / f"{name}.yaml"
     defaults = {}
-    if default_file.is_file():
-        defaults = OmegaConf.to_container(OmegaConf.load(default_file), resolve=False).get("params") or {}
+    if name in group_options("method"):
+        defaults = load_group("method", name, resolve=False).get("params") or {}
     changed = [f"{k}={params[k]}" for k in sorted(params) if k not in defaults or params[k] != defaults[k]]
     label = "-".join([name, *changed])
     return label.replace("/", "_").replace("__", "_")
@@ -122,15 +119,12 @@ def model_label(model_cfg: dict[str, Any]) -> str:
     ``tiny_llava15`` -> ``tiny_llava15``; with ``model.attn_implementation=eager`` ->
     ``tiny_llava15-attn_implementation=eager``; ``local_path`` is left out (same weights, other place).
     """
-    from omegaconf import OmegaConf
-
-    from apet_bench.config import config_dir
+    from apet_bench.config import group_options, load_group
 
     name = model_cfg["name"]
-    default_file = config_dir() / "model" / f"{name}.yaml"
-    if not default_file.is_file():
+    if name not in group_options("model"):
         return name
-    defaults = _flatten(OmegaConf.to_container(OmegaConf.load(default_file), resolve=False))
+    defaults = _flatten(load_group("model", name, resolve=False))
     current = _flatten({k: v for k, v in model_cfg.items()})
     changed = [f"{k}={current[k]}" for k in sorted(current)
                if k not in _MODEL_KEYS_NOT_IN_NAME and (k not in defaults or current[k] != defaults[k])]
@@ -154,10 +148,10 @@ def _short_hash(obj: Any, n: int = 8) -> str:
 
 def _changed_from_file(group: str, node: dict[str, Any]) -> dict[str, Any]:
     """The keys (dotted) of a config-group node that differ from ``configs/<group>/<name>.yaml``."""
-    from apet_bench.config import config_dir
+    from apet_bench.config import group_options, load_group
 
-    f = config_dir() / group / f"{node.get('name')}.yaml"
-    defaults = _flatten(OmegaConf.to_container(OmegaConf.load(f), resolve=False)) if f.is_file() else {}
+    name = node.get("name")
+    defaults = _flatten(load_group(group, name, resolve=False)) if name in group_options(group) else {}
     current = _flatten(dict(node))
     return {k: current[k] for k in sorted(current) if k not in defaults or current[k] != defaults[k]}
 

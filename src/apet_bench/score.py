@@ -485,66 +485,62 @@ def write_run(result: Mapping[str, Any], *, results_dir: str | os.PathLike, mode
     return store.run_dir(name)
 
 
-_USAGE = ("usage: python -m apet_bench.score benchmark=<pope|mme|sqa|mmbench> answers=<file> data_root=<dir> "
-          "[questions=<file>] [pope_random=2910|3000] [subset=img|all] [write_run=true model=<name> "
-          "method=none budget=null results_dir=results force=false]")
-_KEYS = {"benchmark", "answers", "data_root", "questions", "pope_random", "subset", "ground_truth_subdir",
-         "write_run", "model", "method", "budget", "results_dir", "force"}
+def _command() -> Any:
+    from apet_bench.cli import REQUIRED, Command, Key
 
-
-def _parse_args(argv: Sequence[str]) -> dict[str, str]:
-    args: dict[str, str] = {}
-    for a in argv:
-        if a in ("-h", "--help"):
-            print(_USAGE)
-            sys.exit(0)
-        if "=" not in a:
-            raise ScoreError(f"argument {a!r} is not key=value ({_USAGE})")
-        k, v = a.split("=", 1)
-        k = k.lstrip("+-")
-        if k not in _KEYS:
-            raise ScoreError(f"unknown option {k!r} (known: {', '.join(sorted(_KEYS))})")
-        args[k] = v
-    return args
-
-
-def _truthy(v: str | None) -> bool:
-    return str(v).lower() in ("1", "true", "yes")
+    return Command(
+        "python -m apet_bench.score",
+        "Score an answer file (JSON lines) against the ground truth with the official scorers; prints a "
+        "summary, then the result as one JSON line; write_run=true also stores it as a results run.",
+        (
+            Key("benchmark", REQUIRED, help="pope, mme, sqa or mmbench (also scienceqa_img, mmbench_en)", metavar="name"),
+            Key("answers", REQUIRED, help="the answer file (question_id, text; MME also prompt)", metavar="file"),
+            Key("data_root", None, help="benchmark data root (default $APET_BENCH_DATA_ROOT)"),
+            Key("questions", None, help="another question / ground-truth file (pope, sqa, mmbench)"),
+            Key("pope_random", None, help="POPE random split size: 2910 or 3000"),
+            Key("subset", None, help="sqa: img or all"),
+            Key("ground_truth_subdir", None, help="mme: ground-truth directory under data_root"),
+            Key("write_run", False, "bool", help="also write a run directory under results_dir"),
+            Key("model", None, help="run's model name (write_run; default imported)"),
+            Key("method", "none", help="run's method name (write_run)"),
+            Key("budget", None, "any", help="run's budget (write_run; null or full: none)"),
+            Key("results_dir", "results", help="results directory (write_run)"),
+            Key("force", False, "bool", help="replace an existing run (write_run)"),
+        ),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI; prints a summary, then the result as one JSON object on the last line. Exit 2 on bad input."""
     logging.basicConfig(level=logging.WARNING)
-    try:
-        args = _parse_args(sys.argv[1:] if argv is None else argv)
-        for req in ("benchmark", "answers"):
-            if req not in args:
-                raise ScoreError(f"missing {req}=... ({_USAGE})")
+
+    def body(args: dict[str, Any]) -> int:
         t0 = time.perf_counter()
-        options = {k: args[k] for k in ("questions", "pope_random", "subset", "ground_truth_subdir") if k in args}
-        data_root = args.get("data_root") or os.environ.get("APET_BENCH_DATA_ROOT")
+        options = {k: args[k] for k in ("questions", "pope_random", "subset", "ground_truth_subdir")
+                   if args[k] is not None}
+        data_root = args["data_root"] or os.environ.get("APET_BENCH_DATA_ROOT")
+        budget = args["budget"]
+        if budget in ("", "full"):
+            budget = None
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))):
+            raise ScoreError(f"budget {budget!r} is not an integer, a ratio, null or full")
         result = score_answers(args["benchmark"], args["answers"], data_root, **options)
         run_dir = None
-        if _truthy(args.get("write_run")):
-            model = args.get("model") or "imported"
-            budget = args.get("budget")
-            budget_v = None if budget in (None, "", "null", "full") else (float(budget) if "." in budget else int(budget))
-            run_dir = str(write_run(result, results_dir=args.get("results_dir", "results"), model=model,
-                                    method=args.get("method", "none"), budget=budget_v, force=_truthy(args.get("force"))))
-    except (ScoreError, FileExistsError, ValueError) as exc:
-        from apet_bench.cli import error
+        if args["write_run"]:
+            run_dir = str(write_run(result, results_dir=args["results_dir"], model=args["model"] or "imported",
+                                    method=args["method"], budget=budget, force=args["force"]))
+        out = {k: v for k, v in result.items() if k != "samples"}
+        out["run_dir"] = run_dir
+        out["seconds"] = round(time.perf_counter() - t0, 2)
+        for k, v in out["paper_units"].items():
+            print(f"{k}: {v}   ({out['benchmark']}, {out['num_samples']} answers from {out['answers']}, "
+                  f"scored by {out['scoring']})")
+        if run_dir:
+            print(f"run directory: {run_dir}")
+        print(json.dumps(out, default=str), flush=True)
+        return 0
 
-        return error(exc)
-    out = {k: v for k, v in result.items() if k != "samples"}
-    out["run_dir"] = run_dir
-    out["seconds"] = round(time.perf_counter() - t0, 2)
-    for k, v in out["paper_units"].items():
-        print(f"{k}: {v}   ({out['benchmark']}, {out['num_samples']} answers from {out['answers']}, "
-              f"scored by {out['scoring']})")
-    if run_dir:
-        print(f"run directory: {run_dir}")
-    print(json.dumps(out, default=str), flush=True)
-    return 0
+    return _command().run(argv, body, (ScoreError, FileExistsError, ValueError))
 
 
 if __name__ == "__main__":

@@ -660,22 +660,37 @@ def mdd_markdown(data_root: str | None = None, discordances: Sequence[float] = (
     return "\n".join(lines)
 
 
+def _command() -> Any:
+    from apet_bench.cli import Command, Key
+
+    return Command(
+        "python -m apet_bench.stats",
+        "compare RUN_A RUN_B: paired comparison of two runs (bootstrap interval, exact McNemar); mdd: the "
+        "minimum detectable difference per benchmark.",
+        (
+            Key("metric", None, help="compare: the per-sample metric (default: the benchmark's)"),
+            Key("data_root", None, help="mdd: count the question files found here too"),
+        ),
+        positional="compare RUN_A RUN_B | mdd",
+    )
+
+
 def _main(argv: Sequence[str]) -> int:
-    if argv[:1] == ["compare"] and len(argv) >= 3:
-        metric = next((a.split("=", 1)[1] for a in argv[3:] if a.startswith("metric=")), None)
-        try:
-            a, b = load_units(argv[1], metric), load_units(argv[2], metric)
-        except StatsUnavailable as exc:
-            print(f"apet-bench stats: error: {exc}", file=sys.stderr)
-            return 2
-        print(json.dumps(compare(a, b).as_dict(), indent=2))
-        return 0
-    if argv[:1] == ["mdd"]:
-        opts = dict(a.split("=", 1) for a in argv[1:] if "=" in a)
-        print(mdd_markdown(opts.get("data_root")))
-        return 0
-    print("usage: python -m apet_bench.stats compare RUN_A RUN_B [metric=...] | mdd [data_root=...]", file=sys.stderr)
-    return 2
+    from apet_bench.cli import error
+
+    def body(args: Any) -> int:
+        words = args.words
+        if words[:1] == ["compare"] and len(words) == 3:
+            a, b = load_units(words[1], args["metric"]), load_units(words[2], args["metric"])
+            print(json.dumps(compare(a, b).as_dict(), indent=2))
+            return 0
+        if words == ["mdd"]:
+            print(mdd_markdown(args["data_root"]))
+            return 0
+        return error(f"arguments {' '.join(map(repr, words)) or '(none)'} are not compare RUN_A RUN_B or mdd "
+                     "(usage: python -m apet_bench.stats compare RUN_A RUN_B [metric=...] | mdd [data_root=...])")
+
+    return _command().run(argv, body, (StatsUnavailable,))
 
 
 if __name__ == "__main__":

@@ -150,34 +150,26 @@ class TokenMapResult:
 
 
 def load_model_config(name: str) -> dict[str, Any]:
-    """``configs/model/<name>.yaml`` resolved.
+    """``configs/model/<name>.yaml`` as Hydra composes it, resolved.
 
     Raises
     ------
     ConfigError
         Unknown model (listing the options).
     """
-    from omegaconf import OmegaConf
+    from apet_bench.config import load_group
 
-    from apet_bench.config import config_dir, group_options
-
-    path = config_dir() / "model" / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"unknown model {name!r} (available: {', '.join(group_options('model'))})")
-    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    cfg = load_group("model", name)
     return cfg
 
 
 def _method_params(name: str) -> dict[str, Any]:
-    """Default ``params`` of ``configs/method/<name>.yaml`` (empty when there is no file)."""
-    from omegaconf import OmegaConf
+    """Default ``params`` of the Hydra-composed ``configs/method/<name>.yaml`` (empty when there is none)."""
+    from apet_bench.config import group_options, load_group
 
-    from apet_bench.config import config_dir
-
-    path = config_dir() / "method" / f"{name}.yaml"
-    if not path.is_file():
+    if name not in group_options("method"):
         return {}
-    return dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True).get("params") or {})
+    return dict(load_group("method", name).get("params") or {})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -605,24 +597,24 @@ def token_maps(
     return result
 
 
-def _parse(argv: Sequence[str]) -> dict[str, Any]:
-    from omegaconf import OmegaConf
+def _command() -> Any:
+    from apet_bench.cli import REQUIRED, Command, Key
 
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        raise ConfigError(f"argument {bad[0]!r} is not key=value")
-    args = OmegaConf.to_container(OmegaConf.from_dotlist(list(argv)), resolve=True)
-    allowed = {"image", "model", "methods", "budget", "out", "question", "seed", "attn_layer"}
-    unknown = sorted(set(args) - allowed)
-    if unknown:
-        raise ConfigError(f"unknown argument(s) {', '.join(unknown)}; use {', '.join(sorted(allowed))}")
-    if not args.get("image"):
-        raise ConfigError("image=<file> is required")
-    methods = args.get("methods", ["apet"])
-    if isinstance(methods, str):
-        methods = [m.strip() for m in methods.strip("[]").split(",") if m.strip()]
-    args["methods"] = [str(m) for m in methods]
-    return args
+    return Command(
+        "python -m apet_bench.viz",
+        "Token maps (which visual tokens each method keeps) and ApET's approximation error beside attention, "
+        "for one image and one model.",
+        (
+            Key("image", REQUIRED, help="the image file", metavar="file"),
+            Key("model", "tiny_llava15", help="a model config"),
+            Key("methods", ["apet"], "list", help="registered methods, e.g. [apet,fastv,visionzip]"),
+            Key("budget", 64, "any", help="visual tokens kept (int) or retention ratio (float)"),
+            Key("out", "results/plots/token_maps", help="output directory"),
+            Key("question", DEFAULT_QUESTION, help="the prompt's question"),
+            Key("seed", 0, "int", help="method randomness"),
+            Key("attn_layer", None, "any", help="LLM decoder layer of the attention map (null: FastV's K - 1)"),
+        ),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -630,10 +622,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from apet_bench.budget import validate_budget
     from apet_bench.methods import UnknownMethodError
 
-    try:
-        args = _parse(list(sys.argv[1:] if argv is None else argv))
-        model_cfg = load_model_config(str(args.get("model", "tiny_llava15")))
-        budget = validate_budget(args.get("budget", 64), model_cfg.get("max_visual_tokens") or model_cfg.get("visual_tokens"))
+    def body(args: dict[str, Any]) -> int:
+        args["methods"] = [str(m) for m in args["methods"]]
+        model_cfg = load_model_config(str(args["model"]))
+        budget = validate_budget(args["budget"], model_cfg.get("max_visual_tokens") or model_cfg.get("visual_tokens"))
         from apet_bench.methods import get_method_class
 
         for name in args["methods"]:
@@ -649,21 +641,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         adapter = load_model(model_cfg)
         result = token_maps(
-            args["image"], adapter, args["methods"], budget, args.get("out", "results/plots/token_maps"),
-            question=str(args.get("question", DEFAULT_QUESTION)), seed=int(args.get("seed", 0)),
-            attn_layer=args.get("attn_layer"),
+            args["image"], adapter, args["methods"], budget, args["out"],
+            question=str(args["question"]), seed=args["seed"], attn_layer=args["attn_layer"],
         )
-    except (ConfigError, UnknownMethodError, ValueError) as exc:
-        from apet_bench.cli import error
+        for mm in result.methods:
+            n = "n/a" if mm.kept_indices is None else len(mm.kept_indices)
+            print(f"{mm.method}: {n} of {mm.visual_tokens_in} visual tokens kept (measured per layer: {mm.layer_visual_tokens})")
+        print(f"model {result.info['model']} ({result.info['weights']}; {result.info['device']}, "
+              f"{result.info['attn_implementation']})")
+        for p in result.files:
+            print(f"wrote {p}")
+        return 0
 
-        return error(exc)
-    for mm in result.methods:
-        n = "n/a" if mm.kept_indices is None else len(mm.kept_indices)
-        print(f"{mm.method}: {n} of {mm.visual_tokens_in} visual tokens kept (measured per layer: {mm.layer_visual_tokens})")
-    print(f"model {result.info['model']} ({result.info['weights']}; {result.info['device']}, {result.info['attn_implementation']})")
-    for p in result.files:
-        print(f"wrote {p}")
-    return 0
+    return _command().run(argv, body, (ConfigError, UnknownMethodError, ValueError))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -538,29 +538,46 @@ def _read_offline_run_once(path: str | Path) -> dict[str, Any]:
     return out
 
 
+def _command() -> Any:
+    from apet_bench.cli import Command, Key
+
+    return Command(
+        "python -m apet_bench.wandb_logger",
+        "Log finished run directories (results/runs/<name>) to W&B after the fact; the keys override the run's "
+        "recorded wandb block.",
+        (
+            Key("project", _DEFAULTS["project"], help="W&B project"),
+            Key("entity", None, help="W&B team or user (null: the account's default)"),
+            Key("mode", _DEFAULTS["mode"], help="offline, online or disabled"),
+            Key("group", None, help="W&B group (null: the experiment preset's name, else <model>__<benchmark>)"),
+            Key("dir", None, help="W&B writes <dir>/wandb/offline-run-* (null: the run's results_dir)"),
+            Key("log_samples", False, "bool", help="also log samples.jsonl as a wandb.Table"),
+            Key("timeout_s", _DEFAULTS["timeout_s"], "number", help="online: stop logging after this many seconds"),
+        ),
+        positional="RUN_DIR",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m apet_bench.wandb_logger RUN_DIR [RUN_DIR ...] [key=value ...]``: log finished run
-    directories to W&B after the fact (keys of the ``wandb:`` block, e.g. ``mode=online project=x``)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = dict(a.split("=", 1) for a in argv if "=" in a and not Path(a).exists())
-    dirs = [a for a in argv if a not in {f"{k}={v}" for k, v in overrides.items()}]
-    if not dirs:
-        print("usage: python -m apet_bench.wandb_logger RUN_DIR [RUN_DIR ...] [mode=offline|online project=... group=...]",
-              file=sys.stderr)
-        return 2
-    overrides = {k: (v.lower() == "true" if k == "log_samples" else v) for k, v in overrides.items()}
-    unknown = sorted(set(overrides) - set(_DEFAULTS))
-    if unknown:
-        print(f"unknown wandb option(s) {', '.join(unknown)}; use {', '.join(_DEFAULTS)}", file=sys.stderr)
-        return 2
-    try:
-        for d in dirs:
+    directories to W&B after the fact (keys of the ``wandb:`` block, e.g. ``mode=online project=x``).
+    Bad input (no run directory, an unknown key, a bad mode): one line, exit 2."""
+    from apet_bench.cli import error
+
+    def body(args: Any) -> int:
+        if not args.words:
+            return error("name a run directory (usage: python -m apet_bench.wandb_logger RUN_DIR [RUN_DIR ...] "
+                         "[mode=offline|online project=... group=...])")
+        missing = [d for d in args.words if not Path(d).is_dir()]
+        if missing:
+            return error(f"run directory {missing[0]!r} does not exist")
+        overrides = {k: args[k] for k in args.given}
+        for d in args.words:
             out = log_run_dir(d, overrides)
             print(f"{d} -> {out}")
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return _command().run(argv, body, (ConfigError,))
 
 
 if __name__ == "__main__":  # pragma: no cover

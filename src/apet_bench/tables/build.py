@@ -157,17 +157,14 @@ def _metric_value(run: Any, metric: str, scale: float) -> tuple[float | None, st
 def protocol_notes(benchmarks: list[str], protocol: str) -> list[str]:
     """One line per benchmark naming the evaluation protocol its column shows (from its config's
     ``protocols`` block: the task variant, question text, scorer and official source)."""
-    import yaml
-
-    from apet_bench.config import config_dir
+    from apet_bench.config import group_options, load_group
     from apet_bench.protocol import resolve
 
     lines = []
     for bench in dict.fromkeys(benchmarks):
-        f = config_dir() / "benchmark" / f"{bench}.yaml"
-        if not f.is_file():
+        if bench not in group_options("benchmark"):
             continue
-        cfg = yaml.safe_load(f.read_text(encoding="utf-8"))
+        cfg = load_group("benchmark", bench, resolve=False)
         block = (cfg.get("protocols") or {}).get(protocol)
         if not block:
             lines.append(f"{bench}: protocol {protocol} not described for this benchmark")
