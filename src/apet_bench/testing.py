@@ -35,8 +35,9 @@ runner=True, runner_samples=2, sorted_indices=None, bad_budgets=BAD_BUDGETS, wor
     model (e.g. ``{"tiny_llava15": ["+model.tiny_config.vision_layers=12"]}``). ``params``: the method's
     hyper-parameters (default: its ``configs/method/<name>.yaml`` ``params`` when it has one, else its
     dataclass defaults). ``budgets``: a list used for every model, or a mapping model -> list; default:
-    the first of :data:`DEFAULT_BUDGETS` that the method accepts on the model and that compresses (an int
-    below the model's visual tokens). ``seeds``: the seed whose runs are compared, and another one
+    the model's paper budget (:data:`DEFAULT_BUDGETS`), or for another tiny model the first of
+    :data:`FALLBACK_BUDGETS` that the method accepts and that compresses (an int below the model's
+    visual tokens); a budget the method's ``check_model_config`` refuses makes the model unsupported. ``seeds``: the seed whose runs are compared, and another one
     (recorded, not asserted: a stochastic method may differ). ``runner``: also run one configuration
     per model through :func:`apet_bench.runner.execute` on the embedded ``demo`` benchmark (registered
     methods with a YAML only). ``sorted_indices``: require increasing ``kept_indices`` (default: the
@@ -60,12 +61,15 @@ Checks (:data:`CHECKS`), per model and budget, on one image (a video on models t
     generate loop), and has one entry per decoder layer.
 ``budget``
     The sample was compressed (``uncompressed`` is false and the fewest visual tokens at any layer is
-    below ``visual_tokens_in``), and that fewest count is within the budget:
-    ``min(layer_visual_tokens) <= budget_to_tokens(budget, visual_tokens_in) + unbudgeted``, where
-    ``unbudgeted`` counts the tokens no budget covers in the project's conventions (LLaVA-NeXT's
-    ``image_newline`` tokens and one [CLS] per segment that has one, e.g. a Video-LLaVA frame). The
-    method's finer budget convention (equivalent average, per-crop splits) is its plan, checked above.
-    Skipped for stage ``"none"``.
+    below ``visual_tokens_in``), the count never grows from one layer to the next, and the fewest count
+    is within the budget: ``min(layer_visual_tokens) <= budget_to_tokens(budget, visual_tokens_in) +
+    unbudgeted``, where ``unbudgeted`` counts the tokens no budget covers in the project's conventions
+    (LLaVA-NeXT's ``image_newline`` tokens and one [CLS] per segment that has one, e.g. a Video-LLaVA
+    frame). A method whose budget accounting is another one (an official "equal tokens" schedule that
+    ends above the budget, a per-crop split) declares ``budget_accounting: ClassVar[str] = "plan"``:
+    its plan (checked by ``plan``) is then its budget, and the bound is not applied. The method's finer
+    convention (equivalent average, per-crop splits) is its plan, checked above. Skipped for stage
+    ``"none"``.
 ``kept_indices``
     ``kept_indices`` (when reported) has one list per visual; every index is an int in
     ``[0, visual tokens of that visual)``, none repeated, increasing when ``sorted_indices``, and no
@@ -82,7 +86,10 @@ Checks (:data:`CHECKS`), per model and budget, on one image (a video on models t
     After the method's runs, no forward hook it added is left on the model, the method is inactive,
     and ``none`` gives logits equal (``torch.equal``) to those before.
 ``cached_decoding``
-    Greedy decoding with the KV cache gives the same output ids as ``use_cache=False``. A method that
+    Greedy decoding with the KV cache gives the same output ids as ``use_cache=False``, where every
+    step re-runs the prefill. In the uncached run the stage-2 selection made at prefill is replayed at
+    every step (a selection that reads the last token's attention would otherwise change with each
+    generated token), so the check isolates the KV-cache, mask and position bookkeeping. A method that
     refuses ``use_cache=False`` with a one-line ``ValueError`` is recorded as skipped (its statement);
     any other error fails.
 ``runner``
@@ -112,10 +119,12 @@ __all__ = [
     "BAD_BUDGETS",
     "CHECKS",
     "DEFAULT_BUDGETS",
+    "FALLBACK_BUDGETS",
     "CheckResult",
     "ConformanceReport",
     "check_method",
     "tiny_models",
+    "unsupported_reason",
 ]
 
 #: Every check the kit runs, in order.
@@ -125,10 +134,14 @@ CHECKS: tuple[str, ...] = (
 )
 #: Budgets every method must refuse in one line naming the value.
 BAD_BUDGETS: tuple[Any, ...] = (0, 1.5, -1, "abc", 0.0, True)
-#: Candidate budgets, tried in order per model: the first one the method accepts (its
-#: ``check_model_config``) and that compresses is used. Paper budgets: 64 (LLaVA-1.5), 256
-#: (Video-LLaVA), 160 (LLaVA-NeXT), 20 % / 10 % (Qwen2.5-VL).
-DEFAULT_BUDGETS: tuple[int | float, ...] = (64, 256, 160, 0.2, 0.1)
+#: Default budget per tiny model: the paper's smallest budget of the model it stands for (Table 1
+#: LLaVA-1.5 64, Table 2 LLaVA-NeXT 160, Table 3 Qwen2.5-VL 20 %, Table 4 Video-LLaVA 256).
+DEFAULT_BUDGETS: dict[str, int | float] = {
+    "tiny_llava15": 64, "tiny_llava_next": 160, "tiny_qwen25vl": 0.2, "tiny_video_llava": 256,
+}
+#: Budgets tried in order on a tiny model without a default: the first one the method accepts (its
+#: ``check_model_config``) and that compresses is used.
+FALLBACK_BUDGETS: tuple[int | float, ...] = (64, 256, 160, 0.2, 0.1)
 
 _QUESTION = "What is in the image?"
 _ADAPTERS: dict[str, Any] = {}
@@ -222,8 +235,8 @@ def _resolve_method(method: str | type) -> tuple[str, type, bool]:
         return method, get_method_class(method), True
     if not (isinstance(method, type) and issubclass(method, TokenCompressor)):
         raise ValueError(f"check_method needs a method name or a TokenCompressor subclass, got {method!r}")
-    name = method.name
-    registered = name in available_methods() and get_method_class(name) is method
+    registered = method.name in available_methods() and get_method_class(method.name) is method
+    name = method.name if registered or "name" in vars(method) else method.__name__
     return name, method, registered
 
 
@@ -268,7 +281,7 @@ def _visuals(adapter: Any) -> list[Any]:
         from apet_bench.models.video_llava import VideoClip
 
         return [VideoClip((rng.random((8, 48, 64, 3)) * 255).astype("uint8"))]
-    return [Image.fromarray((rng.random((224, 224, 3)) * 255).astype("uint8"), mode="RGB")]
+    return [Image.fromarray((rng.random((448, 448, 3)) * 255).astype("uint8"), mode="RGB")]
 
 
 def _count_hooks(model: torch.nn.Module) -> int:
@@ -317,6 +330,27 @@ def _check_backends(got: Mapping[str, Any] | None, ref: Mapping[str, Any] | None
             if loaded != "eager" and _backend(entry) == "eager" and base != "eager":
                 return f"{part}[{i}] fell back to eager ({entry!r}) on a model loaded with {loaded!r}"
     return None
+
+
+def _replaying(method: Any) -> Any:
+    """``method`` whose stage-2 selection, made once at prefill, is replayed at every later call.
+
+    Without a KV cache every generated token re-runs the prefill, so a selection that reads the last
+    token's attention (FastV, PDrop, ApET's LLM stage) would legitimately change from step to step;
+    replaying the prefill's :class:`~apet_bench.methods.base.LLMSelection` per drop layer makes the
+    uncached run decode exactly the tokens the cached run kept. Positions stay valid: generated tokens
+    are appended after every visual token.
+    """
+    select = method.select_llm_tokens
+    first: dict[int, Any] = {}
+
+    def replay(hidden_states, visual_positions, *, layer_idx, attention=None):
+        if layer_idx not in first:
+            first[layer_idx] = select(hidden_states, visual_positions, layer_idx=layer_idx, attention=attention)
+        return first[layer_idx]
+
+    object.__setattr__(method, "select_llm_tokens", replay)
+    return method
 
 
 def _check_kept(kept: Any, per_visual: Sequence[int], entered: int, sorted_indices: bool) -> str | None:
@@ -444,8 +478,10 @@ def _choose_budgets(build, model_cfg, budgets, model, seed, report) -> list[Any]
         candidates, take = list(budgets.get(model, ())), None
     elif budgets is not None:
         candidates, take = list(budgets), None
+    elif model in DEFAULT_BUDGETS:
+        candidates, take = [DEFAULT_BUDGETS[model]], 1
     else:
-        candidates, take = list(DEFAULT_BUDGETS), 1
+        candidates, take = list(FALLBACK_BUDGETS), 1
     span = max(int(model_cfg.get("visual_tokens") or 0), int(model_cfg.get("max_visual_tokens") or 0))
     chosen, refusals = [], []
     for b in candidates:
@@ -465,12 +501,39 @@ def _choose_budgets(build, model_cfg, budgets, model, seed, report) -> list[Any]
     return chosen
 
 
+def unsupported_reason(
+    method: str | type,
+    model: str,
+    *,
+    params: Mapping[str, Any] | None = None,
+    budgets: Sequence[int | float] | None = None,
+    overrides: Sequence[str] = (),
+) -> str | None:
+    """Why ``method`` does not run on tiny ``model`` (its ``check_model_config`` refusal), or ``None``.
+
+    Uses the budgets :func:`check_method` would use (``budgets``, else the model's default). A test
+    suite calls it to skip, rather than fail, a model the method says it does not support.
+
+    Raises
+    ------
+    ValueError
+        An unknown method name.
+    """
+    name, cls, registered = _resolve_method(method)
+    base_params = {**((_yaml_params(name) if registered else None) or {}), **dict(params or {})}
+    report = ConformanceReport(method=name)
+    chosen = _choose_budgets(lambda b, s: cls(budget=b, seed=s, **base_params), _model_cfg(model, overrides),
+                             budgets, model, 0, report)
+    return None if chosen else report.unsupported.get(model, "no budget fits")
+
+
 def _check_model(name, build, model, overrides, model_cfg, budgets, seeds, max_new_tokens, sorted_indices,
                  fail, ok, report) -> None:
     from apet_bench.budget import budget_to_tokens
     from apet_bench.methods import build_method
 
     adapter = _adapter(model_cfg)
+    accounting = str(getattr(type(build(budgets[0], seeds[0])), "budget_accounting", "final"))
     visuals = _visuals(adapter)
     gen = {"max_new_tokens": max_new_tokens}
     loaded = str(model_cfg.get("attn_implementation") or "sdpa")
@@ -503,13 +566,19 @@ def _check_model(name, build, model, overrides, model_cfg, budgets, seeds, max_n
                 fail(model, budget, "budget", f"the sample ({out.visual_tokens_in} visual tokens) was left "
                      "uncompressed: pick a budget below the span")
             fewest = min(measured)
-            limit = budget_to_tokens(budget, int(out.visual_tokens_in)) + _unbudgeted(segments)
             if not fewest < out.visual_tokens_in:
                 fail(model, budget, "budget", f"nothing removed: {fewest} of {out.visual_tokens_in} visual tokens")
-            if fewest > limit:
-                fail(model, budget, "budget", f"fewest visual tokens at any layer {fewest} > {limit} "
-                     f"(budget {budget!r} of {out.visual_tokens_in}, newlines/[CLS] included)")
-            ok(model, budget, "budget", f"min {fewest} <= {limit}, of {out.visual_tokens_in}")
+            if any(b > a for a, b in zip(measured, measured[1:])):
+                fail(model, budget, "budget", f"visual tokens grow from one layer to the next: {list(measured)}")
+            if accounting == "plan":
+                ok(model, budget, "budget", f"compressed to {list(measured)} of {out.visual_tokens_in}; the "
+                   "method's plan is its budget accounting (budget_accounting = 'plan')")
+            else:
+                limit = budget_to_tokens(budget, int(out.visual_tokens_in)) + _unbudgeted(segments)
+                if fewest > limit:
+                    fail(model, budget, "budget", f"fewest visual tokens at any layer {fewest} > {limit} "
+                         f"(budget {budget!r} of {out.visual_tokens_in}, newlines/[CLS] included)")
+                ok(model, budget, "budget", f"min {fewest} <= {limit}, of {out.visual_tokens_in}")
         # kept indices
         why = _check_kept(out.kept_indices, per_visual, int(out.visual_tokens_llm), sorted_indices)
         if why:
@@ -532,7 +601,8 @@ def _check_model(name, build, model, overrides, model_cfg, budgets, seeds, max_n
         ok(model, budget, "seed", f"seed {seeds[1]} changed the kept set: {other.kept_indices != out.kept_indices}")
         # cached == uncached decoding
         try:
-            uncached = adapter.generate(visuals, _QUESTION, {**gen, "use_cache": False}, build(budget, seeds[0]))
+            uncached = adapter.generate(visuals, _QUESTION, {**gen, "use_cache": False},
+                                        _replaying(build(budget, seeds[0])))
         except ValueError as exc:
             msg = str(exc)
             if "\n" in msg.strip():
