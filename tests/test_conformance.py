@@ -69,12 +69,21 @@ class IgnoresSeed(KeepFirst):
 
 @dataclass
 class RepeatsIndices(KeepFirst):
-    """Reports the same original token twice."""
+    """Keeps the same original token twice (the harness refuses it while generating)."""
 
     def compress_visual(self, features, *, image_index):
         k = self.num_tokens_to_keep(int(features.shape[0]))
-        idx = torch.zeros(k, dtype=torch.long)
-        return VisualSelection(features[:k], idx)
+        return VisualSelection(features[:k], torch.zeros(k, dtype=torch.long))
+
+
+@dataclass
+class ReportsOutOfRange(KeepFirst):
+    """Pools tokens and reports indices past the visual's tokens (only recorded, so only the kit sees it)."""
+
+    def compress_visual(self, features, *, image_index):
+        n = int(features.shape[0])
+        k = self.num_tokens_to_keep(n)
+        return VisualSelection(features[:k], None, torch.arange(k) + n)
 
 
 @dataclass
@@ -145,7 +154,8 @@ class CacheUnaware(TokenCompressor):
 BROKEN = [
     (PlanDisagrees, "plan"),
     (IgnoresSeed, "seed"),
-    (RepeatsIndices, "kept_indices"),
+    (RepeatsIndices, "generate"),
+    (ReportsOutOfRange, "kept_indices"),
     (OverBudget, "budget"),
     (AcceptsAnyBudget, "bad_budget"),
     (SwitchesToEager, "attention_backends"),
@@ -155,7 +165,7 @@ BROKEN = [
 
 
 def test_correct_user_method_passes():
-    report = check_method(KeepFirst, models=["tiny_llava15"], runner=False)
+    report = check_method(KeepFirst, models=["tiny_llava15"])  # runner: skipped, not registered
     assert report.method == "KeepFirst"
     assert {"bad_budget", "plan", "budget", "kept_indices", "attention_backends", "seed", "restored",
             "cached_decoding"} <= report.passed_checks()

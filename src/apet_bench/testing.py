@@ -55,6 +55,9 @@ Checks (:data:`CHECKS`), per model and budget, on one image (a video on models t
     Building the method with each of :data:`BAD_BUDGETS` (``0``, ``1.5``, ``-1``, ``"abc"``, ...)
     raises ``ValueError`` (``apet_bench.budget.BudgetError`` is one) with a one-line message naming
     the value. Once per method.
+``generate``
+    ``ModelAdapter.generate`` runs the method without raising (the harness's own checks, e.g. on
+    repeated ``kept_indices``, raise there).
 ``plan``
     ``GenerationOutput.layer_visual_tokens`` (measured with pre-hooks at every decoder layer during
     prefill) equals ``planned_layer_visual_tokens`` (the method's :meth:`plan`, recorded by the
@@ -129,7 +132,7 @@ __all__ = [
 
 #: Every check the kit runs, in order.
 CHECKS: tuple[str, ...] = (
-    "bad_budget", "plan", "budget", "kept_indices", "attention_backends", "seed", "restored",
+    "bad_budget", "generate", "plan", "budget", "kept_indices", "attention_backends", "seed", "restored",
     "cached_decoding", "runner",
 )
 #: Budgets every method must refuse in one line naming the value.
@@ -550,7 +553,8 @@ def _check_model(name, build, model, overrides, model_cfg, budgets, seeds, max_n
         try:
             out = adapter.generate(visuals, _QUESTION, gen, method)
         except Exception as exc:  # noqa: BLE001 - reported as the plan check failing to run
-            fail(model, budget, "plan", f"generate raised {type(exc).__name__}: {str(exc).splitlines()[0]}")
+            fail(model, budget, "generate", f"generate raised {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        ok(model, budget, "generate", f"{len(out.output_ids)} tokens")
         # plan == measured
         planned, measured = out.planned_layer_visual_tokens, out.layer_visual_tokens
         if planned is None:
