@@ -459,8 +459,8 @@ def check_method(
             chosen = _choose_budgets(build, model_cfg, budgets, model, seeds[0], report)
             if not chosen:
                 continue
-            _check_model(name, build, model, overrides, model_cfg, chosen, seeds, max_new_tokens,
-                         sorted_indices, fail, ok, report)
+            _check_model(cls, build, model, model_cfg, chosen, seeds, max_new_tokens, sorted_indices, fail, ok,
+                         report)
             if runner and registered and yaml_params is not None:
                 _check_runner(name, model, overrides, chosen[0], dict(params or {}), runner_samples,
                               sorted_indices, tmp / model, fail, ok)
@@ -530,13 +530,13 @@ def unsupported_reason(
     return None if chosen else report.unsupported.get(model, "no budget fits")
 
 
-def _check_model(name, build, model, overrides, model_cfg, budgets, seeds, max_new_tokens, sorted_indices,
-                 fail, ok, report) -> None:
+def _check_model(cls, build, model, model_cfg, budgets, seeds, max_new_tokens, sorted_indices, fail, ok,
+                 report) -> None:
     from apet_bench.budget import budget_to_tokens
     from apet_bench.methods import build_method
 
     adapter = _adapter(model_cfg)
-    accounting = str(getattr(type(build(budgets[0], seeds[0])), "budget_accounting", "final"))
+    accounting = str(getattr(cls, "budget_accounting", "final"))
     visuals = _visuals(adapter)
     gen = {"max_new_tokens": max_new_tokens}
     loaded = str(model_cfg.get("attn_implementation") or "sdpa")
