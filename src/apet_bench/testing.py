@@ -101,9 +101,13 @@ Checks (:data:`CHECKS`), per model and budget, on one image (a video on models t
     ``kept_indices``, and ``run.json``'s ``attention_backends`` are consistent across samples with no
     fallback to eager.
 
-Sources: the checks restate what the per-method end-to-end tests asserted; the attention-backend
-convention follows transformers' ``_attn_implementation`` (``huggingface/transformers``,
-``src/transformers/modeling_utils.py``).
+Cost: each model loads once per process; per model and budget the kit generates 6 times
+(``max_new_tokens`` tokens each) plus one ``execute`` of ``runner_samples`` samples. The runner check
+uses the embedded ``demo`` benchmark (images): on a model whose largest span is a video's, an int
+budget may leave those images uncompressed there; the video itself is checked through ``generate``.
+
+Sources: the attention-backend names are transformers' ``_attn_implementation`` values
+(``huggingface/transformers``, ``src/transformers/modeling_utils.py``).
 """
 
 from __future__ import annotations
