@@ -661,6 +661,9 @@ class SparseVLMCompressor(TokenCompressor):
 
     stage: ClassVar[str] = "llm"
     needs_attention_weights: ClassVar[bool] = True
+    #: The budget is the official schedule's "Equal Tokens" accounting, whose last stage may end above the
+    #: budget (e.g. a video at 256): the plan is the budget (apet_bench.testing's ``budget`` check).
+    budget_accounting: ClassVar[str] = "plan"
 
     _generator: torch.Generator | None = field(default=None, init=False, repr=False, compare=False)
     _raters: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)

@@ -6,10 +6,6 @@ K (the LLM-stage layer) is ``num_layers // 2``: 16 of 32 on LLaVA-7B, 14 of 28 o
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -29,10 +25,6 @@ from apet_bench.models.base import VisualContext
 from apet_bench.models.video_llava import VideoClip
 from apet_bench.pipeline import generate
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("APET_BENCH_TEST_DATA_ROOT", REPO.parent / "shared" / "benchmarks"))
-needs_mme = pytest.mark.skipif(not (SHARED / "mme").is_dir(), reason=f"no MME data at {SHARED}")
-needs_tgif = pytest.mark.skipif(not (SHARED / "tgif_qa").is_dir(), reason=f"no TGIF-QA data at {SHARED}")
 GEN = {"max_new_tokens": 2}
 Q = "What is in the image?"
 
@@ -217,46 +209,14 @@ def test_backends_run_and_hooks_removed(model, attn, variant):
     before = count_hooks(adapter.model)
     out, method = run(adapter, visuals, BUDGETS[model], variant=variant)
     assert out.visual_tokens_llm < out.visual_tokens_in
+    layers = out.layer_visual_tokens
+    if model == "tiny_llava_next" and variant == "official":  # 48 per 64-token crop + newlines; base 48 -> 16
+        assert layers[0] == layers[1] and layers[2] == layers[3] == layers[0] - 32
     assert count_hooks(adapter.model) == before and not method.is_active
     if video:
         out, _ = run(adapter, [_clip()], 256, variant=variant)
         assert out.layer_visual_tokens[0] == 264
         assert count_hooks(adapter.model) == before
-
-
-# ---------------------------------------------------------------------- end to end through execute
-E2E = [
-    ("tiny_llava15", 64, "mme"),
-    ("tiny_llava_next", 160, "mme"),
-    ("tiny_qwen25vl", 0.2, "mme"),
-    ("tiny_video_llava", 256, "tgif_qa"),
-]
-
-
-@pytest.mark.parametrize("model,budget,bench", E2E, ids=[m for m, _, _ in E2E])
-def test_end_to_end(tmp_path, model, budget, bench):
-    from apet_bench.runner import execute
-
-    if not (SHARED / bench).is_dir():
-        pytest.skip(f"no {bench} data at {SHARED}")
-    limit = 10 if bench == "mme" else 2
-    cfg = compose([f"model={model}", "method=apet", f"budget={budget}", f"benchmark={bench}", f"data_root={SHARED}",
-                   f"limit={limit}", f"results_dir={tmp_path / 'results'}", f"cache_dir={tmp_path / 'cache'}"])
-    out = execute(cfg)
-    assert out.status == "finished" and out.name == f"{model}__apet__{budget}__{bench}"
-    samples = [json.loads(x) for x in (Path(out.run_dir) / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == limit
-    for s in samples:
-        layers = s["layer_visual_tokens"]
-        assert layers == s["planned_layer_visual_tokens"]
-        if model == "tiny_llava15":
-            assert layers == [96, 96, 32, 32]
-        elif model == "tiny_llava_next":  # 48 per sub-image (of 64) + newlines; base view 48 -> 16 at K
-            assert layers[0] == layers[1] and layers[2] == layers[3] == layers[0] - 32
-        elif model == "tiny_qwen25vl":  # official: 30 % in every layer (L14 stage disabled)
-            assert layers == [int(0.3 * s["visual_tokens_in"])] * 4
-        else:
-            assert layers == [264] * 4
 
 
 def test_official_llm_stage_always_uses_fps(monkeypatch):

@@ -1,9 +1,9 @@
 """``downsample`` (issue #5 reference row): grid rounding, area pooling on crafted grids, exact visual-token
-counts end to end through the runner on the four tiny models at the paper budgets (random weights, CPU)."""
+counts on the four tiny models at the paper budgets (random weights, CPU); the generic end-to-end checks,
+through the runner included, are the conformance kit's (tests/test_conformance.py)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -59,40 +59,47 @@ def test_config_and_bad_params():
 
 
 NEXT336 = ("+model.tiny_config.image_size=336", "model.visual_tokens=2928")
-E2E = [
-    ("tiny_llava15", (), 192, "demo"), ("tiny_llava15", (), 128, "demo"), ("tiny_llava15", (), 64, "demo"),
-    ("tiny_llava_next", NEXT336, 640, "demo"), ("tiny_llava_next", NEXT336, 320, "demo"),
-    ("tiny_llava_next", NEXT336, 160, "demo"), ("tiny_llava_next", (), 160, "demo"),
-    ("tiny_qwen25vl", (), 0.2, "demo"), ("tiny_qwen25vl", (), 0.1, "demo"),
-    ("tiny_video_llava", (), 256, "tgif_qa"),
+PAPER = [
+    ("tiny_llava15", (), 192), ("tiny_llava15", (), 128), ("tiny_llava15", (), 64),
+    ("tiny_llava_next", NEXT336, 640), ("tiny_llava_next", NEXT336, 320),
+    ("tiny_llava_next", NEXT336, 160), ("tiny_llava_next", (), 160),
+    ("tiny_qwen25vl", (), 0.2), ("tiny_qwen25vl", (), 0.1),
+    ("tiny_video_llava", (), 256),
 ]
+_ADAPTERS: dict = {}
 
 
-@pytest.mark.parametrize("model,over,budget,bench", E2E, ids=[f"{m}-{len(o)}-{b}" for m, o, b, _ in E2E])
-def test_end_to_end_exact_counts(tmp_path, model, over, budget, bench):
-    from apet_bench.runner import execute
+@pytest.mark.parametrize("model,over,budget", PAPER, ids=[f"{m}-{len(o)}-{b}" for m, o, b in PAPER])
+def test_paper_budget_exact_counts(model, over, budget):
+    """Per-model counts (the generic checks, through the runner included, are tests/test_conformance.py's)."""
+    import numpy as np
+    from conftest import make_image
+    from omegaconf import OmegaConf
 
-    if bench == "tgif_qa" and not (SHARED / bench).is_dir():
-        pytest.skip(f"no {bench} data at {SHARED}")
-    cfg = compose([f"model={model}", *over, "method=downsample", f"budget={budget}", f"benchmark={bench}",
-                   f"data_root={SHARED}", "limit=2", "+gen_kwargs.max_new_tokens=2", f"results_dir={tmp_path / 'r'}",
-                   f"cache_dir={tmp_path / 'c'}"])
-    out = execute(cfg)
-    assert out.status == "finished"
-    samples = [json.loads(x) for x in (Path(out.run_dir) / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 2
-    for s in samples:
-        layers = s["layer_visual_tokens"]
-        assert layers == s["planned_layer_visual_tokens"] and len(set(layers)) == 1
-        n = layers[0]
-        if model == "tiny_llava_next":  # per crop min(budget / 5, crop grid); crops = base + rows*cols
-            per = min(round(budget / 5), (24 if over else 8) ** 2)
-            assert n % per == 0 and n // per in (3, 4, 5) and s["kept_indices"] is None
-        elif model == "tiny_qwen25vl":  # nearest h*w <= round(r * N) on the image's post-merger grid
-            b = round(budget * s["visual_tokens_in"])
-            assert 0.75 * b <= n <= b and len(s["kept_indices"][0]) == n
-        else:
-            assert n == budget and len(set(s["kept_indices"][0])) == budget
+    from apet_bench.models import load_model
+    from apet_bench.models.video_llava import VideoClip
+
+    key = (model, over)
+    if key not in _ADAPTERS:
+        _ADAPTERS[key] = load_model(OmegaConf.to_container(compose([f"model={model}", *over]).model, resolve=True))
+    a = _ADAPTERS[key]
+    if model == "tiny_video_llava":
+        rng = np.random.default_rng(3)
+        visual = [VideoClip((rng.random((8, 48, 64, 3)) * 255).astype("uint8"))]
+    else:
+        visual = [make_image(7, (448, 336))]
+    out = generate(a, visual, "What?", {"max_new_tokens": 2}, build_method("downsample", budget=budget))
+    layers, kept = out.layer_visual_tokens, out.kept_indices
+    assert layers == out.planned_layer_visual_tokens and len(set(layers)) == 1
+    n = layers[0]
+    if model == "tiny_llava_next":  # per crop min(budget / 5, crop grid); crops = base + rows*cols
+        per = min(round(budget / 5), (24 if over else 8) ** 2)
+        assert n % per == 0 and n // per in (3, 4, 5) and kept is None
+    elif model == "tiny_qwen25vl":  # nearest h*w <= round(r * N) on the image's post-merger grid
+        b = round(budget * out.visual_tokens_in)
+        assert 0.75 * b <= n <= b and len(kept[0]) == n
+    else:
+        assert n == budget and len(set(kept[0])) == budget
 
 
 @pytest.mark.parametrize("model", ["tiny_llava15", "tiny_llava_next", "tiny_qwen25vl", "tiny_video_llava"])

@@ -3,7 +3,7 @@
 Bottom to top (``apet_bench.core``'s docstring):
 
 0. ``core``: value types, stages, the ``VisualModel`` / ``Compressor`` Protocols (imports torch only);
-1. leaves with no project imports besides ``core``: ``budget``, ``cli``, ``data.video``;
+1. leaves with no project imports besides ``core``: ``budget``, ``data.video``;
 2. three independent groups: ``models`` (the adapters), ``methods`` (``methods/``, ``apet`` and
    ``baselines/``), and the surgeries (``surgery``, ``llm_surgery``, ``attention``);
 3. ``pipeline``: the generate loop, the only place a model and a method meet;
@@ -29,7 +29,6 @@ SRC = ROOT / "src" / "apet_bench"
 LAYERS: dict[str, tuple[int, str]] = {
     "apet_bench.core": (0, "core"),
     "apet_bench.budget": (1, "budget"),
-    "apet_bench.cli": (1, "cli"),
     "apet_bench.data.video": (1, "video"),
     "apet_bench.models": (2, "models"),
     "apet_bench.methods": (2, "methods"),

@@ -5,15 +5,13 @@ methods.md §4.3 on a fake 32-layer model; plan == measured on the four tiny mod
 text raters, rater scores, DPC-KNN recycling, one whole pruning step with known scores. Fidelity: a
 hand-written loop of the official v1.5 algorithm (full eager attention, physical re-layout of the
 sequence, contiguous positions) gives the same first-token logits as the method on the tiny LLaVA-1.5.
-sdpa == eager selections; bad configurations refused before loading; end to end through ``execute``.
+sdpa == eager selections; bad configurations refused before loading; the real NeXT geometry through the
+conformance kit (the generic end-to-end checks are tests/test_conformance.py's).
 """
 
 from __future__ import annotations
 
 import importlib
-import json
-import os
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -27,11 +25,7 @@ from apet_bench.config import compose
 from apet_bench.methods import available_methods, build_method
 from apet_bench.pipeline import generate
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 S = importlib.import_module("apet_bench.baselines.sparsevlm")
-SHARED = Path(os.environ.get("APET_BENCH_TEST_DATA_ROOT", REPO.parent / "shared" / "benchmarks"))
 GEN = {"max_new_tokens": 2}
 Q = "What is in the image?"
 
@@ -413,7 +407,7 @@ def test_tiny_plan_equals_measured_and_sdpa_equals_eager(model):
     """Per paper budget: plan == measured, rows only at the pruning layers, hooks gone, sdpa and eager keep the
     same tokens (scores within 1e-5), the same seed repeats the output, and `none` is unchanged afterwards."""
     budgets, visuals = TINY[model]
-    base = get_adapter(model, "sdpa").generate(visuals(), Q, {**GEN, "output_logits": True})
+    base = generate(get_adapter(model, "sdpa"), visuals(), Q, {**GEN, "output_logits": True})
     for budget in budgets:
         outs, recs = [], []
         for attn in ("sdpa", "eager"):
@@ -424,6 +418,7 @@ def test_tiny_plan_equals_measured_and_sdpa_equals_eager(model):
             assert out.layer_visual_tokens == out.planned_layer_visual_tokens, (model, attn, budget)
             n = out.visual_tokens_llm
             assert out.layer_visual_tokens[0] == n and out.layer_visual_tokens[1] < n
+            assert len(out.kept_indices[0]) == out.layer_visual_tokens[-1]  # one index per token kept at the end
             backends = out.attention_backends["llm_layers"]
             pruning = set(S.resolve_schedule(a.family, a.num_layers, budget).layers)
             for i, b in enumerate(backends):  # rows recomputed at the pruning layers only, the rest untouched
@@ -523,42 +518,17 @@ def test_full_size_bad_layers_refused():
     build_method("sparsevlm", budget=192).check_model_config({"name": "llava15", "family": "llava15", "num_layers": 32})
 
 
-# ---------------------------------------------------------------------- end to end through execute
-E2E = [
-    ("tiny_llava15", [192, 128, 64], "mme", []),
-    ("tiny_llava_next", [640, 320, 160], "mme", ["+model.tiny_config.image_size=336", "model.visual_tokens=2928"]),
-    ("tiny_qwen25vl", [0.2, 0.1], "mme", []),
-    ("tiny_video_llava", [256], "tgif_qa", []),
-]
+# ---------------------------------------------------------------------- real NeXT geometry through the kit
+def test_real_geometry_next_paper_budgets_conform(tmp_path):
+    """Tiny NeXT with the real 336 px crops (up to 2928 tokens) at the paper budgets 640/320/160: the
+    conformance kit's checks, one run through ``execute`` included (the suite runs the stock tiny NeXT)."""
+    from apet_bench.testing import check_method
 
-
-@pytest.mark.parametrize("model,budgets,bench,extra", E2E, ids=[e[0] for e in E2E])
-def test_end_to_end(tmp_path, model, budgets, bench, extra):
-    from omegaconf import OmegaConf
-
-    import apet_bench.runner as runner
-
-    if not (SHARED / bench).is_dir():
-        pytest.skip(f"no {bench} data at {SHARED}")
-    for budget in budgets:
-        cfg = compose([f"model={model}", *extra, "method=sparsevlm", f"budget={budget}", f"benchmark={bench}",
-                       f"data_root={SHARED}", "limit=2", f"results_dir={tmp_path / 'results'}",
-                       f"cache_dir={tmp_path / 'cache'}"])
-        out = runner.execute(cfg)
-        assert out.status == "finished"
-        samples = [json.loads(x) for x in (Path(out.run_dir) / "samples.jsonl").read_text().splitlines()]
-        assert len(samples) == 2
-        for s in samples:
-            assert s["layer_visual_tokens"] == s["planned_layer_visual_tokens"]
-            n = s["layer_visual_tokens"][0]
-            assert s["layer_visual_tokens"][1] < n and len(s["kept_indices"][0]) == s["layer_visual_tokens"][-1]
-        run = json.loads((Path(out.run_dir) / "run.json").read_text())
-        backends = run["attention_backends"]
-        assert backends["consistent"] is True  # the row spec reads the same for every sample
-        pruning = set(S.resolve_schedule(cfg.model.family, cfg.model.num_layers, budget).layers)
-        assert [("rows" in b) for b in backends["llm_layers"]] == [i in pruning for i in range(cfg.model.num_layers)]
-        adapter = runner._load_adapter(OmegaConf.to_container(cfg.model, resolve=True))
-        assert own_hooks(adapter) == 0
+    over = ["+model.tiny_config.image_size=336", "model.visual_tokens=2928"]
+    report = check_method("sparsevlm", models={"tiny_llava_next": over}, budgets=[640, 320, 160], work_dir=tmp_path)
+    assert report.models == ["tiny_llava_next"]
+    assert {"plan", "budget", "kept_indices", "attention_backends", "runner"} <= report.passed_checks()
+    assert sorted({r.budget for r in report.results if r.check == "plan"}) == [160, 320, 640]
 
 
 def test_plan_table_documents_both_accountings():

@@ -1,5 +1,6 @@
 """The ``tome`` baseline (issue #5, methods.md §6): pure ToMe functions on crafted inputs, exact r schedules,
-[CLS] protection, the patched CLIP tower against an independent reference, and every tiny model end to end.
+[CLS] protection, the patched CLIP tower against an independent reference, every tiny model per model, and
+the conformance kit on the deep-tower tiny models (the generic end-to-end checks are tests/test_conformance.py's).
 
 The tiny CLIP towers have 2 layers (one merging layer, at most 50 %), so LLaVA-1.5 / Video-LLaVA tests use
 the tiny model with the real tower depth (``vision_layers=24``: 23 merging layers, the official count);
@@ -8,10 +9,7 @@ the stock tiny models are refused before loading (tested).
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,8 +36,6 @@ from apet_bench.models.base import VisualContext
 from apet_bench.models.video_llava import VideoClip
 from apet_bench.pipeline import generate
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("APET_BENCH_TEST_DATA_ROOT", REPO.parent / "shared" / "benchmarks"))
 GEN = {"max_new_tokens": 2}
 Q = "What is in the image?"
 DEEP = "+model.tiny_config.vision_layers=24"  # the real ViT-L depth: 23 merging layers before hidden_states[-2]
@@ -414,42 +410,20 @@ def test_qwen_post_merger_passes(budget):
     assert torch.equal(groups[torch.tensor(kept)], torch.arange(len(kept)))
 
 
-# ====================================================================== end to end through the runner
-E2E = [
-    ("tiny_llava15", [DEEP], (192, 128, 64), "mme"),
-    ("tiny_llava_next", NEXT336, (640, 320, 160), "mme"),
-    ("tiny_qwen25vl", [], (0.2, 0.1), "mme"),
-    ("tiny_video_llava", [DEEP], (256,), "tgif_qa"),
-]
+# ====================================================================== the conformance kit on the deep towers
+def test_deep_tower_and_real_next_geometry_conform(tmp_path):
+    """The stock tiny LLaVA-1.5 / Video-LLaVA towers are too shallow for the paper budgets (refused, so the
+    conformance suite skips them): the kit's checks, one run through ``execute`` each included, on the
+    24-layer towers and the real NeXT geometry at the paper budgets."""
+    from apet_bench.testing import check_method
 
-
-@pytest.mark.parametrize("model,extra,budgets,bench", E2E, ids=[e[0] for e in E2E])
-def test_end_to_end(tmp_path, model, extra, budgets, bench):
-    from apet_bench.runner import execute
-
-    if not (SHARED / bench).is_dir():
-        pytest.skip(f"no {bench} data at {SHARED}")
-    for budget in budgets:
-        cfg = compose([f"model={model}", *extra, "method=tome", f"budget={budget}", f"benchmark={bench}",
-                       f"data_root={SHARED}", "limit=2", f"results_dir={tmp_path / 'results'}",
-                       f"cache_dir={tmp_path / 'cache'}"])
-        out = execute(cfg)
-        assert out.status == "finished"
-        samples = [json.loads(x) for x in (Path(out.run_dir) / "samples.jsonl").read_text().splitlines()]
-        assert len(samples) == 2
-        for s in samples:
-            layers = s["layer_visual_tokens"]
-            assert layers == s["planned_layer_visual_tokens"]
-            assert len(s["kept_indices"][0]) == layers[0]
-            if model == "tiny_llava15":
-                assert layers == [budget] * 4
-            elif model == "tiny_video_llava":
-                assert layers == [256] * 4
-            elif model == "tiny_qwen25vl":
-                assert layers == [round(budget * s["visual_tokens_in"])] * 4
-            else:  # <= budget / 5 per crop (unpadding may drop whole groups) + the image_newline tokens
-                # at most 5 crops (2x2 grid + base) and 72 newlines (3x1 grid: 72 feature rows)
-                assert budget // 5 < layers[0] <= 5 * (budget // 5) + 72 and layers[0] < s["visual_tokens_in"]
+    models = {"tiny_llava15": [DEEP], "tiny_llava_next": NEXT336, "tiny_video_llava": [DEEP]}
+    budgets = {"tiny_llava15": [192, 128, 64], "tiny_llava_next": [640, 320, 160], "tiny_video_llava": [256]}
+    report = check_method("tome", models=models, budgets=budgets, work_dir=tmp_path)
+    assert report.models == list(models) and not report.unsupported
+    for model in models:
+        assert {"plan", "budget", "kept_indices", "attention_backends", "seed", "restored", "runner"} <= (
+            report.passed_checks(model))
 
 
 # ====================================================================== options, several images, dtypes

@@ -1,9 +1,9 @@
 """``visionzip`` (issue #5): defining rules on crafted inputs, the [CLS] row vs eager, the Qwen recomputation,
-the config refusal, and end to end on the four tiny models at the paper budgets (random weights, CPU)."""
+the config refusal, and exact counts on the four tiny models at the paper budgets (random weights, CPU); the
+generic end-to-end checks, through the runner included, are the conformance kit's (tests/test_conformance.py)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -191,44 +191,40 @@ def test_no_cls_tower_without_fallback_refused_before_loading(tmp_path, monkeypa
     assert "\n" not in str(err.value)
 
 
-# ---------------------------------------------------------------------- end to end at the paper budgets
+# ---------------------------------------------------------------------- exact counts at the paper budgets
 NEXT336 = ("+model.tiny_config.image_size=336", "model.visual_tokens=2928")
-E2E = [
-    ("tiny_llava15", (), 192, "demo"), ("tiny_llava15", (), 128, "demo"), ("tiny_llava15", (), 64, "demo"),
-    ("tiny_llava_next", NEXT336, 640, "demo"), ("tiny_llava_next", NEXT336, 320, "demo"),
-    ("tiny_llava_next", NEXT336, 160, "demo"), ("tiny_llava_next", (), 160, "demo"),
-    ("tiny_qwen25vl", (), 0.2, "demo"), ("tiny_qwen25vl", (), 0.1, "demo"),
-    ("tiny_video_llava", (), 256, "tgif_qa"),
+PAPER = [
+    ("tiny_llava15", (), 192), ("tiny_llava15", (), 128), ("tiny_llava15", (), 64),
+    ("tiny_llava_next", NEXT336, 640), ("tiny_llava_next", NEXT336, 320),
+    ("tiny_llava_next", NEXT336, 160), ("tiny_llava_next", (), 160),
+    ("tiny_qwen25vl", (), 0.2), ("tiny_qwen25vl", (), 0.1),
+    ("tiny_video_llava", (), 256),
 ]
 
 
-@pytest.mark.parametrize("model,over,budget,bench", E2E, ids=[f"{m}-{len(o)}-{b}" for m, o, b, _ in E2E])
-def test_end_to_end_plan_equals_measured(tmp_path, model, over, budget, bench):
-    from apet_bench.runner import execute
-
-    if bench == "tgif_qa" and not (SHARED / bench).is_dir():
-        pytest.skip(f"no {bench} data at {SHARED}")
-    cfg = compose([f"model={model}", *over, "method=visionzip", f"budget={budget}", f"benchmark={bench}",
-                   f"data_root={SHARED}", "limit=2", "+gen_kwargs.max_new_tokens=2", f"results_dir={tmp_path / 'r'}", f"cache_dir={tmp_path / 'c'}"])
-    out = execute(cfg)
-    assert out.status == "finished"
-    samples = [json.loads(x) for x in (Path(out.run_dir) / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 2
-    for s in samples:
-        layers = s["layer_visual_tokens"]
-        assert layers == s["planned_layer_visual_tokens"] and len(set(layers)) == 1
-        n = layers[0]
-        if model == "tiny_llava15":
-            # recorded: dominant patches + contextual targets; the [CLS] row has no visual-token index
-            assert n == budget and len(s["kept_indices"][0]) == budget - 1 and min(s["kept_indices"][0]) >= 0
-        elif model == "tiny_llava_next":  # per crop min(b, 1 + 64 or 576 patches); crops = base + grid
-            per = min(round(budget / 5), 1 + (576 if over else 64))
-            assert n % per == 0 and n // per in (3, 4, 5, 7)  # 1 + rows*cols crops (tiny pinpoints)
-        elif model == "tiny_qwen25vl":
-            assert n == round(budget * s["visual_tokens_in"])
-            assert len(s["kept_indices"][0]) == n
-        else:
-            assert n == budget and len(set(s["kept_indices"][0])) == budget
+@pytest.mark.parametrize("model,over,budget", PAPER, ids=[f"{m}-{len(o)}-{b}" for m, o, b in PAPER])
+def test_paper_budget_counts(model, over, budget):
+    """Per-model counts (the generic checks, through the runner included, are tests/test_conformance.py's)."""
+    a = adapter(model, *over)
+    if model == "tiny_video_llava":
+        rng = np.random.default_rng(3)
+        visual = [VideoClip((rng.random((8, 48, 64, 3)) * 255).astype("uint8"))]
+    else:
+        visual = [make_image(7, (448, 336))]
+    out = generate(a, visual, "What?", GEN, build_method("visionzip", budget=budget))
+    layers, kept = out.layer_visual_tokens, out.kept_indices
+    assert layers == out.planned_layer_visual_tokens and len(set(layers)) == 1
+    n = layers[0]
+    if model == "tiny_llava15":
+        # recorded: dominant patches + contextual targets; the [CLS] row has no visual-token index
+        assert n == budget and len(kept[0]) == budget - 1 and min(kept[0]) >= 0
+    elif model == "tiny_llava_next":  # per crop min(b, 1 + 64 or 576 patches); crops = base + grid
+        per = min(round(budget / 5), 1 + (576 if over else 64))
+        assert n % per == 0 and n // per in (3, 4, 5, 7)  # 1 + rows*cols crops (tiny pinpoints)
+    elif model == "tiny_qwen25vl":
+        assert n == round(budget * out.visual_tokens_in) and len(kept[0]) == n
+    else:
+        assert n == budget and len(set(kept[0])) == budget
 
 
 @pytest.mark.parametrize("model", ["tiny_llava15", "tiny_llava_next", "tiny_qwen25vl", "tiny_video_llava"])

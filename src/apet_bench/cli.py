@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from apet_bench.config import run_keys
+
 __all__ = ["PREFIX", "REQUIRED", "Args", "CliError", "Command", "Key", "one_line", "error", "fail", "run_hydra"]
 
 PREFIX = "apet-bench: error: "
@@ -229,8 +231,6 @@ class Command:
                 (k for k in self.keys if k.is_prefix and key.startswith(k.name) and len(key) > len(k.name)), None)
             if spec is None:
                 if self.extra == "overrides":
-                    from apet_bench.config import run_keys
-
                     if key.split(".")[0] not in run_keys():
                         raise CliError(f"unknown key {key!r} (keys: {self.accepted()}: "
                                        f"{', '.join(k for k in run_keys() if k not in self._by_name)})")

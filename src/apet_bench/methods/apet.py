@@ -208,6 +208,9 @@ class ApETCompressor(TokenCompressor):
     #: Vision / LLM-stage shares of the per-unit budget (official split, methods.md §1.7).
     VISION_RATIO: ClassVar[float] = 1.5
     LLM_RATIO: ClassVar[float] = 0.5
+    #: The budget is split per unit (1.5 b before K, 0.5 b after, per NeXT crop / video frame), so the last
+    #: layers may hold more than b in all: the plan is the budget (apet_bench.testing's ``budget`` check).
+    budget_accounting: ClassVar[str] = "plan"
 
     _generator: torch.Generator | None = field(default=None, init=False, repr=False, compare=False)
     _units: list[_Unit] = field(default_factory=list, init=False, repr=False, compare=False)
