@@ -1,7 +1,7 @@
 """``downsample``: the "resize so the visual-token count matches the budget" reference row (stage 1).
 
 VTC-Bench and UniPruneBench find plain downsampling a strong baseline for visual-token compression
-(design/methods.md §7, anchors), so a fair table carries it beside ``random``. Implementation chosen
+(docs/methods/index.md, anchors), so a fair table carries it beside ``random``. Implementation chosen
 here, the same on all four models: **area (average) pooling of each unit's visual-token grid after the
 projector**, ``H × W -> h × w`` (``torch.nn.functional.adaptive_avg_pool2d``: each output token is the
 mean of the tokens of its cell), i.e. a box-filter resize of the token map. A unit is an image
@@ -36,7 +36,7 @@ from apet_bench.methods.records import OverheadContext
 
 __all__ = ["DownsampleCompressor", "cell_centres", "pool_grid", "pool_shape"]
 
-#: LLaVA-NeXT sub-images in the budget convention (methods.md §0.3: 640 = 5 × 128).
+#: LLaVA-NeXT sub-images in the budget convention (docs/methods/index.md: 640 = 5 × 128).
 NEXT_SUB_IMAGES = 5
 
 

@@ -3,7 +3,7 @@
 At the input of decoder layer ``K`` during prefill, the visual tokens are ranked by the attention the
 **last prompt token** pays them in layer ``K - 1`` (probabilities averaged over heads) and the top
 ``keep`` are kept from layer ``K`` on, at their **original** positions (no renumbering; decode positions
-continue the full-length numbering, as the official HF variant with KV cache does). design/methods.md §3:
+continue the full-length numbering, as the official HF variant with KV cache does). docs/methods/fastv.md:
 
 * source: ``src/FastV/llava-hf/transformers/src/transformers/models/llama/modeling_llama.py``
   ``fastv_forward`` [code]: ``mean(attn[K-1], heads)[0][-1][start:start+N].topk(keep)``, ``keep_indexs``
@@ -14,14 +14,14 @@ continue the full-length numbering, as the official HF variant with KV cache doe
 * the visual span is every visual token of the sample (LLaVA-NeXT: the whole packed span with its
   ``image_newline`` tokens, globally; Video-LLaVA: the 8 × 257 video tokens; Qwen2.5-VL: the merged
   tokens, kept tokens keep their (t, h, w) mRoPE positions and ``rope_deltas`` come from the full
-  sequence), methods.md §3.4;
-* FastV's duplicated layer-(K-1) KV cache of the lmms-eval variant (methods.md §8, FastV issues #18 /
+  sequence), docs/methods/fastv.md;
+* FastV's duplicated layer-(K-1) KV cache of the lmms-eval variant (docs/methods/index.md, FastV issues #18 /
   #46) is **not** reproduced: every layer's cache holds each token once (the shared surgery).
 
-Budget conventions (methods.md §0.2, §3.3), ``budget_convention``:
+Budget conventions (docs/methods/index.md), ``budget_convention``:
 
 * ``equivalent_average`` (default): the budget ``B`` is the average number of visual tokens per decoder
-  layer, as the paper's tables define "Retain B tokens" (§0.2): ``keep = round((D·B − K·N) / (D − K))``
+  layer, as the paper's tables define "Retain B tokens" (docs/methods/index.md): ``keep = round((D·B − K·N) / (D − K))``
   (``D`` decoder layers, ``N`` visual tokens of the sample); a ratio ``r`` gives
   ``keep = round(N·(D·r − K) / (D − K))``. This is the convention that reproduces the paper's FastV
   rows (copied from SparseVLM's tables, which count the equivalent average, SparseVLM issue #12: the
@@ -60,13 +60,13 @@ __all__ = [
     "scale_layers",
 ]
 
-#: Decoder layers of the 7B models whose schedules the methods follow (methods.md §0.4, §3.3, §5.3):
+#: Decoder layers of the 7B models whose schedules the methods follow (docs/methods/index.md):
 #: LLaVA-1.5 / LLaVA-NeXT / Video-LLaVA (Vicuna-7B) 32, Qwen2.5-VL-7B 28. A tiny model runs the
 #: schedule of the 7B model of its family, its layers scaled (:func:`scale_layers`).
 SCHEDULE_DEPTH: dict[str, int] = {"llava15": 32, "llava_next": 32, "video_llava": 32, "qwen25vl": 28}
 #: FastV's K: the paper default K=2 (R=50 %) and the ablation scripts' K [paper, code].
 FASTV_DEFAULT_LAYER = 2
-#: ``budget_convention`` values (methods.md §3.3).
+#: ``budget_convention`` values (docs/methods/fastv.md).
 BUDGET_CONVENTIONS: tuple[str, ...] = ("equivalent_average", "keep_after_k")
 
 
@@ -161,7 +161,7 @@ def scale_layers(layers: Sequence[int], depth: int, num_layers: int) -> tuple[in
 
 
 def fastv_keep_count(budget: int | float, n: int, layer: int, depth: int, convention: str) -> int:
-    """Visual tokens FastV keeps from layer ``K`` on (methods.md §3.3).
+    """Visual tokens FastV keeps from layer ``K`` on (docs/methods/fastv.md).
 
     Parameters
     ----------
@@ -232,7 +232,7 @@ class FastV(TokenCompressor):
         7B model's depth (:data:`SCHEDULE_DEPTH`; scaled on tiny models). ``None`` (default): the
         per-model table, :meth:`default_layer`: 2 [paper §4, code], or 1 when the equivalent average
         cannot reach the budget with K=2 on the model's largest input (LLaVA-NeXT 160: 2 × 2928 > 32 ×
-        160; methods.md §3.3 [derived]).
+        160; docs/methods/fastv.md [derived]).
     budget_convention : {"equivalent_average", "keep_after_k"}
         Default ``equivalent_average`` (reproduces the paper's FastV rows; module docstring).
     seed : int
@@ -247,7 +247,7 @@ class FastV(TokenCompressor):
 
     Notes
     -----
-    Keep counts per model (``equivalent_average``, K=2, [derived] from methods.md §3.3):
+    Keep counts per model (``equivalent_average``, K=2, [derived] from docs/methods/fastv.md):
     LLaVA-1.5 192/128/64 -> 166/98/30; LLaVA-NeXT 640/320 -> ``round((32·B − 2·N)/30)`` on the sample's
     span (491/149 at N = 2880), 160 -> K=1, ``round((32·160 − N)/31)`` (72 at 2880); Qwen2.5-VL 20 %/10 %
     -> ``round(N·(28·r − 2)/26)`` (13.8 %/3.1 % of N); Video-LLaVA 256 of 2056 -> 136.

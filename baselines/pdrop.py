@@ -1,6 +1,6 @@
 """``pdrop``: PyramidDrop (Xing et al., CVPR 2025; ``Cooperx521/PyramidDrop`` @ 6444f304) on all four models.
 
-Multi-stage pruning inside the LLM (design/methods.md §5). The forward is split into ``S + 1`` stages at
+Multi-stage pruning inside the LLM (docs/methods/pdrop.md). The forward is split into ``S + 1`` stages at
 ``layer_list = [ℓ_1, ..., ℓ_S]``; at the input of decoder layer ``ℓ_s`` during prefill:
 
     n_cur  = int(N · λ^(s-1))       n_next = int(N · λ^s)          (N = the sample's original visual count)
@@ -19,15 +19,15 @@ Here the row is computed by :meth:`apet_bench.attention.AttentionRowCapture.prob
 surgery (``AttentionRequest(layer=ℓ_s, rows="last", pre_drop=True)``): layer ``ℓ_s``'s own attention
 module projects the pre-drop input (its RoPE, 1-D or mRoPE, its biases) and only that row's
 probabilities are computed; every layer keeps sdpa / flash, as the official code does (PDrop is
-FlashAttention-compatible, methods.md §5.4).
+FlashAttention-compatible, docs/methods/pdrop.md).
 
 Positions (``positions``): ``renumber`` (default, official): from each stage on the shortened sequence
 is renumbered ``0..L'-1`` at prefill and decode positions are shifted down by the tokens removed
 (``LLMStageSurgery`` with ``renumber_positions``); ``original``: kept tokens keep their original
 positions (FastV style). Qwen2.5-VL always keeps its original 3-D mRoPE positions (the repository has no
-Qwen code; methods.md §5.3 recommends gathering ``position_ids`` there), whatever ``positions`` says.
+Qwen code; docs/methods/pdrop.md recommends gathering ``position_ids`` there), whatever ``positions`` says.
 
-Schedules (``PDROP_TABLE``; methods.md §5.3): the official default ``[8, 16, 24]`` with λ = 0.5 averages
+Schedules (``PDROP_TABLE``; docs/methods/pdrop.md): the official default ``[8, 16, 24]`` with λ = 0.5 averages
 270 of 576 tokens and cannot reach 192/128/64 (PyramidDrop issue #10); the author's guidance (issue
 #29) moves the stages to ``[2, 8, 16]`` and solves λ for the target average
 ``(ℓ_1 + Σ_s (ℓ_{s+1} − ℓ_s)·λ^s) / D = f`` (``ℓ_{S+1} = D``, ``D`` decoder layers). Budgets without a
@@ -68,12 +68,12 @@ __all__ = [
 OFFICIAL_LAYERS: tuple[int, ...] = (8, 16, 24)
 OFFICIAL_LAMBDA = 0.5
 #: Stage layers for budgets without a table row: the author's ``[2, 8, 16]`` (issue #29) [issue], or
-#: ``[1, 4, 8]`` when the first stage at layer 2 cannot reach the budget (methods.md §5.3 NeXT 160) [derived].
+#: ``[1, 4, 8]`` when the first stage at layer 2 cannot reach the budget (docs/methods/pdrop.md NeXT 160) [derived].
 DEFAULT_LAYERS: tuple[int, ...] = (2, 8, 16)
 EARLY_LAYERS: tuple[int, ...] = (1, 4, 8)
-#: LLaVA-NeXT's nominal visual tokens (methods.md §0.3: 2880 = 5 × 576, base view + 2×2 grid): an int
+#: LLaVA-NeXT's nominal visual tokens (docs/methods/index.md: 2880 = 5 × 576, base view + 2×2 grid): an int
 #: budget ``B`` is the ratio ``B / 2880`` of the actual span (PDrop's ratios are of the span, newline
-#: tokens included; methods.md §5.3 "global ratio of the whole span"); on the tiny NeXT ``5 ×`` its
+#: tokens included; docs/methods/pdrop.md "global ratio of the whole span"); on the tiny NeXT ``5 ×`` its
 #: tokens per crop.
 NEXT_NOMINAL_TOKENS = 2880
 NEXT_SUB_IMAGES = 5
@@ -86,22 +86,22 @@ POSITIONS: tuple[str, ...] = ("renumber", "original")
 #: Reference N: the table's λ applies to samples with exactly that N (else λ is solved for the sample);
 #: None = a ratio for any N (NeXT's nominal 2880 convention, Qwen2.5-VL's retention ratios).
 PDROP_TABLE: dict[tuple[str, int | float], tuple[tuple[int, ...], float, int | None, str]] = {
-    ("llava15", 192): ((2, 8, 16), 0.56, 576, "[derived] methods.md §5.3, (2+6λ+8λ²+16λ³)/32 = 1/3"),
-    ("llava15", 128): ((2, 8, 16), 0.42, 576, "[derived] methods.md §5.3, = 2/9"),
+    ("llava15", 192): ((2, 8, 16), 0.56, 576, "[derived] docs/methods/pdrop.md, (2+6λ+8λ²+16λ³)/32 = 1/3"),
+    ("llava15", 128): ((2, 8, 16), 0.42, 576, "[derived] docs/methods/pdrop.md, = 2/9"),
     ("llava15", 64): ((2, 8, 16), 0.19, 576, "[issue] PyramidDrop #29, author: [2,8,16], λ = 0.19 for 11.1 %"),
-    ("llava_next", 640): ((2, 8, 16), 0.42, None, "[derived] methods.md §5.3, 22.2 % of the span"),
-    ("llava_next", 320): ((2, 8, 16), 0.19, None, "[derived] methods.md §5.3, 11.1 % of the span"),
-    ("llava_next", 160): ((1, 4, 8), 0.175, None, "[derived] methods.md §5.3, 5.6 %: layer 2 is too late"),
-    ("qwen25vl", 0.2): ((2, 8, 16), 0.35, None, "[derived] methods.md §5.3, 28 layers"),
-    ("qwen25vl", 0.1): ((2, 8, 16), 0.113, None, "[derived] methods.md §5.3, 28 layers"),
-    ("video_llava", 256): ((2, 8, 16), 0.23, 2056, "[derived] methods.md §5.3, 12.5 % of the video span"),
+    ("llava_next", 640): ((2, 8, 16), 0.42, None, "[derived] docs/methods/pdrop.md % of the span"),
+    ("llava_next", 320): ((2, 8, 16), 0.19, None, "[derived] docs/methods/pdrop.md % of the span"),
+    ("llava_next", 160): ((1, 4, 8), 0.175, None, "[derived] docs/methods/pdrop.md %: layer 2 is too late"),
+    ("qwen25vl", 0.2): ((2, 8, 16), 0.35, None, "[derived] docs/methods/pdrop.md layers"),
+    ("qwen25vl", 0.1): ((2, 8, 16), 0.113, None, "[derived] docs/methods/pdrop.md layers"),
+    ("video_llava", 256): ((2, 8, 16), 0.23, 2056, "[derived] docs/methods/pdrop.md % of the video span"),
 }
 
 
 def schedule_average(layers: Sequence[int], lam: float, depth: int) -> float:
     """Average fraction of the visual tokens per decoder layer of a geometric schedule (no truncation).
 
-    ``(ℓ_1 + Σ_s (ℓ_{s+1} − ℓ_s) · λ^s) / D`` with ``ℓ_{S+1} = D`` (methods.md §0.2, §5.3).
+    ``(ℓ_1 + Σ_s (ℓ_{s+1} − ℓ_s) · λ^s) / D`` with ``ℓ_{S+1} = D`` (docs/methods/index.md).
     """
     bounds = [int(x) for x in layers] + [int(depth)]
     total = float(bounds[0])

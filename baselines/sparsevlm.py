@@ -1,7 +1,7 @@
 """``sparsevlm``: SparseVLM (Zhang et al., ICML 2025), v1.5 behaviour of the official main branch.
 
 Source: ``Gumpest/SparseVLMs`` @ 26a5f48 (main, ``USE_VERSION`` unset = v1.5 algorithm), read for
-design/methods.md §4; own code, nothing copied. Files followed:
+docs/methods/sparsevlm.md; own code, nothing copied. Files followed:
 
 * ``llava/model/language_model/modelling_sparse_llama.py``, ``LlamaDynamicvitModel.forward``: text
   raters before layer 0, pruning of the *output* of layers {2, 6, 15} during prefill, recycling;
@@ -9,7 +9,7 @@ design/methods.md §4; own code, nothing copied. Files followed:
   ``attn_postprocess_topk`` (head mean, rater rows x visual columns, mean over raters, top-k);
 * ``llava/model/language_model/utils.py``: ``cluster_and_merge`` (DPC-KNN clustering + plain mean).
 
-What the method does on one sample (batch size 1, as the official code), methods.md §4.2:
+What the method does on one sample (batch size 1, as the official code), docs/methods/sparsevlm.md:
 
 1. **Text raters** (once, on the input of decoder layer 0, i.e. the input embeddings with the
    projected visual tokens in place): ``V`` = the visual tokens, ``T`` = every token after the last
@@ -33,12 +33,12 @@ What the method does on one sample (batch size 1, as the official code), methods
    (``renumber_positions``, :class:`~apet_bench.llm_surgery.LLMStageSurgery`). With the official
    order (clusters right after the kept visual tokens, before the text) the renumbered sequence is
    exactly the official one. On Qwen2.5-VL (3-D mRoPE) original positions are kept, as SparseVLM+ /
-   the methods.md §4.4 port do.
+   the docs/methods/sparsevlm.md port do.
 
 Schedules (:data:`V15_SCHEDULES`, :func:`resolve_schedule`; the YAML lists them with sources):
-LLaVA-1.5 [code]; LLaVA-NeXT, Qwen2.5-VL and Video-LLaVA [derived] per methods.md §4.4.
+LLaVA-1.5 [code]; LLaVA-NeXT, Qwen2.5-VL and Video-LLaVA [derived] per docs/methods/sparsevlm.md
 
-Upstream bug not reproduced (methods.md §8, SparseVLM issues #29/#33/#35): the official "Equal Tokens"
+Upstream bug not reproduced (docs/methods/index.md, SparseVLM issues #29/#33/#35): the official "Equal Tokens"
 log counts each layer's *output* tokens, so a "192" run holds 206.5 visual tokens per layer on average
 when counted on layer inputs, recycled tokens included. The harness records the true per-layer counts
 (``layer_visual_tokens``, = :meth:`SparseVLMCompressor.plan`); :func:`official_equal_tokens` gives the
@@ -115,10 +115,10 @@ V20_REFERENCE_HEADS = 32
 VERSIONS = ("1.5", "2.0")
 #: Sources of :data:`V15_SCHEDULES` entries.
 V15_SOURCES: dict[int, str] = {192: "code", 128: "code", 96: "code", 64: "code", 32: "derived"}
-#: LLaVA-NeXT's reference span (methods.md §0.3: 5 x 576): its budgets 640/320/160 are the retentions
+#: LLaVA-NeXT's reference span (docs/methods/index.md: 5 x 576): its budgets 640/320/160 are the retentions
 #: of LLaVA-1.5's 128/64/32.
 NEXT_REFERENCE_TOKENS = 2880
-#: Qwen2.5-VL-7B (28 layers) [derived] methods.md §4.4: retention -> (pruning layers, fractions of N kept),
+#: Qwen2.5-VL-7B (28 layers) [derived] docs/methods/sparsevlm.md: retention -> (pruning layers, fractions of N kept),
 #: the 128-schedule shape with the true (layer-input) equivalent average at 20 % / 10 % before recycling.
 QWEN_SCHEDULES: dict[float, tuple[tuple[int, ...], tuple[float, ...]]] = {
     0.2: ((2, 5, 13), (0.34, 0.125, 0.041)),
@@ -126,7 +126,7 @@ QWEN_SCHEDULES: dict[float, tuple[tuple[int, ...], tuple[float, ...]]] = {
 }
 QWEN_REFERENCE_LAYERS = 28
 #: Video-LLaVA (``video`` branch, ``pruning_loc=[1]``) [code]; its rank-adaptive keep is replaced by a
-#: fixed top-k of the budget [derived] (methods.md §4.4).
+#: fixed top-k of the budget [derived] (docs/methods/sparsevlm.md).
 VIDEO_LAYERS: tuple[int, ...] = (1,)
 #: Share of the pruned tokens recycled (``int(0.3 p) + 1``) and tokens per cluster (``int(m / 10) + 1``) [code].
 RECYCLE_SHARE = 0.3
@@ -177,7 +177,7 @@ def official_equal_tokens(layer_inputs: Sequence[int]) -> float:
     """The official "Equal Tokens" log for a plan: the mean of each layer's **output** count.
 
     ``layer_inputs`` are per-layer input counts (``plan``); layer ``i``'s output count is layer ``i+1``'s
-    input (the last layer keeps its input count). Reproduces the under-count of methods.md §8 (SparseVLM
+    input (the last layer keeps its input count). Reproduces the under-count of docs/methods/index.md (SparseVLM
     issues #29/#33/#35): 192.0 for the official "192" plan whose true input-counted mean is 206.5.
     """
     counts = [int(c) for c in layer_inputs]
@@ -191,7 +191,7 @@ def scale_layers(layers: Sequence[int], num_layers: int, reference_layers: int) 
     """Map pruning layers of a ``reference_layers``-deep model onto a ``num_layers``-deep one [derived].
 
     ``round(l * num_layers / reference_layers)``, then pushed up to stay strictly increasing. Identity for
-    ``num_layers == reference_layers``; (2, 6, 15) of 32 -> (2, 5, 13) of 28 (methods.md §4.4) and
+    ``num_layers == reference_layers``; (2, 6, 15) of 32 -> (2, 5, 13) of 28 (docs/methods/sparsevlm.md) and
     (0, 1, 2) on the 4-layer tiny models.
 
     Raises
@@ -278,7 +278,7 @@ def fit_schedule(schedule: Schedule, num_layers: int, num_visual_tokens: int, ta
     ------
     BudgetError
         When even the smallest schedule (1 token kept per pruning) stays above ``target``: the layers
-        before the first pruning carry every visual token (methods.md §0.2 feasibility limit).
+        before the first pruning carry every visual token (docs/methods/index.md feasibility limit).
     """
     def mean(scale: float) -> float:
         return sum(replace(schedule, scale=scale).plan(num_layers, num_visual_tokens, recycle=recycle)) / num_layers
@@ -400,14 +400,14 @@ def resolve_schedule(
             ref_layers, n_layers, QWEN_REFERENCE_LAYERS)
         if len(lay) != len(fracs):
             raise ValueError(f"{_name(family)}: layers {list(lay)} must be {len(fracs)} pruning layers")
-        return Schedule(lay, fracs, "fraction", "derived (methods.md §4.4)")
+        return Schedule(lay, fracs, "fraction", "derived (docs/methods/sparsevlm.md)")
     if family == "video_llava":
         lay = _check_layers(layers, n_layers, family) if layers is not None else scale_layers(VIDEO_LAYERS, n_layers, 32)
         if len(lay) != 1:
             raise ValueError(f"{_name(family)}: layers {list(lay)} must be 1 pruning layer (video branch: [1])")
         if isinstance(budget, float):
-            return Schedule(lay, (budget,), "fraction", "derived (methods.md §4.4: top-k instead of rank)")
-        return Schedule(lay, (int(budget),), "absolute", "derived (methods.md §4.4: top-k instead of rank)")
+            return Schedule(lay, (budget,), "fraction", "derived (docs/methods/sparsevlm.md: top-k instead of rank)")
+        return Schedule(lay, (int(budget),), "absolute", "derived (docs/methods/sparsevlm.md: top-k instead of rank)")
     if family not in ("llava15", "llava_next"):
         raise ValueError(f"method 'sparsevlm': no schedules for model family {family!r}; pass schedule=[...]")
     key = _reference_key(budget, family, visual_tokens)
@@ -415,7 +415,7 @@ def resolve_schedule(
     lay = _check_layers(layers, n_layers, family) if layers is not None else scale_layers(OFFICIAL_LAYERS, n_layers, 32)
     if len(lay) != len(counts):
         raise ValueError(f"{_name(family)}: layers {list(lay)} must be {len(counts)} pruning layers")
-    src = V15_SOURCES[key] if family == "llava15" else "derived (methods.md §4.4: LLaVA-1.5 schedule x N/576)"
+    src = V15_SOURCES[key] if family == "llava15" else "derived (docs/methods/sparsevlm.md: LLaVA-1.5 schedule x N/576)"
     return Schedule(lay, counts, "reference", src)
 
 
@@ -604,14 +604,14 @@ class SparseVLMCompressor(TokenCompressor):
         ``configs/method/sparsevlm.yaml`` for every number and its source.
     version : {"1.5", "2.0"}
         ``"1.5"`` (default): the main branch's v1.5 algorithm. ``"2.0"``: SparseVLM+ (``USE_VERSION=2_0``,
-        methods.md §4.2): its schedules (:data:`V20_SCHEDULES`), attention divided by the RoPE-only pattern
+        docs/methods/sparsevlm.md): its schedules (:data:`V20_SCHEDULES`), attention divided by the RoPE-only pattern
         (:func:`rope_gravity`), the 14 of 32 heads with the largest rater->visual mass
         (:func:`select_heads_by_mass`), no recycling, original positions. LLaVA families / Video-LLaVA only.
     recycle : bool or None
         Token recycling; ``None`` (default) = as the version does (1.5: on, 2.0: off).
     positions : {"auto", "renumber", "original"}
         ``auto``: renumbered for v1.5 on 1-D RoPE models (official v1.x); original positions for v2.0
-        (official) and on Qwen2.5-VL's mRoPE (methods.md §4.4 port).
+        (official) and on Qwen2.5-VL's mRoPE (docs/methods/sparsevlm.md port).
     placement : {"auto", "after_kept", "centre"}
         Where recycled tokens go. ``after_kept`` (official): right after the kept visual tokens (in the
         slots of the last pruned tokens; kept tokens re-slotted in order if needed, which renumbered
@@ -619,16 +619,16 @@ class SparseVLMCompressor(TokenCompressor):
         (its original position). ``auto``: ``after_kept`` when positions are renumbered, else ``centre``.
     accounting : {"official", "layer_input"}
         ``official`` (default): the table's schedule for the budget, as the paper's SparseVLM rows ran it;
-        its official "Equal Tokens" (each layer's *output*, methods.md §8) is the budget while the true
+        its official "Equal Tokens" (each layer's *output*, docs/methods/index.md) is the budget while the true
         layer-input mean, recycled tokens included, is higher (206.5 for 192; recorded as measured).
         ``layer_input`` [derived]: the same shape scaled per sample (:func:`fit_schedule`) so that the true
         layer-input mean is at most the budget; refused when the layers before the first pruning already
-        exceed it (e.g. LLaVA-NeXT 160, methods.md §0.2).
+        exceed it (e.g. LLaVA-NeXT 160, docs/methods/index.md).
     keep_rule : {"schedule", "rank"}
         ``schedule`` (default): the budget's schedule. ``rank``: the official **video** branch's rule
         (``videollava/.../score.py`` ``attn_postprocess_rank``): keep ``rank(P)`` tokens, ``P`` = the raters'
         head-mean attention on the visual tokens, or every token when ``rank >= n`` (no recycling then); the
-        budget is then only a label (methods.md §4.4; Table 4's "256" needs the [derived] top-k instead).
+        budget is then only a label (docs/methods/sparsevlm.md; Table 4's "256" needs the [derived] top-k instead).
         The plan is the last sample's counts.
     layers : list of int, optional
         Pruning layers on the model (outputs pruned) instead of the table's; ``[2, 6, 15]`` on 32 layers.
@@ -898,7 +898,7 @@ class SparseVLMCompressor(TokenCompressor):
         layer_idx: int,
         attention: torch.Tensor | None = None,
     ) -> LLMSelection:
-        """Prune the output of layer ``layer_idx - 1`` (methods.md §4.2 steps 2-5).
+        """Prune the output of layer ``layer_idx - 1`` (docs/methods/sparsevlm.md steps 2-5).
 
         Parameters
         ----------

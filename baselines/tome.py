@@ -1,10 +1,10 @@
 """``tome``: Token Merging (ToMe, Bolya et al., ICLR 2023) inside the vision encoder, as an LLaVA baseline.
 
-Source: design/methods.md §6 and the official code (facebookresearch/ToMe @ af95e4b, read, not copied):
+Source: docs/methods/tome.md and the official code (facebookresearch/ToMe @ af95e4b, read, not copied):
 ``tome/merge.py`` (``bipartite_soft_matching``, ``merge_wavg``, ``merge_source``), ``tome/patch/timm.py``
 (``ToMeBlock``: merge **between attention and MLP**; ``ToMeAttention``: proportional attention and the
-metric = keys averaged over heads). No official VLM integration exists (methods.md §6.2, §8): the per-model
-recipes below are the [derived] ones of methods.md §6.2.
+metric = keys averaged over heads). No official VLM integration exists (docs/methods/tome.md): the per-model
+recipes below are the [derived] ones of docs/methods/tome.md
 
 The pure functions (ToMe style, batched ``[B, T, C]``) come first; :class:`ToMeCompressor` places them:
 
@@ -15,7 +15,7 @@ The pure functions (ToMe style, batched ``[B, T, C]``) come first; :class:`ToMeC
   backend's additive float mask (sdpa ``attn_mask``; eager adds it too; refused under flash_attention_2).
   The ``r_l`` schedule (:func:`r_schedule`) lands exactly on the budget at the feature layer.
 * **Qwen2.5-VL** (window-attention ViT + 2x2 merger: merging inside the ViT conflicts with both,
-  methods.md §6.2): bipartite soft matching on the post-merger tokens, several passes of at most 50 %
+  docs/methods/tome.md): bipartite soft matching on the post-merger tokens, several passes of at most 50 %
   each (:func:`pass_schedule`), size-weighted, each group keeping the (t, h, w) mRoPE position of its
   representative (destination) token.
 
@@ -58,8 +58,8 @@ __all__ = [
     "slot_map",
 ]
 
-#: Sub-images per LLaVA-NeXT image in the budget convention (methods.md §0.3: 2880 = 5 x 576), so an int
-#: budget ``B`` is ``B / 5`` patch tokens per crop (640/320/160 -> 128/64/32, methods.md §6.2 "NeXT").
+#: Sub-images per LLaVA-NeXT image in the budget convention (docs/methods/index.md: 2880 = 5 x 576), so an int
+#: budget ``B`` is ``B / 5`` patch tokens per crop (640/320/160 -> 128/64/32, docs/methods/tome.md "NeXT").
 NEXT_SUB_IMAGES = 5
 #: Where the remainder of ``R = removed tokens`` over ``L`` merging layers goes (one extra token per layer).
 REMAINDERS: tuple[str, ...] = ("first", "last")
@@ -267,7 +267,7 @@ def r_schedule(
     """Per-layer ``r`` that takes ``num_tokens`` to exactly ``target`` over ``num_layers`` merging layers.
 
     Constant ``r = R // L`` (``R = num_tokens - target``), the remainder ``R % L`` as one extra token on
-    the first (``remainder="first"``) or last layers; methods.md §6.2 [derived] (576 -> 64 over CLIP
+    the first (``remainder="first"``) or last layers; docs/methods/tome.md [derived] (576 -> 64 over CLIP
     layers 0..22: 23 x 6 then 22 x 17). Exact by construction (``sum(r) == R``).
 
     Parameters
@@ -319,7 +319,7 @@ def r_schedule(
 
 
 def pass_schedule(num_tokens: int, target: int) -> list[int]:
-    """Tokens removed by each post-merger bipartite pass (Qwen2.5-VL, methods.md §6.2 [derived]).
+    """Tokens removed by each post-merger bipartite pass (Qwen2.5-VL, docs/methods/tome.md [derived]).
 
     Each pass removes ``min(t // 2, t - target)`` (at most 50 %), the largest first: 20 % = 50 %, 50 %,
     then 20 % of the rest; 10 % = 50 %, 50 %, 50 %, then 20 %. Exact: the passes sum to
@@ -401,7 +401,7 @@ class ToMeCompressor(TokenCompressor):
     ----------
     budget : int or float
         Visual tokens entering the LLM per unit: LLaVA-1.5 image ``B`` (of 576); LLaVA-NeXT crop
-        ``round(B / 5)`` patches (the 2880 convention, methods.md §0.3, §6.2; 640/320/160 -> 128/64/32,
+        ``round(B / 5)`` patches (the 2880 convention, docs/methods/index.md; 640/320/160 -> 128/64/32,
         at most the crop's patches; ``image_newline`` tokens kept as ApET / VisionZip do); Video-LLaVA
         video ``B / num_frames`` per frame **[CLS] included** (256 -> 31 patches + [CLS] = 32 per frame,
         so the LLM receives exactly ``B``; Video-LLaVA images as LLaVA-1.5, of 256); Qwen2.5-VL ``B`` tokens
@@ -416,7 +416,7 @@ class ToMeCompressor(TokenCompressor):
         Layers that remove one extra token when ``R`` is not a multiple of the merging layers.
     order : {"merged", "spatial"} or None
         Order of the kept tokens in the LLM sequence. ``None`` (default): ``merged`` in CLIP towers
-        (what a ToMe-patched tower hands LLaVA, methods.md §6.2: "token order scrambled, contiguous
+        (what a ToMe-patched tower hands LLaVA, docs/methods/tome.md: "token order scrambled, contiguous
         positions"), ``spatial`` on LLaVA-NeXT (the packing's unpad / newline layout needs the grid) and
         Qwen2.5-VL (kept tokens keep their 3-D positions).
     seed : int
@@ -424,7 +424,7 @@ class ToMeCompressor(TokenCompressor):
 
     Notes
     -----
-    CLIP towers [code tome/patch/timm.py + derived methods.md §6.2]: layers ``0 .. h-1`` where LLaVA reads
+    CLIP towers [code tome/patch/timm.py + derived docs/methods/tome.md]: layers ``0 .. h-1`` where LLaVA reads
     ``hidden_states[h]`` (``h = num_layers + 1 + vision_feature_layer``: 23 of 24) run
     ``x = x + attn(ln1(x), +log size); x, size = merge_wavg(bipartite(k.mean(heads), r_l, [CLS] protected));
     x = x + mlp(ln2(x))``; later layers run unpatched on the merged tokens. The metric is the layer's
@@ -437,7 +437,7 @@ class ToMeCompressor(TokenCompressor):
     Deviations from the official code, all numerically minor: merge arithmetic and cosine similarity in
     fp32 (official: the model dtype), ties broken by the lower index (``stable`` argsort).
 
-    Upstream bugs (methods.md §8): none known for ToMe; the comparison tables' settings are unknown, so
+    Upstream bugs (docs/methods/index.md): none known for ToMe; the comparison tables' settings are unknown, so
     every schedule here is [derived] (configs/method/tome.yaml).
     """
 

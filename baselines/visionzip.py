@@ -1,15 +1,15 @@
-"""``visionzip``: VisionZip (CVPR 2025; dvlab-research/VisionZip @ 3151f6d, design/methods.md §2) on all four models.
+"""``visionzip``: VisionZip (CVPR 2025; dvlab-research/VisionZip @ 3151f6d, docs/methods/visionzip.md) on all four models.
 
 Stage 1 (before the LLM). Per unit (an image, a LLaVA-NeXT crop, a Video-LLaVA frame), on the vision
-encoder's layer ``-2`` (index ``L-2``; official: hard-wired ``hidden_states[-2]``, methods.md §2.1):
+encoder's layer ``-2`` (index ``L-2``; official: hard-wired ``hidden_states[-2]``, docs/methods/visionzip.md):
 
 * **dominant tokens**: the [CLS] token plus the ``dominant - 1`` patches with the highest [CLS]-row
   attention of that layer, summed over heads (the official ``attn[:, :, 0, 1:].sum(1)``; the top-k is
-  the same as for the head mean), in ascending index order, [CLS] first (§2.2);
+  the same as for the head mean), in ascending index order, [CLS] first (docs/methods/visionzip.md);
 * **contextual tokens**: of the remaining tokens (ascending index), every ``step = max(1, R // contextual)``-th
   is a target (the first ``contextual`` of them); each other remaining token joins the target of highest
   cosine similarity on the layer's **keys averaged over heads**; contextual token = ``target +
-  mean(cluster)`` (the official formula, *not* the group mean; an empty cluster adds 0) (§2.2);
+  mean(cluster)`` (the official formula, *not* the group mean; an empty cluster adds 0) (docs/methods/visionzip.md);
 * output ``[dominant, contextual]`` on the layer-``-2`` hidden states (with [CLS]), then the projector.
 
 The [CLS] attention row is recomputed from the layer's input (its ``layer_norm1`` + ``q_proj`` /
@@ -17,10 +17,10 @@ The [CLS] attention row is recomputed from the layer's input (its ``layer_norm1`
 vision tower stays on sdpa (the official code runs the whole tower eager with ``output_attentions``).
 Recorded with :meth:`~apet_bench.methods.TokenCompressor.note_attention`.
 
-Per model: LLaVA-1.5 per image; LLaVA-NeXT per crop with the official layout (§2.3: base ``[CLS, dominant,
+Per model: LLaVA-1.5 per image; LLaVA-NeXT per crop with the official layout (docs/methods/visionzip.md: base ``[CLS, dominant,
 contextual]``, then the grid crops' dominant patches in raster order of the full grid, their CLS tokens,
 their contextual tokens; no unpadding, no ``image_newline``); Video-LLaVA per frame of the video tower
-(257 tokens, [CLS] a visual token there) and images as LLaVA-1.5; Qwen2.5-VL (no [CLS]) the port of §2.5
+(257 tokens, [CLS] a visual token there) and images as LLaVA-1.5; Qwen2.5-VL (no [CLS]) the port in docs/methods/visionzip.md
 (``qwen_fallback``): mean attention received in the last ViT block (over queries and heads), pooled over
 each 2×2 merge unit, dominant = top-k merged tokens, contextual on the pooled head-mean keys, on the
 post-merger tokens.
@@ -55,12 +55,12 @@ __all__ = [
 #: layer index 22 of CLIP-L's 24) [code ``clip_encoder.py``, hard-wired].
 VISION_LAYER = -2
 #: Contextual share of an int per-unit budget: ``10 / 64`` (official README 54 + 10 for 64 [code]; gives
-#: 108 + 20, 162 + 30 and 27 + 5 for 128, 192, 32: the splits of methods.md §2.4).
+#: 108 + 20, 162 + 30 and 27 + 5 for 128, 192, 32: the splits of docs/methods/visionzip.md).
 CONTEXTUAL_SHARE_INT = 10 / 64
 #: Contextual share of a retention-ratio budget: ``0.25`` (15 % + 5 % for 20 %, 7.5 % + 2.5 % for 10 %;
-#: [derived] methods.md §2.5 from the Qwen3-VL port's 0.15 + 0.05).
+#: [derived] docs/methods/visionzip.md from the Qwen3-VL port's 0.15 + 0.05).
 CONTEXTUAL_SHARE_RATIO = 0.25
-#: LLaVA-NeXT sub-images in the budget convention (methods.md §0.3: 640 = 5 × 128).
+#: LLaVA-NeXT sub-images in the budget convention (docs/methods/index.md: 640 = 5 × 128).
 NEXT_SUB_IMAGES = 5
 
 
@@ -105,7 +105,7 @@ def visionzip_tokens(
     num_contextual: int,
     cls_index: int | None = 0,
 ) -> VisionZipResult:
-    """VisionZip's dominant + contextual tokens of one unit (methods.md §2.2 [code]).
+    """VisionZip's dominant + contextual tokens of one unit (docs/methods/visionzip.md [code]).
 
     Parameters
     ----------
@@ -232,7 +232,7 @@ def qwen_attention_received(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Mean attention each patch receives in one Qwen2.5-VL ViT block (over heads and queries), per sequence.
 
-    The recipe of the VisionZip Qwen2.5-VL port (methods.md §2.5): every query row is needed, so the
+    The recipe of the VisionZip Qwen2.5-VL port (docs/methods/visionzip.md): every query row is needed, so the
     block's ``softmax(q Kᵀ · scale)`` is recomputed (fp32, rotary applied as the block does, within the
     ``cu_seqlens`` chunks the block attends in), query chunk by query chunk (``chunk`` rows at a time).
     A third-party Qwen2.5-VL port in ModelTC/llmc (its token-reduction code; reference only) scores the
@@ -315,7 +315,7 @@ class VisionZipCompressor(TokenCompressor):
     budget : int or float
         Visual tokens entering the LLM, the paper's convention (every decoder layer carries the same
         count). Per unit: LLaVA-1.5 / Qwen2.5-VL / Video-LLaVA image ``b = budget``; LLaVA-NeXT
-        ``b = round(budget / 5)`` per crop (methods.md §2.3-§2.4; 640 -> 128 = 108 + 20); Video-LLaVA video
+        ``b = round(budget / 5)`` per crop (docs/methods/visionzip.md; 640 -> 128 = 108 + 20); Video-LLaVA video
         ``b = budget / num_frames`` per frame (256 -> 32 = 27 + 5). A float ``r``: ``b = round(r · N)`` of
         the unit's ``N`` patch tokens ([CLS] not counted). ``b`` is split by :func:`split_budget` unless
         ``dominant`` / ``contextual`` are given; the counts are clamped to the unit's tokens (tiny models).
@@ -326,8 +326,7 @@ class VisionZipCompressor(TokenCompressor):
         Contextual share of ``b``; ``None``: :data:`CONTEXTUAL_SHARE_INT` for int budgets,
         :data:`CONTEXTUAL_SHARE_RATIO` for ratios.
     qwen_fallback : bool
-        Towers without [CLS] (Qwen2.5-VL): ``True`` (default) runs the Qwen port's recipe (methods.md
-        §2.5); ``False`` refuses such a model in :meth:`check_model_config`, before it is loaded.
+        Towers without [CLS] (Qwen2.5-VL): ``True`` (default) runs the Qwen port's recipe (docs/methods/visionzip.md); ``False`` refuses such a model in :meth:`check_model_config`, before it is loaded.
     seed : int
         Unused (VisionZip is deterministic); kept for the interface.
 
@@ -349,7 +348,7 @@ class VisionZipCompressor(TokenCompressor):
 
     Deviations from the official code: the [CLS] row is recomputed from the layer input instead of
     running the tower eager (same probabilities; softmax in fp32, upstream in the model dtype); the
-    broken list-input branch (methods.md §8) is not reproduced (images are always batched);
+    broken list-input branch (docs/methods/index.md) is not reproduced (images are always batched);
     ``contextual = 0`` is allowed (upstream divides by zero); counts clamp on small units instead of
     failing. Qwen2.5-VL [derived]: contextual similarity on head-mean keys *before* the rotary embedding,
     output ``[dominant, contextual]`` with original mRoPE positions (the port is not in the snapshot read).
@@ -393,7 +392,7 @@ class VisionZipCompressor(TokenCompressor):
         if model_cfg.get("has_cls_token") is False and not self.qwen_fallback:
             raise ValueError(
                 f"method 'visionzip': model {model_cfg.get('name')!r} has a vision tower without [CLS] and "
-                "qwen_fallback is false (set method.params.qwen_fallback=true for the Qwen port, methods.md §2.5)"
+                "qwen_fallback is false (set method.params.qwen_fallback=true for the Qwen port, docs/methods/visionzip.md)"
             )
 
     # ------------------------------------------------------------------ hooks
@@ -596,7 +595,7 @@ class VisionZipCompressor(TokenCompressor):
         return VisualSelection(out.to(features.dtype), torch.cat(idx).to(features.device))
 
     def _next(self, features: torch.Tensor, image_index: int, batch: dict[str, torch.Tensor]) -> VisualSelection:
-        """LLaVA-NeXT: per crop, then the official layout (methods.md §2.3)."""
+        """LLaVA-NeXT: per crop, then the official layout (docs/methods/visionzip.md)."""
         adapter = self._adapter
         ctx = self.visual_context
         crops = adapter.num_crops(ctx.inputs)
@@ -624,7 +623,7 @@ class VisionZipCompressor(TokenCompressor):
         return VisualSelection(out.to(features.dtype), None)
 
     def _qwen(self, features: torch.Tensor, image_index: int, batch: dict[str, torch.Tensor]) -> VisualSelection:
-        """Qwen2.5-VL port (§2.5): scores / keys pooled per 2×2 merge unit, on the post-merger tokens."""
+        """Qwen2.5-VL port (docs/methods/visionzip.md): scores / keys pooled per 2×2 merge unit, on the post-merger tokens."""
         from transformers.vision_utils import get_vision_window_index
 
         adapter = self._adapter

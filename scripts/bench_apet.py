@@ -14,7 +14,7 @@ Timings are the median over ``--repeats`` after ``--warmup`` runs, the three fun
 so that a change in machine load hits them alike (CUDA: events + synchronize).
 FLOPs are matmul FLOPs (2 per multiply-add, the convention of the prefill counts), measured with
 ``torch.utils.flop_counter.FlopCounterMode``; element-wise work and the M × M solve are not counted
-(transformers-hooks.md §4.4). The shares divide by full prefills (transformers-hooks.md §4): LLaVA-1.5-7B
+(docs/efficiency.md). The shares divide by full prefills (docs/efficiency.md): LLaVA-1.5-7B
 8.856 TFLOPs (576 visual + 60 text tokens) and Qwen2.5-VL-7B 14.495 TFLOPs (729 visual, ViT included).
 
 Usage::

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Measured prefill speed-up vs the FLOPs ratio (its physical ceiling), and each method's own overhead.
 
-For one model and every method × budget it reports (issue #8, deliverable 4):
+For one model and every method × budget it reports:
 
 * **measured prefill speed-up** = median prefill time of ``none`` / median prefill time of the method,
   timed with the latency protocol (:func:`apet_bench.latency.measure_latency`: warm-up, medians, CUDA

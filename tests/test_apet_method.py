@@ -1,4 +1,4 @@
-"""The ``apet`` method (issue #4 items 2-6) on the four tiny models: budget split, variants, basis, seeds.
+"""The ``apet`` method on the four tiny models: budget split, variants, basis, seeds.
 
 K (the LLM-stage layer) is ``num_layers // 2``: 16 of 32 on LLaVA-7B, 14 of 28 on Qwen2.5-VL-7B, 2 on the
 4-layer tiny models, so a tiny model's per-layer counts are ``[1.5b, 1.5b, 0.5b, 0.5b]``.
@@ -95,7 +95,7 @@ def test_llava_next_budget_split_real_geometry(budget, variant):
     v, llm = 3 * b // 2, b // 2  # 192/96/48, 64/32/16
     assert out.visual_tokens_in == 2928
     first = 5 * v + 48  # newline tokens always kept
-    # official: only the base view's span (the first v tokens) is re-compressed (methods.md §1.4 bug)
+    # official: only the base view's span (the first v tokens) is re-compressed (docs/methods/apet.md bug)
     after = first - v + llm if variant == "official" else 5 * llm
     assert out.layer_visual_tokens == [first, first, after, after]
 
@@ -220,7 +220,7 @@ def test_backends_run_and_hooks_removed(model, attn, variant):
 
 
 def test_official_llm_stage_always_uses_fps(monkeypatch):
-    """methods.md §1.4: the official LLM stage hard-wires FPS whatever ``basis`` says; paper follows it."""
+    """docs/methods/apet.md: the official LLM stage hard-wires FPS whatever ``basis`` says; paper follows it."""
     from conftest import make_image
     from omegaconf import OmegaConf
 

@@ -1,4 +1,4 @@
-"""Property tests of the ApET tensor primitives (``apet_bench.apet``; methods.md §1.2, §1.8)."""
+"""Property tests of the ApET tensor primitives (``apet_bench.apet``; docs/methods/apet.md)."""
 
 from __future__ import annotations
 
@@ -307,7 +307,7 @@ def test_paper_keeps_basis_tokens_at_their_own_positions(basis):
 @pytest.mark.parametrize(
     "n, keep, batch",
     [
-        # LLaVA-1.5 (methods.md §1.7): vision stage 1.5 B of 576, LLM stage 0.5 B of 1.5 B
+        # LLaVA-1.5 (docs/methods/apet.md): vision stage 1.5 B of 576, LLM stage 0.5 B of 1.5 B
         (576, 288, 1), (576, 192, 1), (576, 96, 1), (288, 96, 1), (192, 64, 1), (96, 32, 1),
         # LLaVA-NeXT 640/320/160: per sub-image (base + 4 crops batched), then the LLM stage
         (576, 192, 5), (576, 96, 5), (576, 48, 5), (192, 64, 5), (96, 32, 5), (48, 16, 5),

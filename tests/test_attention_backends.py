@@ -1,4 +1,4 @@
-"""Per-layer attention-backend record (issue #5 item 3): read from the modules during generation."""
+"""Per-layer attention-backend record: read from the modules during generation."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``downsample`` (issue #5 reference row): grid rounding, area pooling on crafted grids, exact visual-token
+"""``downsample`` (reference row): grid rounding, area pooling on crafted grids, exact visual-token
 counts on the four tiny models at the paper budgets (random weights, CPU); the generic end-to-end checks,
 through the runner included, are the conformance kit's (tests/test_conformance.py)."""
 

@@ -1,4 +1,4 @@
-"""``fastv`` (issue #5): keep counts and plans per model/budget, the selection rule on crafted attention,
+"""``fastv``: keep counts and plans per model/budget, the selection rule on crafted attention,
 the row against eager ``output_attentions``, sdpa == eager selection on the four tiny models, exact keep
 counts, hooks removed, determinism, bad configurations refused before loading (the generic end-to-end
 checks, through the runner included, are the conformance kit's: tests/test_conformance.py).
@@ -65,7 +65,7 @@ def test_registered_with_yaml_defaults():
 
 
 def test_keep_counts_per_model_and_convention():
-    """methods.md §3.3 numbers: equivalent average (K=2 of 32 / 28) and keep-after-K."""
+    """docs/methods/fastv.md numbers: equivalent average (K=2 of 32 / 28) and keep-after-K."""
     ea = "equivalent_average"
     assert [fastv_keep_count(b, 576, 2, 32, ea) for b in (192, 128, 64)] == [166, 98, 30]
     assert [fastv_keep_count(b, 2880, 2, 32, ea) for b in (640, 320)] == [491, 149]
@@ -267,7 +267,7 @@ def test_keep_after_k_makes_next_160_feasible_at_k2():
 
 
 def test_kv_cache_holds_each_token_once():
-    """FastV's lmms-eval variant duplicates layer K-1's KV entries (methods.md §8, FastV issues #18/#46);
+    """FastV's lmms-eval variant duplicates layer K-1's KV entries (docs/methods/index.md, FastV issues #18/#46);
     here every layer's cache holds text + planned visual tokens + generated - 1, each once."""
     from test_stage2 import expected_kv
 

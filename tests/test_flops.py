@@ -1,4 +1,4 @@
-"""Prefill TFLOPs on meta-device full-size models (apet_bench.flops, issue #8).
+"""Prefill TFLOPs on meta-device full-size models (apet_bench.flops).
 
 Pinned at a stated prompt length: LLaVA-1.5-7B with 576 visual tokens and 62 text tokens (the POPE
 prompt's median length under the real Llama-2 tokenizer; the figure needs no file from ../shared).
@@ -115,7 +115,7 @@ def test_qwen_vanilla_and_apet_variants():
     assert abs(paper.total_tflops - 5.70) / 5.70 < 0.05
     assert "variant=paper" in paper.variant
     official = flops.count_flops("qwen25vl", "apet", 0.1)
-    assert official.layer_visual_tokens == [109] * 28  # layer-14 stage commented out (methods.md §1.5)
+    assert official.layer_visual_tokens == [109] * 28  # layer-14 stage commented out (docs/methods/apet.md)
     assert "official" in official.variant and official.total_tflops > paper.total_tflops
     assert official.vision_tflops == pytest.approx(none.vision_tflops)
 
@@ -154,7 +154,7 @@ def test_cli_last_line_is_json(capsys):
 
 
 def test_overheads_of_attention_based_methods_follow_their_code():
-    """VisionZip on Qwen2.5-VL recomputes the last ViT block's full attention (methods.md §2.5), so its own
+    """VisionZip on Qwen2.5-VL recomputes the last ViT block's full attention (docs/methods/visionzip.md), so its own
     overhead dwarfs ApET's; on LLaVA only the [CLS] row is recomputed."""
     vz_qwen = flops.count_flops("qwen25vl", "visionzip", 0.1, visual_tokens=256)  # 256: a smaller proxy run
     apet_qwen = flops.count_flops("qwen25vl", "apet", 0.1, visual_tokens=256)

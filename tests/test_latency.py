@@ -1,4 +1,4 @@
-"""The latency protocol (apet_bench.latency, issue #8): CPU on tiny models, GPU paths skip-guarded."""
+"""The latency protocol (apet_bench.latency): CPU on tiny models, GPU paths skip-guarded."""
 
 from __future__ import annotations
 

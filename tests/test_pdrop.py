@@ -1,4 +1,4 @@
-"""``pdrop`` (issue #5): official and per-budget schedules (counts at the stage layers) on 32-/28-layer fake
+"""``pdrop``: official and per-budget schedules (counts at the stage layers) on 32-/28-layer fake
 adapters, plan == measured on the four tiny models, the selection rule on crafted attention, the probed
 row against eager ``output_attentions``, sdpa == eager selection, positions, bad configurations (the generic
 end-to-end checks, through the runner included, are the conformance kit's: tests/test_conformance.py).
@@ -79,7 +79,7 @@ def test_official_default_schedule_counts_at_official_layers():
     [
         ("llava15", [2, 8, 16], 192, 576, 32, [322, 180, 101]),
         ("llava15", [2, 8, 16], 128, 576, 32, [241, 101, 42]),
-        ("llava15", [2, 8, 16], 64, 576, 32, [109, 20, 3]),  # author λ = 0.19 (issue #29)
+        ("llava15", [2, 8, 16], 64, 576, 32, [109, 20, 3]),  # author λ = 0.19
         ("llava_next", [2, 8, 16], 640, 2928, 32, stage_counts(2928, 0.42, 3)),
         ("llava_next", [1, 4, 8], 160, 2928, 32, [512, 89, 15]),
         ("qwen25vl", [2, 8, 16], 0.1, 1000, 28, [113, 12, 1]),

@@ -1,5 +1,5 @@
 """Qwen2.5-VL adapter on the tiny random-weight model: prompt, per-image token counts, stage 1 with
-3-D mRoPE positions (transformers-hooks.md §3.2 step 4), the 1-D fallback guard, exactness checks."""
+3-D mRoPE positions (docs/models.md), the 1-D fallback guard, exactness checks."""
 
 from __future__ import annotations
 

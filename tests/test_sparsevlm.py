@@ -1,7 +1,7 @@
-"""SparseVLM (``method=sparsevlm``, baselines/sparsevlm.py; issue #5, methods.md §4).
+"""SparseVLM (``method=sparsevlm``, baselines/sparsevlm.py, docs/methods/sparsevlm.md).
 
 Schedules: the official per-budget counts at the official layers (full-size numbers checked against
-methods.md §4.3 on a fake 32-layer model; plan == measured on the four tiny models). Crafted inputs:
+docs/methods/sparsevlm.md on a fake 32-layer model; plan == measured on the four tiny models). Crafted inputs:
 text raters, rater scores, DPC-KNN recycling, one whole pruning step with known scores. Fidelity: a
 hand-written loop of the official v1.5 algorithm (full eager attention, physical re-layout of the
 sequence, contiguous positions) gives the same first-token logits as the method on the tiny LLaVA-1.5.
@@ -62,7 +62,7 @@ def test_registered_and_yaml_builds():
 @pytest.mark.parametrize("budget,counts", [(192, (300, 200, 110)), (128, (303, 110, 36)),
                                            (96, (238, 48, 26)), (64, (66, 30, 17))])
 def test_full_size_llava15_schedule_is_official(budget, counts):
-    """methods.md §4.3: layers 2/6/15 of 32; without recycling the counts are the table's exactly."""
+    """docs/methods/sparsevlm.md: layers 2/6/15 of 32; without recycling the counts are the table's exactly."""
     m = build_method("sparsevlm", budget=budget, recycle=False)
     plan = m.plan(fake("llava15", 32), 576)
     assert plan == [576] * 3 + [counts[0]] * 4 + [counts[1]] * 9 + [counts[2]] * 16
@@ -73,7 +73,7 @@ def test_full_size_llava15_schedule_is_official(budget, counts):
 @pytest.mark.parametrize("budget,counts", [(192, (300, 200, 118)), (128, (238, 108, 60)),
                                            (96, (246, 54, 28)), (64, (66, 34, 20))])
 def test_full_size_v20_schedule_is_official(budget, counts):
-    """methods.md §4.3, v2.0 column: no recycling, so the plan holds the table's counts exactly."""
+    """docs/methods/sparsevlm.md, v2.0 column: no recycling, so the plan holds the table's counts exactly."""
     m = build_method("sparsevlm", budget=budget, version="2.0")
     assert not m.recycling and not m.renumber_positions
     assert m.plan(fake("llava15", 32), 576) == [576] * 3 + [counts[0]] * 4 + [counts[1]] * 9 + [counts[2]] * 16
@@ -96,7 +96,7 @@ def test_full_size_recycling_counts_and_official_accounting():
 
 
 def test_full_size_other_models():
-    # LLaVA-NeXT 640 / 320 at N = 2880: the LLaVA-1.5 128 / 64 schedules x 5 (methods.md §4.4 [derived])
+    # LLaVA-NeXT 640 / 320 at N = 2880: the LLaVA-1.5 128 / 64 schedules x 5 (docs/methods/sparsevlm.md [derived])
     m = build_method("sparsevlm", budget=640, recycle=False)
     plan = m.plan(fake("llava_next", 32), 2880)
     assert plan == [2880] * 3 + [1515] * 4 + [550] * 9 + [180] * 16

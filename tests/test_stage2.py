@@ -2,7 +2,7 @@
 
 The ``check_*`` helpers take any :class:`~apet_bench.models.ModelAdapter` (plus images and questions)
 so the same matrix runs on LLaVA-NeXT, Qwen2.5-VL and Video-LLaVA adapters: call them from a test
-parametrized over those fixtures. transformers-hooks.md §3.3 / §3.4 describe what is checked.
+parametrized over those fixtures. docs/models.md / §3.4 describe what is checked.
 """
 
 from __future__ import annotations
@@ -544,7 +544,7 @@ class KeepAllRenumbered(KeepAllLLM):
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_renumbered_positions_cached_equals_uncached(tiny_llava15, tiny_llava15_eager, images, attn):
-    """methods.md §1.4: layers >= K see positions 0..L'-1 at prefill and decode positions shifted down by
+    """docs/methods/apet.md: layers >= K see positions 0..L'-1 at prefill and decode positions shifted down by
     the removed count. Uncached generation renumbers every step's prefill, so it must agree with the
     cached run; keeping everything changes nothing; dropping changes the logits vs original positions."""
     adapter = tiny_llava15 if attn == "sdpa" else tiny_llava15_eager

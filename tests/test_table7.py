@@ -1,4 +1,4 @@
-"""Table 7 (apet_bench.tables.table7, issue #8): FLOPs everywhere, timing 'no GPU' without CUDA."""
+"""Table 7 (apet_bench.tables.table7): FLOPs everywhere, timing 'no GPU' without CUDA."""
 
 from __future__ import annotations
 

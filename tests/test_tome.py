@@ -1,4 +1,4 @@
-"""The ``tome`` baseline (issue #5, methods.md §6): pure ToMe functions on crafted inputs, exact r schedules,
+"""The ``tome`` baseline (docs/methods/tome.md): pure ToMe functions on crafted inputs, exact r schedules,
 [CLS] protection, the patched CLIP tower against an independent reference, every tiny model per model, and
 the conformance kit on the deep-tower tiny models (the generic end-to-end checks are tests/test_conformance.py's).
 
@@ -42,7 +42,7 @@ DEEP = "+model.tiny_config.vision_layers=24"  # the real ViT-L depth: 23 merging
 #: tiny LLaVA-NeXT with the real 336 px crops (576 patches; up to 2928 tokens, so 640 fits) and tower depth
 NEXT336 = ["+model.tiny_config.image_size=336", DEEP, "model.visual_tokens=2928"]
 
-#: methods.md §6.2 [derived] r lists for LLaVA-1.5 (576 patches + CLS over CLIP layers 0..22).
+#: docs/methods/tome.md [derived] r lists for LLaVA-1.5 (576 patches + CLS over CLIP layers 0..22).
 DOC_SCHEDULES = {
     192: [17] * 16 + [16] * 7,
     128: [20] * 11 + [19] * 12,
@@ -164,7 +164,7 @@ def test_cls_never_merged_even_when_most_similar_and_r_capped():
 @pytest.mark.parametrize("budget", [192, 128, 64])
 def test_r_schedule_lands_exactly_on_the_budget(budget):
     sched = r_schedule(577, budget + 1, 23)
-    assert sched == DOC_SCHEDULES[budget]  # methods.md §6.2 lists
+    assert sched == DOC_SCHEDULES[budget]  # docs/methods/tome.md lists
     assert sum(sched) == 576 - budget and len(sched) == 23
     last = r_schedule(577, budget + 1, 23, remainder="last")
     assert sorted(last) == sorted(sched) and last[-1] >= last[0] and sum(last) == 576 - budget

@@ -1,4 +1,4 @@
-"""``visionzip`` (issue #5): defining rules on crafted inputs, the [CLS] row vs eager, the Qwen recomputation,
+"""``visionzip``: defining rules on crafted inputs, the [CLS] row vs eager, the Qwen recomputation,
 the config refusal, and exact counts on the four tiny models at the paper budgets (random weights, CPU); the
 generic end-to-end checks, through the runner included, are the conformance kit's (tests/test_conformance.py)."""
 

@@ -1,4 +1,4 @@
-"""The uniform visual-token interface of the adapters (issue #3, deliverable 1), on all four tiny models.
+"""The uniform visual-token interface of the adapters, on all four tiny models.
 
 ``position_encoding``; ``visual_segments`` (per image / NeXT sub-image / video frame) partitioning each
 visual's tokens; ``vision_features`` (pre-projector) whose projection reproduces the stage-1 visual

@@ -7,7 +7,7 @@ cosine-similar kept token. This module holds the pure tensor parts, batched over
 ``B`` (images, sub-images, frames or samples), with no model or config knowledge, in the manner of
 ToMe's ``tome/merge.py``. The method class that places them in the models lives elsewhere.
 
-Spec: ``design/methods.md`` §1.2 (core primitive) and §1.8 (where the released code differs from the
+Spec: ``docs/methods/apet.md`` (core primitive, and where the released code differs from the
 paper). Official files (MaQianKun0/ApET @ 70cc01b): ``llava/model/utils.py`` (``fps``,
 ``cluster_and_merge``), ``llava/model/llava_arch.py`` (``encode_images``, ``token_merging``; vision
 stage), ``llava/model/modeling_llama_x.py`` (``layer_prune``; LLM stage),
@@ -202,7 +202,7 @@ def fps_start_index(
     """Draw the FPS start token of every sample, uniformly in ``[0, num_tokens)``.
 
     The official ``fps`` draws ``torch.randint(0, N, (B,))`` from the global RNG (unseeded, so its runs
-    are not reproducible; methods.md §1.8, §8). Here the draw comes from ``generator`` when given, on
+    are not reproducible; docs/methods/apet.md). Here the draw comes from ``generator`` when given, on
     the generator's own device, so a CPU generator gives the same starts on CPU and GPU.
 
     Parameters
@@ -233,7 +233,7 @@ def fps(
 
     Step i picks the token with the largest squared Euclidean distance to the set picked so far
     (the running minimum over picked tokens), on the raw features (no normalisation), as the official
-    ``fps`` (``llava/model/utils.py``; methods.md §1.2). Ties go to the lowest index (``argmax``).
+    ``fps`` (``llava/model/utils.py``; docs/methods/apet.md). Ties go to the lowest index (``argmax``).
 
     ``numerics="official"`` runs the official loop as written, in the input dtype
     (:func:`_fps_official`); the rest of this paragraph and the list below describe ``"fp32"``.
@@ -630,7 +630,7 @@ def ridge_coefficients(
     """Ridge least-squares coefficients of every token on the basis, via the normal equations.
 
     Solves ``(S Sᵀ + ε I) a_n = S x_n`` for all N tokens at once (one batched ``linalg.solve`` of an
-    M × M system with N right-hand sides), in fp32, as the official code (methods.md §1.2, §1.8: LU
+    M × M system with N right-hand sides), in fp32, as the official code (docs/methods/apet.md: LU
     ``linalg.solve``, not ``lstsq`` or a pseudo-inverse). Paper Eq. 4: ``v ≈ Σ_i α_i b_i``.
 
     When ε is below fp32 resolution of the Gram matrix's diagonal (e.g. a basis of identical tokens with
@@ -1042,13 +1042,13 @@ def apet_compress(
     numerics: Literal["fp32", "official"] = "fp32",
     merge_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, ApETInfo]:
-    """Compress ``N`` tokens to ``K = keep`` with ApET (one stage; paper §3.3, methods.md §1.2).
+    """Compress ``N`` tokens to ``K = keep`` with ApET (one stage; paper §3.3, docs/methods/apet.md).
 
     Steps: basis selection (``select_basis``), approximation error (``approximation_error_from_basis``),
     top-K selection, similarity merge (``merge_dropped``), basis placement, and output in ascending
     position order.
 
-    ``variant="official"`` (what the released code does; methods.md §1.2, §1.8):
+    ``variant="official"`` (what the released code does; docs/methods/apet.md):
         rank the K highest-error tokens; the ``K - M`` highest are merge targets kept at their own
         positions; the ``M`` lowest-ranked kept slots are overwritten with the basis vectors (the
         basis tokens' own positions usually have error ≈ 0 and are dropped and merged like any other

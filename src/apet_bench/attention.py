@@ -2,7 +2,7 @@
 
 FastV, SparseVLM, PDrop and ApET's LLM stage score visual tokens with the attention of one query row
 (e.g. the last prompt token) at one layer. ``output_attentions=True`` would need ``eager`` attention in
-every layer and materialise ``num_layers x heads x L x L`` weights (transformers-hooks.md §3.4);
+every layer and materialise ``num_layers x heads x L x L`` weights (docs/models.md);
 sdpa and FlashAttention return none. :class:`AttentionRowCapture` instead wraps the attention function
 of **one** attention module: the module gets a private config copy whose ``_attn_implementation`` names
 a wrapper (registered once in transformers' ``AttentionInterface``) that

@@ -1,6 +1,6 @@
 """Token budgets: the one place where a configured ``budget`` becomes a number of visual tokens.
 
-Convention (architecture.md "Budgets", methods.md §0.2): an ``int`` is a token count under the
+Convention (docs/methods/index.md, "Budget convention"): an ``int`` is a token count under the
 paper's convention (the average number of visual tokens per LLM layer); a ``float`` in (0, 1] is a
 fraction (retention ratio) of the input's visual tokens, as in the Qwen2.5-VL rows of the paper.
 """

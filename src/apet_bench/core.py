@@ -527,6 +527,9 @@ class VisualModel(Protocol):
     vision_projector : torch.nn.Module
         The module mapping pre-projector features to the LLM width (``multi_modal_projector``,
         Qwen2.5-VL's ``merger``).
+    model : torch.nn.Module
+        The HF ``*ForConditionalGeneration`` module (a stage-two method may hook its forward to read the
+        prefill's ``input_ids``).
     num_visual_tokens : int
         Visual tokens per image without compression (576 for LLaVA-1.5).
     visual_context : SampleContext or None
@@ -539,6 +542,7 @@ class VisualModel(Protocol):
     family: str
     position_encoding: str
     visual_context: SampleContext | None
+    model: nn.Module
 
     @property
     def num_layers(self) -> int: ...
@@ -569,6 +573,52 @@ class VisualModel(Protocol):
 
     @property
     def attn_implementation(self) -> str: ...
+
+    @property
+    def visual_kind(self) -> str:
+        """``"image"`` or ``"video"``: the kind of the sample being generated."""
+        ...
+
+    @property
+    def vision_feature_layer(self) -> int | list[int]:
+        """The vision tower's hidden state the projector reads (negative: from the end)."""
+        ...
+
+    @property
+    def has_cls_token(self) -> bool:
+        """The vision tower emits a [CLS] token (False on Qwen2.5-VL)."""
+        ...
+
+    @property
+    def features_per_token(self) -> int:
+        """Pre-projector feature rows merged into one visual token (4 on Qwen2.5-VL, else 1)."""
+        ...
+
+    @property
+    def packs_crops(self) -> bool:
+        """Visual tokens are packed crops (LLaVA-NeXT anyres)."""
+        ...
+
+    @property
+    def patches_per_side(self) -> int:
+        """Side of one image's / crop's / frame's patch grid (24 for CLIP-336/14)."""
+        ...
+
+    def num_crops(self, inputs: Mapping[str, Any]) -> list[int]:
+        """Per image, its crops (base view first) when :attr:`packs_crops`, else 1."""
+        ...
+
+    def crop_grids(self, inputs: Mapping[str, Any]) -> list[tuple[int, int]]:
+        """Per image, ``(rows, cols)`` of its grid crops."""
+        ...
+
+    def pack_visual(self, crop_tokens: Sequence[torch.Tensor], inputs: Mapping[str, Any]) -> list[torch.Tensor]:
+        """Per image, ``(num_crops, P, D)`` crop tokens packed into its span as the model does."""
+        ...
+
+    def encode_images(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
+        """Per visual, the ``(n_i, hidden_size)`` visual tokens after the vision encoder and projector."""
+        ...
 
     def visual_positions(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None

@@ -29,7 +29,7 @@ How a number is obtained:
    built by :func:`overhead_context`), reported as its own line. This module knows no method by name;
    a method without a formula is an error naming it, never 0.
 
-Convention (:data:`CONVENTION`, the paper's Table 7 and transformers-hooks.md §4.4): one multiply-add
+Convention (:data:`CONVENTION`, the paper's Table 7 and docs/efficiency.md): one multiply-add
 = 2 FLOPs (matmuls, convolutions, attention); element-wise ops (norms, activations, softmax, RoPE) and
 embedding look-ups are not counted; attention at full ``n²`` (no causal halving); the ``lm_head`` on the
 last prompt token only (``logits_to_keep=1`` as ``generate`` does); prefill only (no decode steps);
@@ -146,7 +146,7 @@ def pope_text_tokens(tokenizer_model: str | os.PathLike, questions: str | os.Pat
 
 
 #: Default text tokens for Qwen2.5-VL: no Qwen tokenizer is available offline; 60 is the count with
-#: which the paper's 14.52 is reproduced at 729 visual tokens (transformers-hooks.md §4.3). The chat
+#: which the paper's 14.52 is reproduced at 729 visual tokens (docs/efficiency.md). The chat
 #: template's POPE prompt is about 40 Qwen2 BPE tokens by hand count; each text token adds ~0.015 TFLOPs.
 QWEN_DEFAULT_TEXT_TOKENS: int = 60
 
@@ -279,7 +279,7 @@ def meta_model(family: str, attn_implementation: str = "sdpa") -> Any:
     ----------
     family : str
     attn_implementation : str
-        ``sdpa`` (default) or ``eager``; both give identical counts (transformers-hooks.md §4.1).
+        ``sdpa`` (default) or ``eager``; both give identical counts (docs/efficiency.md).
 
     Returns
     -------
@@ -387,7 +387,7 @@ def _square_grid(n: int) -> tuple[int, int]:
 
 
 def _qwen_vision_flops(model: Any, visual_tokens_in: int, grid_hw: tuple[int, int] | None) -> dict[str, int]:
-    """Qwen2.5-VL ViT (window attention) + merger on meta (transformers-hooks.md §4.1 gotcha 3), cached."""
+    """Qwen2.5-VL ViT (window attention) + merger on meta (docs/efficiency.md gotcha 3), cached."""
     return dict(_qwen_vision_flops_cached(int(visual_tokens_in), grid_hw))
 
 
@@ -482,7 +482,7 @@ def llm_flops_formula(
     """Analytic FLOPs of one decoder layer at ``n`` tokens (the counter's formula, for tests / docs).
 
     ``2n(2d² + 2d·d_kv + 3d·m) + 4n²d`` (q, o: d×d; k, v: d×d_kv; SwiGLU: 3 matrices d×m; QKᵀ and AV at
-    full n², 2 FLOPs per multiply-add; transformers-hooks.md §4.2). Biases (Qwen's q/k/v) are element-wise.
+    full n², 2 FLOPs per multiply-add; docs/efficiency.md). Biases (Qwen's q/k/v) are element-wise.
     """
     del qkv_bias
     return 2 * n * (2 * hidden * hidden + 2 * hidden * kv_hidden + 3 * hidden * intermediate) + 4 * n * n * hidden
@@ -522,7 +522,7 @@ class TokenPlan:
 
     @property
     def mean_layer_visual_tokens(self) -> float:
-        """The paper's budget convention: visual tokens averaged over decoder layers (methods.md §0.2)."""
+        """The paper's budget convention: visual tokens averaged over decoder layers (docs/methods/index.md)."""
         return sum(self.layer_visual_tokens) / max(1, len(self.layer_visual_tokens))
 
 

@@ -3,7 +3,7 @@
 ``python -m apet_bench.latency model=llava15 method=apet budget=64 [backends=sdpa,eager] [warmup=3]
 [repeats=10] [max_new_tokens=16] [device=auto] [visual_tokens=729]``
 
-Protocol (issue #8, deliverable 2; one documented answer to "how was timing measured"):
+Protocol (one documented answer to "how was timing measured"):
 
 * **Model.** Real weights when the checkpoint is available (``local_path`` or the HF cache); otherwise,
   on CUDA, the *full-size* model class built from its published configuration

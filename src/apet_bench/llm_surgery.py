@@ -1,6 +1,6 @@
 """Stage-2 surgery: drop (or merge) visual tokens at decoder layer K during prefill, generic over VLM families.
 
-transformers-hooks.md §3.3, made a context manager that any :class:`~apet_bench.methods.Compressor`
+docs/models.md, made a context manager that any :class:`~apet_bench.methods.Compressor`
 with :meth:`~apet_bench.methods.Compressor.llm_layers` uses through
 :meth:`~apet_bench.methods.Compressor.select_llm_tokens`; the method decides *which* visual tokens
 stay, this module does everything else:

@@ -1,10 +1,10 @@
 """The main job: one model x method x budget x benchmark run through lmms-eval into the results store.
 
-Flow (architecture.md "What flows through it"): validate everything that can be validated without
+Flow (docs/models.md): validate everything that can be validated without
 side effects (availability, budget, data) -> skip a finished run -> load the model adapter (cached per
 process, reused across methods) -> build the method -> lmms-eval ``simple_evaluate`` with our model
 class on the benchmark's local task -> check that the evaluation really produced every metric for
-every sample (lmms-eval's CLI can exit 0 after an exception, lmms-eval.md §0 #4) -> write the run
+every sample (lmms-eval's CLI can exit 0 after an exception, docs/data.md) -> write the run
 directory atomically (:mod:`apet_bench.results`).
 """
 

@@ -1,6 +1,6 @@
 """Shared sequence surgery for visual-token compression (no method logic, no model family specifics).
 
-Stage 1 (transformers-hooks.md §3.2): the adapter takes the projector outputs, lets the method choose
+Stage 1 (docs/models.md): the adapter takes the projector outputs, lets the method choose
 the visual tokens of each image (:func:`select_visual_tokens`), then shrinks each image's placeholder
 run in ``input_ids`` / ``attention_mask`` to the new count (:func:`shrink_placeholder_runs`) and calls
 ``generate(..., mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=new_features)})``
@@ -109,7 +109,7 @@ def shrink_placeholder_runs(
     next ``original_counts[i]`` placeholder tokens, which must be contiguous. Its run is replaced by
     ``selections[i].num_tokens`` placeholders at the same place; all other tokens are kept in order.
     Rows are then left-padded to a common length with ``pad_token_id`` (generation needs left
-    padding). Source: transformers-hooks.md §3.2 step 2.
+    padding). Source: docs/models.md.
 
     Parameters
     ----------

@@ -1,6 +1,6 @@
 """Open-ended video QA (MSVD-QA, MSRVTT-QA; TGIF-QA with ``scoring: judge``) as local lmms-eval tasks
 scored by an LLM judge (Video-ChatGPT protocol, :mod:`apet_bench.judge`). lmms-eval 0.7.3 ships no task
-for these three datasets (lmms-eval.md §0 #8).
+for these three datasets (docs/data.md).
 
 Layout (``<data_root>/<subdir>/``), the QA files of the official releases as Video-LLaVA's evaluation
 uses them::

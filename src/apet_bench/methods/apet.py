@@ -1,7 +1,7 @@
 """``apet``: ApET (Approximation-Error guided Token compression, CVPR 2026) on all four models, both stages.
 
 The pure tensor parts (basis selection, ridge approximation error, top-K, similarity merge) are in
-:mod:`apet_bench.apet`; this module places them in the models (design/methods.md §1.3-§1.8):
+:mod:`apet_bench.apet`; this module places them in the models (docs/methods/apet.md):
 
 * **vision stage** (stage 1, :meth:`ApETCompressor.compress_visual`): keeps ``1.5 × b`` tokens per unit,
   ``b`` the unit's share of the budget (a unit is an image, a LLaVA-NeXT sub-image, a Video-LLaVA frame);
@@ -9,7 +9,7 @@ The pure tensor parts (basis selection, ridge approximation error, top-K, simila
   (16 of 32 for the LLaVA family, 14 of 28 for Qwen2.5-VL: ``K = num_layers // 2``) keeps ``0.5 × b``
   per unit, on the hidden states, merged tokens written back as replacement hidden states.
 
-So the equivalent average over decoder layers (methods.md §0.2) is ``b``: LLaVA-1.5 budget 64 -> 96
+So the equivalent average over decoder layers (docs/methods/index.md) is ``b``: LLaVA-1.5 budget 64 -> 96
 visual tokens in layers 0-15 and 32 in layers 16-31.
 """
 
@@ -38,10 +38,10 @@ from apet_bench.methods.records import OverheadContext, TokenMap, TokenScores
 
 __all__ = ["NEXT_SUB_IMAGES", "QWEN_LLM_RIDGE", "ApETCompressor", "apet_stage_flops", "default_drop_layer"]
 
-#: Sub-images per LLaVA-NeXT image in the budget convention (methods.md §0.3: 2880 = 5 × 576, base view
+#: Sub-images per LLaVA-NeXT image in the budget convention (docs/methods/index.md: 2880 = 5 × 576, base view
 #: + 2×2 grid), so an int budget ``B`` is ``B / 5`` per sub-image (640 -> 128, official scripts).
 NEXT_SUB_IMAGES = 5
-#: Ridge ε of Qwen2.5-VL's LLM-stage ``layer_prune`` (``qwen/model/qwen2_5_vl_custom.py``, methods.md §1.2).
+#: Ridge ε of Qwen2.5-VL's LLM-stage ``layer_prune`` (``qwen/model/qwen2_5_vl_custom.py``, docs/methods/apet.md).
 QWEN_LLM_RIDGE = 1e-1
 
 
@@ -100,7 +100,7 @@ class ApETCompressor(TokenCompressor):
     Parameters
     ----------
     budget : int or float
-        The paper's budget ``B`` (equivalent average of visual tokens per decoder layer, methods.md §0.2)
+        The paper's budget ``B`` (equivalent average of visual tokens per decoder layer, docs/methods/index.md)
         or a retention ratio (Qwen2.5-VL's 20 % / 10 %). Per unit ``b``: ``B`` per image (LLaVA-1.5,
         Qwen2.5-VL, Video-LLaVA images), ``B / 5`` per sub-image (LLaVA-NeXT, :data:`NEXT_SUB_IMAGES`),
         ``B / num_frames`` per frame (Video-LLaVA videos; ``B`` must be a multiple of the frames); a float ``r``
@@ -125,7 +125,7 @@ class ApETCompressor(TokenCompressor):
 
     Notes
     -----
-    Per model (methods.md §1.3-§1.7; ``[code]`` = read in the official code, ``[derived]`` = ours):
+    Per model (docs/methods/apet.md; ``[code]`` = read in the official code, ``[derived]`` = ours):
 
     * LLaVA-1.5: vision stage on CLIP ``hidden_states[-2]`` (pre-projector, 1024-d) of each image, then
       ``project_visual`` [code ``encode_images``]; LLM stage on the hidden states of the visual span at
@@ -141,24 +141,24 @@ class ApETCompressor(TokenCompressor):
 
     ``variant="official"`` vs ``"paper"`` (every difference, with its source):
 
-    1. Basis placement (methods.md §1.2 [code]): official writes the ``M`` basis vectors into the ``M``
+    1. Basis placement (docs/methods/apet.md [code]): official writes the ``M`` basis vectors into the ``M``
        lowest-ranked of the ``K`` kept slots (vision stages: slots in ascending position, basis in
        selection order, boolean-mask pairing; LLaVA LLM stage: rank order) and merges dropped tokens
        into the ``K - M`` others only; paper (§3.3) keeps the basis tokens at their own positions and
        every kept token is a merge target.
-    2. Qwen2.5-VL vision-stage slots get ``0.5·basis + 0.5·slot token`` (official, §1.2, §1.5 [code]);
+    2. Qwen2.5-VL vision-stage slots get ``0.5·basis + 0.5·slot token`` (official [code]);
        paper: n/a (basis at own positions).
-    3. Qwen2.5-VL LLM stage at layer 14 (§1.5 [code]): official **off** (the call is commented out in
+    3. Qwen2.5-VL LLM stage at layer 14 ([code]): official **off** (the call is commented out in
        the released code, so the scripts keep 30 % in every layer for a "20 %" budget); paper **on**
        (§4 "layer 14 for Qwen2.5-VL"), ridge ε = 1e-1 (:data:`QWEN_LLM_RIDGE`, the disabled code's
        value), kept tokens keep their original mRoPE positions.
-    4. LLaVA-NeXT LLM stage (§1.4 "NeXT bug" [code + VScan issue #6]): official compresses only the
+    4. LLaVA-NeXT LLM stage ("NeXT bug" [code + VScan GitHub issue 6]): official compresses only the
        first ``1.5 b`` tokens of the visual span (the base view; ``image_token_list = [1.5 b, 0.5 b]``)
        to ``0.5 b``, every other token passes; paper: ApET over the whole visual span (newline tokens
        included as ordinary tokens) keeping ``Σ_units min(0.5 b, tokens of the unit)``. On LLaVA-1.5
        (one image) both give ``1.5 b -> 0.5 b``. Multi-image LLaVA-1.5 samples follow the same rule
        (official: first image's span only).
-    5. Video-LLaVA layout (§1.6 [code]): official per frame ``[CLS, b - M merge targets in descending-
+    5. Video-LLaVA layout ([code]): official per frame ``[CLS, b - M merge targets in descending-
        error order, M basis vectors in FPS order]`` over the 256 patch tokens (``b + 1`` per frame,
        ``B + num_frames`` in all: 264 for ``B = 256``), ``kept_indices`` reported when all rows are
        distinct tokens; paper: ApET over each frame's 257 tokens (CLS an ordinary token), ``b`` kept
@@ -167,16 +167,16 @@ class ApETCompressor(TokenCompressor):
        (official ``randint``) vs without replacement (paper). :func:`apet_bench.apet.select_basis`.
     7. ``M`` is clamped to ``K - 1`` (official: one merge target must remain) or ``K`` (paper).
 
-    Positions after the LLM stage (LLaVA family, methods.md §1.4 [code]): official renumbers the
+    Positions after the LLM stage (LLaVA family, docs/methods/apet.md [code]): official renumbers the
     compacted sequence contiguously (``0..L'-1``) for layers ≥ K and shifts decode positions down by the
     removed count (:attr:`renumber_positions`, implemented by :mod:`apet_bench.llm_surgery`); paper keeps
     each kept token's original RoPE position (the paper does not say; FastV semantics).
 
     Basis sampling (``basis``, Table 5): official applies it to the vision stage only, the LLM stage
-    hard-wires FPS (methods.md §1.4 [code]); paper applies it at both stages.
+    hard-wires FPS (docs/methods/apet.md [code]); paper applies it at both stages.
 
     Same in both variants (official choices the paper leaves open): ridge normal-equation solve in fp32
-    with ε = 1e-5, unnormalised features, cosine-similarity merge with a plain mean (§1.8).
+    with ε = 1e-5, unnormalised features, cosine-similarity merge with a plain mean (docs/methods/apet.md).
 
     Numerics (``numerics``, both variants): ``"official"`` (default) computes as the official code
     (MaQianKun0/ApET @ 70cc01b): FPS in the dtype of the features it reads (fp16 for the LLaVA family
@@ -205,7 +205,7 @@ class ApETCompressor(TokenCompressor):
     layer: int | None = None  # type: ignore[assignment]  # an instance field here (ClassVar in the base)
 
     stage: ClassVar[str] = "both"
-    #: Vision / LLM-stage shares of the per-unit budget (official split, methods.md §1.7).
+    #: Vision / LLM-stage shares of the per-unit budget (official split, docs/methods/apet.md).
     VISION_RATIO: ClassVar[float] = 1.5
     LLM_RATIO: ClassVar[float] = 0.5
     #: The budget is split per unit (1.5 b before K, 0.5 b after, per NeXT crop / video frame), so the last
@@ -243,7 +243,7 @@ class ApETCompressor(TokenCompressor):
 
     @property  # type: ignore[override]
     def renumber_positions(self) -> bool:  # type: ignore[override]
-        """Official: positions renumbered after the LLM stage (methods.md §1.4); paper: original positions."""
+        """Official: positions renumbered after the LLM stage (docs/methods/apet.md); paper: original positions."""
         return self.official
 
     @property  # type: ignore[override]
@@ -268,9 +268,9 @@ class ApETCompressor(TokenCompressor):
     def _drop_layer(self, adapter: Any) -> int | None:
         """``K`` for ``adapter``'s current sample, or ``None`` without an LLM stage."""
         if adapter.features_per_token > 1 and self.official:
-            return None  # the released code has the layer-14 call commented out (methods.md §1.5)
+            return None  # the released code has the layer-14 call commented out (docs/methods/apet.md)
         if adapter.visual_kind == "video":
-            return None  # Video-LLaVA: vision stage only (methods.md §1.6)
+            return None  # Video-LLaVA: vision stage only (docs/methods/apet.md)
         return int(self.layer) if self.layer is not None else default_drop_layer(adapter.num_layers)
 
     def llm_layers(self) -> tuple[int, ...]:
@@ -284,7 +284,7 @@ class ApETCompressor(TokenCompressor):
         """Visual tokens kept at the LLM stage out of the ``num_visual_tokens`` present (this sample's units).
 
         Official (LLaVA family): ``n - span + min(0.5 b₀, span)``, ``span = min(1.5 b₀, n)`` (the first
-        unit's numbers; methods.md §1.4). Paper: ``min(n, Σ_units min(0.5 b, n_kept))``.
+        unit's numbers; docs/methods/apet.md). Paper: ``min(n, Σ_units min(0.5 b, n_kept))``.
         """
         n = int(num_visual_tokens)
         if n <= 0:
@@ -324,7 +324,7 @@ class ApETCompressor(TokenCompressor):
 
     # ------------------------------------------------------------------ stage 1
     def compress_visual(self, features: torch.Tensor, *, image_index: int) -> VisualSelection:
-        """Vision stage of one image / video (methods.md §1.3, §1.5, §1.6).
+        """Vision stage of one image / video (docs/methods/apet.md).
 
         Parameters
         ----------
@@ -400,7 +400,7 @@ class ApETCompressor(TokenCompressor):
             keep_mask[p] = True
             self._units.append(_Unit(int((fmap[c] >= 0).sum()), vkeep, lkeep, int(p.numel())))
         newlines = ctx.segments[image_index].newline_positions.to(fmap.device)
-        keep_mask[newlines] = True  # image_newline tokens are always kept (methods.md §1.3)
+        keep_mask[newlines] = True  # image_newline tokens are always kept (docs/methods/apet.md)
         idx = keep_mask.nonzero().flatten()
         return VisualSelection(packed.index_select(0, idx.to(packed.device)).to(features.dtype), idx.to(features.device))
 
@@ -415,7 +415,7 @@ class ApETCompressor(TokenCompressor):
         return VisualSelection(tokens[0].to(features.dtype), kept[0].to(features.device))
 
     def _vision_video(self, features: torch.Tensor, segments: Any) -> VisualSelection:
-        """Video-LLaVA video: per frame, post-projector (methods.md §1.6)."""
+        """Video-LLaVA video: per frame, post-projector (docs/methods/apet.md)."""
         frames = list(segments.segments)
         F = len(frames)
         t = frames[0].num_tokens
@@ -604,8 +604,8 @@ class ApETCompressor(TokenCompressor):
                 continue
             kwargs: dict[str, Any] = {"ridge": ridge}
             if self.official:
-                kwargs["basis_slot_order"] = "rank"  # LLaVA LLM stage: index assignment (methods.md §1.2)
-                kwargs["basis"] = "fps"  # the official LLM stage hard-wires FPS (methods.md §1.4)
+                kwargs["basis_slot_order"] = "rank"  # LLaVA LLM stage: index assignment (docs/methods/apet.md)
+                kwargs["basis"] = "fps"  # the official LLM stage hard-wires FPS (docs/methods/apet.md)
             if not qwen:  # LLaVA layer_prune: FPS on the model-dtype hidden states, merge after .float()
                 kwargs["merge_dtype"] = torch.float32
             tokens, kept = self._apet(x[:span].unsqueeze(0), k_span, **kwargs)

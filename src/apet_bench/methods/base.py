@@ -5,7 +5,7 @@ A method is a ``@dataclass`` and a context manager, in the manner of the presses
 needs to the model behind a :class:`~apet_bench.core.VisualModel` and removes every one of them
 on exit, so one loaded model can run several methods back to back.
 
-A method acts at one or two stages (architecture.md, "What flows through it"):
+A method acts at one or two stages (docs/models.md):
 
 * stage 1, ``"vision"``: after the vision encoder and projector, before the LLM. The adapter calls
   :meth:`TokenCompressor.compress_visual` once per image and does the sequence surgery itself
@@ -14,7 +14,7 @@ A method acts at one or two stages (architecture.md, "What flows through it"):
 * stage 2, ``"llm"``: inside the LLM during prefill (drop / merge at decoder layer K). A method sets
   :attr:`TokenCompressor.layer` (or :meth:`TokenCompressor.llm_layers`) and implements
   :meth:`TokenCompressor.select_llm_tokens`; the shared surgery (``apet_bench.llm_surgery``) does the
-  gathers, masks and KV cache (transformers-hooks.md §3.3). Methods needing attention weights set
+  gathers, masks and KV cache (docs/models.md). Methods needing attention weights set
   ``needs_attention_weights`` and get the rows of :meth:`TokenCompressor.attention_request`
   (``apet_bench.attention``). A method may still register its own hooks in :meth:`TokenCompressor.attach`.
 * ``"both"``: the two together; ``"none"``: no compression at all.
@@ -118,7 +118,7 @@ class TokenCompressor:
     #: One of :data:`STAGES`.
     stage: ClassVar[str] = "none"
     #: Whether the method reads attention weights (it must then compute only the rows it uses,
-    #: transformers-hooks.md §3.4, so the rest of the model stays on sdpa / FlashAttention).
+    #: docs/models.md, so the rest of the model stays on sdpa / FlashAttention).
     needs_attention_weights: ClassVar[bool] = False
     #: Stage 2: the decoder layer K at whose input visual tokens are dropped (``1 <= K < num_layers``);
     #: ``None`` = no shared stage-2 surgery (a stage-2 method then does everything in its own hooks).
@@ -130,7 +130,7 @@ class TokenCompressor:
     #: records them in the same vision-tower pass as the visual tokens (``VisualModel.stage_one_features``).
     needs_vision_features: ClassVar[bool] = False
     #: Stage 2 only. False (default, FastV semantics): kept tokens keep their original RoPE positions.
-    #: True (the official ApET / PDrop-style LLaVA code, methods.md §1.4): from each drop layer on, the
+    #: True (the official ApET / PDrop-style LLaVA code, docs/methods/apet.md): from each drop layer on, the
     #: shortened sequence is renumbered 0..L'-1 at prefill and decode positions are shifted down by the
     #: number of removed tokens. 1-D RoPE families only; see :class:`apet_bench.llm_surgery.LLMStageSurgery`.
     renumber_positions: ClassVar[bool] = False
@@ -310,7 +310,7 @@ class TokenCompressor:
         pre : bool
             ``True`` for a forward pre-hook, ``False`` for a forward hook.
         with_kwargs : bool
-            Passed to PyTorch; pre-hooks on decoder layers need it (transformers-hooks.md §3.3).
+            Passed to PyTorch; pre-hooks on decoder layers need it (docs/models.md).
 
         Returns
         -------
@@ -333,7 +333,7 @@ class TokenCompressor:
         """Select (or build) the visual tokens of one image that enter the LLM (stage 1).
 
         Called by the adapter once per image, inside ``torch.inference_mode()``, with the projector
-        output (transformers-hooks.md §3.2 step 1). The base implementation keeps every token.
+        output (docs/models.md). The base implementation keeps every token.
 
         Parameters
         ----------
@@ -369,7 +369,7 @@ class TokenCompressor:
     def llm_keep_count(self, num_visual_tokens: int, *, layer_idx: int) -> int:
         """Visual tokens to keep at drop layer ``layer_idx`` out of the ``num_visual_tokens`` present there.
 
-        Budget convention for stage 2 (methods.md §0.2, the looser "tokens kept after the pruning
+        Budget convention for stage 2 (docs/methods/index.md, the looser "tokens kept after the pruning
         layer" one): an ``int`` budget is the number of visual tokens kept from the drop layer on; a
         ``float`` the fraction of the visual tokens reaching that layer. Layers before the drop carry
         every token, so the per-layer average (``GenerationOutput.mean_layer_visual_tokens``, the

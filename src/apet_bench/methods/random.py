@@ -30,8 +30,7 @@ class RandomCompressor(TokenCompressor):
         Stage ``"vision"``: visual tokens kept per image (``int``) or retention ratio (``float`` in
         (0, 1]). Stage ``"llm"``: visual tokens kept from decoder layer ``layer`` on, out of the
         sample's visual tokens (``int``), or that fraction of them (``float``); layers before ``layer``
-        carry all of them, so the per-layer average (recorded with the plan) is higher (methods.md
-        §0.2, "tokens kept after the pruning layer" convention). Required.
+        carry all of them, so the per-layer average (recorded with the plan) is higher (docs/methods/index.md, "tokens kept after the pruning layer" convention). Required.
     stage : {"vision", "llm"}
         Where to drop: after the projector (default) or at the input of decoder layer ``layer``
         during prefill (``apet_bench.llm_surgery``).

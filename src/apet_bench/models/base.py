@@ -282,7 +282,7 @@ class ModelAdapter:
     def visual_segments(self, inputs: Mapping[str, Any]) -> list[VisualSegments]:  # pragma: no cover - abstract
         """Per image (or video) of processed ``inputs``, where its visual tokens are and how they group.
 
-        The interface ApET (methods.md §1.3-§1.6), VisionZip (§2.2-§2.5) and ToMe (§6.2) use to budget
+        The interface ApET (docs/methods/apet.md), VisionZip (docs/methods/visionzip.md) and ToMe (docs/methods/tome.md) use to budget
         per image, per NeXT sub-image or per video frame. Positions index the visual's tokens in
         stage-1 order (rows of :meth:`encode_images`); :meth:`VisualSegments.sequence_positions`
         converts them to ``input_ids`` columns.
@@ -419,7 +419,7 @@ class ModelAdapter:
 
     def vision_features(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
         """The vision tower's features per visual, **before** the projector (what ApET / VisionZip /
-        ToMe compress on the vision side, methods.md §1.3, §2.1, §6.2).
+        ToMe compress on the vision side, docs/methods/apet.md).
 
         Exactly the projector's input in the HF forward (``vision_feature_layer`` /
         ``vision_feature_select_strategy`` of the config), split per visual:

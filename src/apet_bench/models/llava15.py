@@ -5,7 +5,7 @@ user ... the user's questions."), ``USER: <image>\\n{question} ASSISTANT:``, tok
 ``tokenizer_image_token`` (:mod:`apet_bench.models.inputs`); each ``<image>`` becomes 576 placeholder
 tokens, which ``LlavaModel.forward`` overwrites with the projector output (``masked_scatter``). Pixels:
 padded to a square with the CLIP mean colour, then CLIP's 336 px resize (``processor.pad_to_square``). Visual tokens come from CLIP ViT-L/14-336
-``hidden_states[-2]`` without CLS, through the 2-layer MLP projector (transformers-hooks.md §3.1,
+``hidden_states[-2]`` without CLS, through the 2-layer MLP projector (docs/models.md,
 ``models/llava/modeling_llava.py``).
 """
 

@@ -1,6 +1,6 @@
 """LLaVA-NeXT adapter (``llava-hf/llava-v1.6-vicuna-7b-hf`` and the tiny random-weight variant).
 
-Sequence layout (methods.md §0.3, transformers-hooks.md §3.1, ``models/llava_next/modeling_llava_next.py``):
+Sequence layout (docs/methods/index.md, docs/models.md, ``models/llava_next/modeling_llava_next.py``):
 vicuna_v1 prompt as for LLaVA-1.5 (``USER: <image>\\n{question} ASSISTANT:``). Anyres: the image is
 resized to the best of ``image_grid_pinpoints`` and cut into ``rows x cols`` crops of ``image_size``
 pixels, plus a down-scaled base view. Every crop goes through CLIP (``hidden_states[-2]``, CLS
@@ -13,12 +13,12 @@ one learned ``image_newline`` token after every grid row. The packed span of one
 
 so its length varies with the image size: 672 x 672 gives 576 + 48·49 = 2928 tokens, a 640 x 480
 image 576 + 36·49 = 2340 (the papers' "2880 = 5 x 576" counts a fixed 672 x 672 input without
-unpadding or newlines, methods.md §0.3). Each ``<image>`` placeholder run in ``input_ids`` has
+unpadding or newlines, docs/methods/index.md). Each ``<image>`` placeholder run in ``input_ids`` has
 exactly the packed length, and every position of it (newline tokens included) is a visual token.
 
 Stage 1 compresses the **packed** features (:meth:`LlavaNextAdapter.encode_images`): compressing per
-crop before packing breaks its reshape (transformers-hooks.md §3.1). Methods that budget per
-sub-image (ApET, VisionZip, ToMe, methods.md §1.3 / §2.3) read :meth:`LlavaNextAdapter.visual_segments`
+crop before packing breaks its reshape (docs/models.md). Methods that budget per
+sub-image (ApET, VisionZip, ToMe, docs/methods/) read :meth:`LlavaNextAdapter.visual_segments`
 (the uniform interface: base / sub-image segments and newline positions) or the lower-level
 :meth:`LlavaNextAdapter.visual_layout`, which maps every packed position back to its crop and patch.
 Per-crop pre-projector features: ``vision_features`` -> ``project_visual`` -> ``pack_visual``.
@@ -200,7 +200,7 @@ def build_tiny_llava_next(
     Config: ``LlavaNextConfig(CLIPVisionConfig, LlamaConfig, image_grid_pinpoints, vision_feature_layer=-2,
     vision_feature_select_strategy="default")``; processor: ``LlavaNextProcessor(LlavaNextImageProcessorPil(
     shortest edge / crop = image_size, same image_grid_pinpoints, do_pad=True), tokenizer, patch_size,
-    "default", num_additional_image_tokens=1)`` (transformers-hooks.md §2.2). Weights re-initialised
+    "default", num_additional_image_tokens=1)`` (docs/models.md). Weights re-initialised
     with :func:`~apet_bench.models.tiny.reinit_weights` (``image_newline`` included), the global RNG
     left as it was.
 

@@ -1,6 +1,6 @@
 """Qwen2.5-VL adapter (``Qwen/Qwen2.5-VL-7B-Instruct`` and the tiny random-weight variant).
 
-Sequence layout (methods.md §0.4): Qwen chat template as lmms-eval's ``qwen2_5_vl_chat`` model renders
+Sequence layout (docs/methods/index.md): Qwen chat template as lmms-eval's ``qwen2_5_vl_chat`` model renders
 it with ``apply_chat_template(add_generation_prompt=True)`` and no system message of its own (so the
 template's default system prompt ``"You are a helpful assistant."``), image before the question::
 
@@ -15,8 +15,8 @@ depends on the image: ``min_pixels / 28²`` to ``max_pixels / 28²`` (256 to 204
 setting).
 
 Positions are 3-D mRoPE (t, h, w), computed by ``get_rope_index`` on the full ``input_ids``
-(transformers-hooks.md §3.1). Stage 1 (:meth:`Qwen25VLAdapter.stage_one_inputs`) therefore passes
-explicit 4-row ``position_ids`` that keep every kept token's original (t, h, w) position (§3.2 step 4),
+(docs/models.md). Stage 1 (:meth:`Qwen25VLAdapter.stage_one_inputs`) therefore passes
+explicit 4-row ``position_ids`` that keep every kept token's original (t, h, w) position (docs/models.md),
 and a guard on the LLM refuses any forward of a shrunk sequence without them.
 """
 
@@ -59,7 +59,7 @@ __all__ = [
 
 #: Default system prompt of the Qwen2.5-VL chat template (used when the messages carry none).
 QWEN_SYSTEM = "You are a helpful assistant."
-#: ApET's evaluation setting (methods.md §0.4): 256 to 2048 visual tokens of 28 × 28 px.
+#: ApET's evaluation setting (docs/methods/index.md): 256 to 2048 visual tokens of 28 × 28 px.
 PAPER_MIN_PIXELS = 256 * 28 * 28
 PAPER_MAX_PIXELS = 2048 * 28 * 28
 #: Qwen special tokens the tiny tokenizer needs (placeholders and chat markers).
@@ -94,7 +94,7 @@ def _processor_class() -> type:
 
     ``ProcessorMixin.check_argument_for_proper_class`` looks ``None`` up in ``VIDEO_PROCESSOR_MAPPING``,
     which fails without torchvision (``AttributeError: ... '_extra_content'``); the subclass skips the
-    check for ``None`` (transformers-hooks.md §2.2, "Processor workaround").
+    check for ``None`` (docs/models.md, "Processor workaround").
     """
     from transformers import Qwen2_5_VLProcessor
 
@@ -125,7 +125,7 @@ def _check_pixels(min_pixels: Any, max_pixels: Any, factor: int = 28) -> tuple[i
 
 @dataclass
 class TinyQwen25VLConfig:
-    """Sizes of the tiny Qwen2.5-VL (real classes, random weights; transformers-hooks.md §2.2).
+    """Sizes of the tiny Qwen2.5-VL (real classes, random weights; docs/models.md).
 
     ``min_pixels`` / ``max_pixels`` default to 64 to 256 visual tokens (of 28 × 28 px) so tests stay
     fast; ``mrope_section`` is derived from the head size in the 7B model's proportions
@@ -192,7 +192,7 @@ def build_tiny_qwen25vl(
     spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1, 3]))`` with
     the placeholder ids of the tiny tokenizer (word-level, Qwen special tokens added); processor:
     ``Qwen2_5_VLProcessor(Qwen2VLImageProcessorPil(size={"shortest_edge": min_pixels, "longest_edge":
-    max_pixels}), tokenizer, video_processor=None)`` (transformers-hooks.md §2.2). Construction runs
+    max_pixels}), tokenizer, video_processor=None)`` (docs/models.md). Construction runs
     under ``torch.random.fork_rng``, then :func:`apet_bench.models.tiny.reinit_weights`.
 
     Parameters
@@ -273,7 +273,7 @@ def mrope_positions_for_kept(
 ) -> torch.Tensor:
     """Position ids of a shrunk Qwen2.5-VL sequence: original (t, h, w) of every kept column.
 
-    transformers-hooks.md §3.2 step 4: the mRoPE rows are gathered from the full-length positions at
+    docs/models.md: the mRoPE rows are gathered from the full-length positions at
     each new column's source column; the text row (used by the mask builder only) is the cumsum of
     the new mask − 1, as ``GenerationMixin._prepare_position_ids_for_generation`` builds it.
 

@@ -3,7 +3,7 @@
 They exercise the whole pipeline (processor, vision tower, projector, surgery, hooks, KV cache, decode)
 with the real geometry (336 px / 14 -> 576 visual tokens for LLaVA-1.5) but tiny widths and depths,
 so tests and dry runs need neither the hub nor a GPU. Their answers are a pipeline check, never an
-accuracy number. Recipe: transformers-hooks.md §2.1 (tokenizer) and §2.2 (per-architecture configs,
+accuracy number. Recipe: docs/models.md (tokenizer, per-architecture configs,
 processor, and the larger-std re-init so greedy outputs depend on the input).
 """
 
@@ -33,7 +33,7 @@ __all__ = [
 _C = TypeVar("_C")
 
 #: Special tokens of the tiny tokenizer; the visual placeholders must be special tokens so a run
-#: ``<image><image>...`` splits into single tokens (transformers-hooks.md §2.1).
+#: ``<image><image>...`` splits into single tokens (docs/models.md).
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>", "<image>", "<video>")
 
 #: Word-level vocabulary: the vicuna_v1 system prompt, the lmms-eval prompt suffixes, answer words
@@ -118,7 +118,7 @@ def checked_config(cls: type[_C], cfg: Mapping[str, Any] | None) -> _C:
 class TinyLlavaConfig:
     """Sizes of the tiny LLaVA-1.5 (``tiny_config`` in ``configs/model/tiny_llava15.yaml``).
 
-    Defaults follow transformers-hooks.md §2.2 (0.95 M parameters, ~20 ms per forward on 2 CPU
+    Defaults follow docs/models.md (0.95 M parameters, ~20 ms per forward on 2 CPU
     cores) with the real LLaVA-1.5 geometry: 336 px images, 14 px patches -> 24 x 24 = 576 visual
     tokens, CLIP feature layer -2 with the CLS token dropped.
 
@@ -135,7 +135,7 @@ class TinyLlavaConfig:
     init_std : float
         Std of the normal re-init of every weight matrix and embedding. The HF default (0.02) makes a
         random model emit the same token at every step; 0.2 makes greedy outputs depend on the image
-        and the prompt (transformers-hooks.md §2.2, "Test-data pitfalls").
+        and the prompt (docs/models.md, "Test-data pitfalls").
     """
 
     vision_hidden_size: int = 64
@@ -187,7 +187,7 @@ class TinyLlavaConfig:
 
 
 def build_tiny_tokenizer(extra_words: tuple[str, ...] = (), extra_special_tokens: tuple[str, ...] = ()) -> Any:
-    """Word-level tokenizer of :data:`TINY_WORDS`, built offline (transformers-hooks.md §2.1).
+    """Word-level tokenizer of :data:`TINY_WORDS`, built offline (docs/models.md).
 
     A ``tokenizers`` ``WordLevel`` model (unknown -> ``<unk>``), whitespace/punctuation
     pre-tokenizer, ``<s>`` prepended as BOS (as the Llama tokenizer of llava-hf does), wrapped in
@@ -262,7 +262,7 @@ def reinit_weights(model: nn.Module, std: float, seed: int) -> None:
 
 
 def tiny_clip_vision_config(tc: TinyLlavaConfig) -> Any:
-    """The ``CLIPVisionConfig`` of a tiny LLaVA-style model (transformers-hooks.md §2.2).
+    """The ``CLIPVisionConfig`` of a tiny LLaVA-style model (docs/models.md).
 
     Parameters
     ----------
@@ -396,7 +396,7 @@ def build_tiny_llava15(
     Config: ``LlavaConfig(CLIPVisionConfig, LlamaConfig)``, ``vision_feature_layer=-2``,
     ``vision_feature_select_strategy="default"``, ``image_seq_length = (image_size/patch_size)²``;
     processor: ``LlavaProcessor(CLIPImageProcessorPil(336 shortest edge, 336 x 336 crop), tokenizer,
-    patch_size, "default", num_additional_image_tokens=1)`` (transformers-hooks.md §2.2). The LLM
+    patch_size, "default", num_additional_image_tokens=1)`` (docs/models.md). The LLM
     vocabulary equals ``len(tokenizer)``, so every generated id decodes to a word. Construction runs
     under ``torch.random.fork_rng`` (the global RNG is left as it was), then :func:`reinit_weights`.
 

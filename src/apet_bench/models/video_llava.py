@@ -1,6 +1,6 @@
 """Video-LLaVA adapter (``LanguageBind/Video-LLaVA-7B-hf`` and the tiny random-weight variant).
 
-Sequence layout (methods.md §0.5, transformers ``models/video_llava/modeling_video_llava.py``):
+Sequence layout (docs/methods/index.md, transformers ``models/video_llava/modeling_video_llava.py``):
 
 * image: ``USER: <image>\\n{question} ASSISTANT:``; ``<image>`` expands to 256 placeholders
   ((224 / 14)² patches of ``image_tower`` ``hidden_states[-2]``, CLS dropped);
@@ -174,7 +174,7 @@ def make_video_llava_processor(image_processor: Any, tokenizer: Any, **kwargs: A
 
     ``ProcessorMixin.check_argument_for_proper_class`` rejects ``video_processor=None`` with
     ``AttributeError: type object 'VIDEO_PROCESSOR_MAPPING' has no attribute '_extra_content'``; the
-    subclass skips the check for ``None`` (transformers-hooks.md §2.2, "Processor workaround").
+    subclass skips the check for ``None`` (docs/models.md, "Processor workaround").
 
     Parameters
     ----------
@@ -211,7 +211,7 @@ def build_tiny_video_llava(
     ``VideoLlavaConfig(CLIPVisionConfig(224 px, 14 px patches), LlamaConfig, image_token_index=id("<image>"),
     video_token_index=id("<video>"), image_seq_length=256, video_seq_length=num_frames·257,
     vision_feature_layer=-2, vision_feature_select_strategy="default")`` with separate ``image_tower`` and
-    ``video_tower`` (transformers-hooks.md §2.2); processor: :func:`make_video_llava_processor` with a
+    ``video_tower`` (docs/models.md); processor: :func:`make_video_llava_processor` with a
     ``VideoLlavaImageProcessor`` (224 shortest edge, 224 × 224 crop). Construction runs under
     ``torch.random.fork_rng``; weights are then re-drawn by :func:`~apet_bench.models.tiny.reinit_weights`.
 

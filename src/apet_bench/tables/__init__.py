@@ -1,4 +1,4 @@
-"""Aggregators: the paper's Tables 1-6 from ``results/runs/`` (issue #6); Table 7 is ``table7.py`` (#8).
+"""Aggregators: the paper's Tables 1-6 from ``results/runs/``; Table 7 is ``table7.py``.
 
 Public API
 ----------
