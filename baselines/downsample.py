@@ -29,10 +29,10 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from apet_bench.baselines.visionzip import check_video_budget
 from apet_bench.budget import BudgetError
 from apet_bench.methods.base import TokenCompressor, VisualSelection, register_method
 from apet_bench.methods.records import OverheadContext
+from apet_bench.methods.schedules import check_video_budget
 
 __all__ = ["DownsampleCompressor", "cell_centres", "pool_grid", "pool_shape"]
 

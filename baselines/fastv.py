@@ -37,8 +37,6 @@ the layers are scaled proportionally to the tiny model's depth (:func:`scale_lay
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -47,6 +45,7 @@ import torch
 from apet_bench.budget import BudgetError
 from apet_bench.methods.base import LLMSelection, TokenCompressor, register_method
 from apet_bench.methods.records import OverheadContext
+from apet_bench.methods.schedules import SCHEDULE_DEPTH, ModelFacts, model_facts, round_half_up, scale_layers
 
 __all__ = [
     "BUDGET_CONVENTIONS",
@@ -60,104 +59,10 @@ __all__ = [
     "scale_layers",
 ]
 
-#: Decoder layers of the 7B models whose schedules the methods follow (docs/methods/index.md):
-#: LLaVA-1.5 / LLaVA-NeXT / Video-LLaVA (Vicuna-7B) 32, Qwen2.5-VL-7B 28. A tiny model runs the
-#: schedule of the 7B model of its family, its layers scaled (:func:`scale_layers`).
-SCHEDULE_DEPTH: dict[str, int] = {"llava15": 32, "llava_next": 32, "video_llava": 32, "qwen25vl": 28}
 #: FastV's K: the paper default K=2 (R=50 %) and the ablation scripts' K [paper, code].
 FASTV_DEFAULT_LAYER = 2
 #: ``budget_convention`` values (docs/methods/fastv.md).
 BUDGET_CONVENTIONS: tuple[str, ...] = ("equivalent_average", "keep_after_k")
-
-
-def round_half_up(x: float) -> int:
-    """Nearest integer, halves up (``floor(x + 0.5)``; Python's ``round`` rounds halves to even)."""
-    return int(math.floor(x + 0.5))
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What a method needs to know about a model, from a loaded adapter or from a model config group.
-
-    Attributes
-    ----------
-    name, family : str
-        Config name (``tiny_llava15``) and family (``llava15``).
-    num_layers : int
-        Decoder layers of the model itself (4 for the tiny models).
-    tiny : bool
-        A tiny random-weight model (its schedules are the 7B model's, layers scaled).
-    max_visual_tokens : int or None
-        Largest visual span of one input (``max_visual_tokens`` or ``visual_tokens`` of the config).
-    """
-
-    name: str
-    family: str
-    num_layers: int
-    tiny: bool
-    max_visual_tokens: int | None
-
-    @property
-    def schedule_depth(self) -> int:
-        """Depth ``D`` the schedule's layer numbers and averages refer to: the 7B depth on tiny
-        models (:data:`SCHEDULE_DEPTH`), the model's own depth otherwise."""
-        if self.tiny and self.family in SCHEDULE_DEPTH:
-            return SCHEDULE_DEPTH[self.family]
-        return int(self.num_layers)
-
-
-def model_facts(source: Any) -> ModelFacts:
-    """:class:`ModelFacts` of a loaded :class:`~apet_bench.models.base.ModelAdapter` or of a ``model``
-    config mapping (``family``, ``num_layers``, ``tiny``, ``visual_tokens``, ``max_visual_tokens``).
-
-    Raises
-    ------
-    ValueError
-        For a config without ``num_layers``.
-    """
-    if isinstance(source, Mapping):
-        n = source.get("num_layers")
-        if n is None:
-            raise ValueError(f"model {source.get('name')!r}: its config has no num_layers")
-        mx = source.get("max_visual_tokens") or source.get("visual_tokens")
-        return ModelFacts(str(source.get("name")), str(source.get("family")), int(n), bool(source.get("tiny")),
-                          int(mx) if mx else None)
-    spec = getattr(source, "spec", None)
-    options = getattr(spec, "options", None) or {}
-    mx = options.get("max_visual_tokens") or getattr(spec, "visual_tokens", None)
-    if not mx:
-        mx = getattr(source, "num_visual_tokens", None)
-    return ModelFacts(str(getattr(source, "name", "")), str(source.family), int(source.num_layers),
-                      bool(getattr(spec, "tiny", False)), int(mx) if mx else None)
-
-
-def scale_layers(layers: Sequence[int], depth: int, num_layers: int) -> tuple[int, ...]:
-    """Map schedule layers written for a ``depth``-layer model onto a ``num_layers``-layer model.
-
-    Identity when ``depth == num_layers``. Otherwise ``round_half_up(l · num_layers / depth)``, at least
-    1, then pushed up to stay strictly increasing (FastV K=2 of 32 -> 1 of 4; PDrop [2, 8, 16] of 32 ->
-    [1, 2, 3] of 4).
-
-    Raises
-    ------
-    ValueError
-        When the scaled layers do not fit ``1 <= l < num_layers``.
-    """
-    layers = [int(x) for x in layers]
-    if depth == num_layers:
-        return tuple(layers)
-    out: list[int] = []
-    for x in layers:
-        y = max(1, round_half_up(x * num_layers / depth))
-        if out and y <= out[-1]:
-            y = out[-1] + 1
-        out.append(y)
-    if out and out[-1] >= num_layers:
-        raise ValueError(
-            f"layers {layers} of a {depth}-layer schedule do not fit a {num_layers}-layer model "
-            f"(scaled: {out}; stage 2 needs 1 <= layer < {num_layers})"
-        )
-    return tuple(out)
 
 
 def fastv_keep_count(budget: int | float, n: int, layer: int, depth: int, convention: str) -> int:

@@ -33,7 +33,7 @@ Schedules (``PDROP_TABLE``; docs/methods/pdrop.md): the official default ``[8, 1
 ``(ℓ_1 + Σ_s (ℓ_{s+1} − ℓ_s)·λ^s) / D = f`` (``ℓ_{S+1} = D``, ``D`` decoder layers). Budgets without a
 table row get ``[2, 8, 16]`` (``[1, 4, 8]`` when layer 2 is too late) and λ solved [derived].
 Tiny models run the 7B schedule (``D`` = 32, or 28 for Qwen2.5-VL) with layers scaled proportionally
-(:func:`apet_bench.baselines.fastv.scale_layers`: [2, 8, 16] of 32 -> [1, 2, 3] of 4) and the same counts.
+(:func:`apet_bench.methods.schedules.scale_layers`: [2, 8, 16] of 32 -> [1, 2, 3] of 4) and the same counts.
 """
 
 from __future__ import annotations
@@ -44,11 +44,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from apet_bench.baselines.fastv import ModelFacts, model_facts, scale_layers
 from apet_bench.budget import BudgetError
 from apet_bench.core import AttentionRequest
 from apet_bench.methods.base import LLMSelection, TokenCompressor, register_method
 from apet_bench.methods.records import OverheadContext
+from apet_bench.methods.schedules import ModelFacts, model_facts, scale_layers
 
 __all__ = [
     "NEXT_NOMINAL_TOKENS",

@@ -37,6 +37,7 @@ from torch import nn
 from apet_bench.budget import BudgetError
 from apet_bench.methods.base import TokenCompressor, VisualSelection, register_method
 from apet_bench.methods.records import OverheadContext, TokenMap
+from apet_bench.methods.schedules import check_video_budget
 
 __all__ = [
     "CONTEXTUAL_SHARE_INT",
@@ -284,20 +285,6 @@ def qwen_attention_received(
     if out is not None:
         output = attn_module.proj(out.transpose(0, 1).reshape(s, -1).to(hidden_in.dtype))
     return received, keys, output
-
-
-def check_video_budget(name: str, budget: Any, model_cfg: dict[str, Any]) -> None:
-    """Refuse, before loading, a Video-LLaVA video budget (an int above ``visual_tokens`` per image) that is
-    not a multiple of the frames (``tiny_config.num_frames``, else 8 as Video-LLaVA-7B-hf); one line."""
-    if "video" not in (model_cfg.get("visual_kinds") or ()) or isinstance(budget, bool) or not isinstance(budget, int):
-        return
-    if budget <= int(model_cfg.get("visual_tokens") or 0):
-        return  # an image budget (videos then get budget / frames per frame, checked per sample)
-    frames = int(model_cfg.get("num_frames") or 8)
-    if budget % frames:
-        raise BudgetError(
-            f"method {name!r}: video budget {budget} on model {model_cfg.get('name')!r} is not a multiple of its {frames} frames"
-        )
 
 
 def _encoder_layers(tower: nn.Module) -> nn.ModuleList:

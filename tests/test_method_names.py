@@ -30,7 +30,6 @@ ROOT = Path(apet_bench.__file__).resolve().parent
 NOT_CHECKED = {"none", "random"}
 #: (file relative to src/apet_bench, method name): why it stays.
 KNOWN: dict[tuple[str, str], str] = {
-    ("viz.py", "apet"): "default of the viz CLI's methods= argument (the CLI parser is maintained separately)",
 }
 PROJECT = re.compile(r"apet[_-]bench")
 PREFIX = re.compile(r"(?<![A-Za-z0-9])apet_")

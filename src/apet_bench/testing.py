@@ -458,7 +458,7 @@ def check_method(
         if m not in known:
             raise ValueError(f"check_method: model {m!r} is not a tiny model config; tiny models: {sorted(known)}")
 
-    tmp = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="apet-conformance-"))
+    tmp = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="apet-bench-conformance-"))
     try:
         for model, overrides in model_list.items():
             model_cfg = _model_cfg(model, overrides)

@@ -597,6 +597,19 @@ def token_maps(
     return result
 
 
+def recording_methods() -> list[str]:
+    """Registered methods whose class records its own merges (``token_map``) or token scores
+    (``token_scores``): the default of ``methods=``."""
+    from apet_bench.methods import TokenCompressor, available_methods, get_method_class
+
+    out = []
+    for name in available_methods():
+        cls = get_method_class(name)
+        if cls.token_map is not TokenCompressor.token_map or cls.token_scores is not TokenCompressor.token_scores:
+            out.append(name)
+    return out
+
+
 def _command() -> Any:
     from apet_bench.cli import REQUIRED, Command, Key
 
@@ -607,7 +620,8 @@ def _command() -> Any:
         (
             Key("image", REQUIRED, help="the image file", metavar="file"),
             Key("model", "tiny_llava15", help="a model config"),
-            Key("methods", ["apet"], "list", help="registered methods, e.g. [apet,fastv,visionzip]"),
+            Key("methods", None, "list", help="registered method names, a list (null: every method that "
+                "records its own merges or token scores)"),
             Key("budget", 64, "any", help="visual tokens kept (int) or retention ratio (float)"),
             Key("out", "results/plots/token_maps", help="output directory"),
             Key("question", DEFAULT_QUESTION, help="the prompt's question"),
@@ -623,6 +637,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from apet_bench.methods import UnknownMethodError
 
     def body(args: dict[str, Any]) -> int:
+        if args["methods"] is None:
+            args["methods"] = recording_methods()
+        elif isinstance(args["methods"], str):
+            args["methods"] = [args["methods"]]
         args["methods"] = [str(m) for m in args["methods"]]
         model_cfg = load_model_config(str(args["model"]))
         budget = validate_budget(args["budget"], model_cfg.get("max_visual_tokens") or model_cfg.get("visual_tokens"))
