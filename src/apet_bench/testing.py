@@ -122,6 +122,7 @@ from typing import Any
 
 import torch
 
+from apet_bench.models import config_facts
 from apet_bench.pipeline import generate
 
 __all__ = [
@@ -498,7 +499,7 @@ def _choose_budgets(build, model_cfg, budgets, model, seed, report) -> list[Any]
             refusals.append(f"budget {b} does not compress {span} visual tokens")
             continue
         try:
-            build(b, seed).check_model_config(model_cfg)
+            build(b, seed).check_model_config(config_facts(model_cfg))  # as the runner calls it
         except ValueError as exc:  # the method's own statement: it cannot run this configuration
             refusals.append(str(exc))
             continue
