@@ -137,7 +137,7 @@ def test_gpu_full_size_llava_apet64_protocol(apet64):
     comp = latency.measure_latency(adapter, apet64, weights=weights, warmup=2, repeats=5, max_new_tokens=8)
     assert base.comparable and "random bf16" in base.weights
     assert comp.visual_tokens_llm == 96
-    # the protocol measured both (the speed-up itself is a benchmark number: README / issue note, not a test)
+    # the protocol measured both (the speed-up itself is a benchmark number: docs/efficiency.md, not a test)
     assert 0 < base.prefill_ms <= base.total_ms and 0 < comp.prefill_ms <= comp.total_ms
 
 

@@ -63,7 +63,7 @@ def test_main_bad_model_one_line(capsys):
 def test_gpu_timing_columns_measured():
     df, header = table7.build_table7(timing=True, warmup=1, repeats=3, max_new_tokens=4, models=["llava15"])
     apet = df[df["method"] == "+ ApET (ours)"].iloc[0]
-    assert isinstance(apet["prefill_ms"], float) and apet["prefill_ms"] > 0  # timing filled (its value: README)
+    assert isinstance(apet["prefill_ms"], float) and apet["prefill_ms"] > 0  # timing filled (its value: docs/efficiency.md)
     assert isinstance(apet["prefill_speedup"], float)
     assert "random bf16" in header["timing"] or "checkpoint" in header["timing"]
 
