@@ -62,3 +62,15 @@ def tiny_llava15():
 def images() -> list:
     """Three small, different random RGB images."""
     return [make_image(i) for i in range(3)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _wandb_service_shut_down():
+    """Stop the W&B service that in-process offline logging starts, at the end of the session and not in
+    the interpreter's exit handlers (where its shutdown can wait on the service indefinitely)."""
+    yield
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and hasattr(wandb, "teardown"):
+        wandb.teardown()
