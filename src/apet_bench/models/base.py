@@ -199,22 +199,44 @@ class ModelAdapter:
         )
         return cls(spec=spec, model=model, processor=processor, weights=weights, is_random_weights=True)
 
+    #: The full-size checkpoint's vision tower: ``{"num_layers", "feature_layer", "patches"}`` (encoder
+    #: layers, the hidden state the projector reads, patch tokens per image / crop / frame, CLS excluded);
+    #: ``None`` for a tower without that layout (Qwen2.5-VL's windowed ViT).
+    reference_vision_tower: ClassVar[dict[str, int] | None] = None
+
+    @classmethod
+    def tiny_vision_geometry(cls, tiny_config: Mapping[str, Any]) -> tuple[int, int, int]:  # pragma: no cover
+        """``(vision_layers, image_size, patch_size)`` of a tiny model built from ``tiny_config``.
+
+        Raises
+        ------
+        NotImplementedError
+            For a family without :attr:`reference_vision_tower`.
+        """
+        raise NotImplementedError(f"{cls.family}: no vision tower geometry")
+
     @classmethod
     def vision_tower_config(cls, model_cfg: Mapping[str, Any]) -> dict[str, int] | None:
         """The vision tower's geometry from a model config, without loading anything.
 
         For methods' checks before loading (``TokenCompressor.check_model_config``); added to the config
-        as ``vision_tower`` by :func:`apet_bench.models.config_facts`.
+        as ``vision_tower`` by :func:`apet_bench.models.config_facts`. A real checkpoint's is
+        :attr:`reference_vision_tower` (from its published config); a tiny model's comes from its
+        ``tiny_config`` (:meth:`tiny_vision_geometry`).
 
         Returns
         -------
         dict or None
-            ``{"num_layers": L, "feature_layer": h, "patches": P}``: encoder layers, the hidden state the
-            projector reads (``vision_feature_layer``, negative from the end) and patch tokens per image
-            / crop / frame (CLS excluded); ``None`` for a tower without that layout (Qwen2.5-VL's windowed
-            ViT).
+            ``{"num_layers": L, "feature_layer": h, "patches": P}``, or ``None`` without
+            :attr:`reference_vision_tower`.
         """
-        return None
+        ref = cls.reference_vision_tower
+        if ref is None:
+            return None
+        if not model_cfg.get("tiny"):
+            return dict(ref)
+        layers, size, patch = cls.tiny_vision_geometry(dict(model_cfg.get("tiny_config") or {}))
+        return {"num_layers": layers, "feature_layer": ref["feature_layer"], "patches": (size // patch) ** 2}
 
     def build_prompt(self, question: str, num_images: int = 1) -> str:  # pragma: no cover - abstract
         """The model's prompt for ``question`` with ``num_images`` image placeholders."""

@@ -74,14 +74,14 @@ class Llava15Adapter(ModelAdapter):
     (576, 4)
     """
 
+    #: CLIP ViT-L/14-336 of llava-1.5-7b-hf (its published config).
+    reference_vision_tower = {"num_layers": 24, "feature_layer": -2, "patches": 576}
+
     @classmethod
-    def vision_tower_config(cls, model_cfg: Mapping[str, Any]) -> dict[str, int] | None:
-        """CLIP ViT-L/14-336 of llava-1.5-7b-hf (24 layers, ``vision_feature_layer`` -2, 576 patches); a tiny
-        model's from its ``tiny_config``. See :meth:`ModelAdapter.vision_tower_config`."""
-        if not model_cfg.get("tiny"):
-            return {"num_layers": 24, "feature_layer": -2, "patches": 576}
-        tc = TinyLlavaConfig.from_mapping(dict(model_cfg.get("tiny_config") or {}))
-        return {"num_layers": tc.vision_layers, "feature_layer": -2, "patches": (tc.image_size // tc.patch_size) ** 2}
+    def tiny_vision_geometry(cls, tiny_config: Mapping[str, Any]) -> tuple[int, int, int]:
+        """See :meth:`ModelAdapter.tiny_vision_geometry`."""
+        tc = TinyLlavaConfig.from_mapping(tiny_config)
+        return tc.vision_layers, tc.image_size, tc.patch_size
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> Llava15Adapter:

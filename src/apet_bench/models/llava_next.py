@@ -278,14 +278,14 @@ class LlavaNextAdapter(ModelAdapter):
 
     current_layouts: list[ImageLayout] = []  # noqa: RUF012 - replaced per instance by prepare_inputs
 
+    #: CLIP ViT-L/14-336 of llava-v1.6-vicuna-7b-hf (its published config); patches per crop.
+    reference_vision_tower = {"num_layers": 24, "feature_layer": -2, "patches": 576}
+
     @classmethod
-    def vision_tower_config(cls, model_cfg: Mapping[str, Any]) -> dict[str, int] | None:
-        """CLIP ViT-L/14-336 of llava-v1.6-vicuna-7b-hf (24 layers, -2, 576 patches per crop); a tiny
-        model's from its ``tiny_config``. See :meth:`ModelAdapter.vision_tower_config`."""
-        if not model_cfg.get("tiny"):
-            return {"num_layers": 24, "feature_layer": -2, "patches": 576}
-        tc = TinyLlavaNextConfig.from_mapping(dict(model_cfg.get("tiny_config") or {}))
-        return {"num_layers": tc.vision_layers, "feature_layer": -2, "patches": (tc.image_size // tc.patch_size) ** 2}
+    def tiny_vision_geometry(cls, tiny_config: Mapping[str, Any]) -> tuple[int, int, int]:
+        """See :meth:`ModelAdapter.tiny_vision_geometry`."""
+        tc = TinyLlavaNextConfig.from_mapping(tiny_config)
+        return tc.vision_layers, tc.image_size, tc.patch_size
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> LlavaNextAdapter:

@@ -295,16 +295,16 @@ class VideoLlavaAdapter(ModelAdapter):
         """``tiny_config.num_frames`` of a tiny model, else :data:`~apet_bench.data.video.DEFAULT_NUM_FRAMES` (8)."""
         return int((model_cfg.get("tiny_config") or {}).get("num_frames", DEFAULT_NUM_FRAMES))
 
+    #: LanguageBind ViT-L/14-224 of Video-LLaVA-7B-hf (its published config); patches per image / frame.
+    reference_vision_tower = {"num_layers": 24, "feature_layer": -2, "patches": 256}
+
     @classmethod
-    def vision_tower_config(cls, model_cfg: Mapping[str, Any]) -> dict[str, int] | None:
-        """LanguageBind ViT-L/14-224 of Video-LLaVA-7B-hf (24 layers, -2, 256 patches per image / frame);
-        a tiny model's from its ``tiny_config``. See :meth:`ModelAdapter.vision_tower_config`."""
-        if not model_cfg.get("tiny"):
-            return {"num_layers": 24, "feature_layer": -2, "patches": 256}
-        tc = {**TINY_VIDEO_LLAVA_DEFAULTS, **dict(model_cfg.get("tiny_config") or {})}
+    def tiny_vision_geometry(cls, tiny_config: Mapping[str, Any]) -> tuple[int, int, int]:
+        """See :meth:`ModelAdapter.tiny_vision_geometry`."""
+        tc = {**TINY_VIDEO_LLAVA_DEFAULTS, **tiny_config}
         tc.pop("num_frames", None)
         cfg = TinyLlavaConfig.from_mapping(tc)
-        return {"num_layers": cfg.vision_layers, "feature_layer": -2, "patches": (cfg.image_size // cfg.patch_size) ** 2}
+        return cfg.vision_layers, cfg.image_size, cfg.patch_size
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> VideoLlavaAdapter:
